@@ -1,0 +1,35 @@
+"""minillava: turn a vision encoder and a causal LM into a LLaVA-style vision-language model.
+
+The LLM reads an image as a sequence of tokens: the vision tower cuts the picture into patches, the
+projector maps each patch feature into the LLM's embedding space, and the splice writes those vectors
+into the text sequence where `<image>` stood.
+"""
+
+from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+from minillava.generate import GenerationConfig, Generator
+from minillava.model import MiniLlava
+from minillava.processor import Processor
+
+__all__ = [
+    "GenerationConfig", "Generator", "MiniLlava", "ModelConfig", "Processor", "ProjectorConfig", "VisionConfig",
+    "build", "load",
+]  # fmt: skip
+__version__ = "0.1.0"
+
+
+def build(vision: str, llm: str, projector: str = "mlp2x_gelu", **config: object) -> tuple[MiniLlava, Processor]:
+    """Assemble an untrained model from two sources (local dir, hub id or `builtin:NAME`)."""
+    cfg = ModelConfig(vision=VisionConfig(source=vision), projector=ProjectorConfig(name=projector), llm_source=llm)
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    return MiniLlava.build(cfg)
+
+
+def load(directory: str, dtype: str = "float32") -> tuple[MiniLlava, Processor]:
+    """Load a saved minillava directory (or a transformers Llava directory)."""
+    from minillava.interop.hf import is_hf_llava_dir, load_hf_llava
+    from minillava.runtime import parse_dtype
+
+    if is_hf_llava_dir(directory):
+        return load_hf_llava(directory, parse_dtype(dtype))
+    return MiniLlava.from_pretrained(directory, parse_dtype(dtype))

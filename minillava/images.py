@@ -1,0 +1,138 @@
+"""Images at the edge: safe decoding, then the vision tower's own preprocessing.
+
+Every file a user hands us is checked here, with an error naming it; the model can then trust its input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageInput = Union[str, Path, bytes, Image.Image]
+DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: ~8000 x 8000
+ASPECT_MODES = ("pad", "resize", "center_crop")
+
+
+class ImageError(ValueError):
+    """An image could not be used; the message names it and says why."""
+
+
+def _describe(image: ImageInput, name: str | None) -> str:
+    if name:
+        return name
+    return str(image) if isinstance(image, (str, Path)) else f"<{type(image).__name__}>"
+
+
+def load_image(image: ImageInput, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a path, bytes or PIL image into an upright RGB image, or raise ImageError."""
+    label = _describe(image, name)
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            source = io.BytesIO(image) if isinstance(image, bytes) else open(image, "rb")  # noqa: SIM115
+        except OSError as e:
+            raise ImageError(f"{label}: cannot open image: {e.strerror or e}") from None
+        with source:
+            try:
+                img = Image.open(source)
+                _check_pixels(img, label, max_pixels)
+                img.load()
+            except ImageError:
+                raise
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise ImageError(f"{label}: not a readable image ({e})") from None
+    _check_pixels(img, label, max_pixels)
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"{label}: image is empty ({img.width}x{img.height})")
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def _check_pixels(img: Image.Image, label: str, max_pixels: int) -> None:
+    if img.width * img.height > max_pixels:
+        raise ImageError(
+            f"{label}: image has {img.width}x{img.height} = {img.width * img.height} pixels, over the limit of "
+            f"{max_pixels} (raise max_pixels if you trust this file)"
+        )
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited on white rather than dropped to black."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit greyscale: scale the real value range to 8 bits instead of clipping at 255.
+        a = np.asarray(img, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = ((a - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "P" or img.mode in ("LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+@dataclass
+class ImageTransform:
+    """RGB image -> normalised tensor (3, H, W), following the vision tower's image-processor config."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    aspect: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.aspect not in ASPECT_MODES:
+            raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}")
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.aspect == "pad":
+            img = expand_to_square(img, tuple(int(m * 255) for m in self.mean))
+        if self.aspect == "center_crop":
+            img = resize_shortest_edge(img, self.size)
+            left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+        else:
+            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
+        x = x.permute(2, 0, 1).float() / 255.0  # (3, H, W) in [0, 1]
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    @classmethod
+    def from_dir(cls, directory: Path, size: int, aspect: str) -> ImageTransform:
+        """Mean/std from the tower's `preprocessor_config.json` (CLIP, SigLIP and DINOv2 all differ)."""
+        path = directory / "preprocessor_config.json"
+        if not path.exists():  # torchvision ViT, or a bare encoder: its training used ImageNet statistics
+            return cls(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), aspect)
+        cfg = json.loads(path.read_text())
+        return cls(size, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect)
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "aspect": self.aspect}
+
+
+def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
+    """LLaVA-1.5 `pad`: centre the image on a square of the mean colour, so nothing is cropped away."""
+    side = max(img.size)
+    if img.width == img.height:
+        return img
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
+def resize_shortest_edge(img: Image.Image, size: int) -> Image.Image:
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    return img.resize((w, h), Image.Resampling.BICUBIC)

@@ -1,0 +1,235 @@
+"""MiniLlava: vision tower -> projector -> splice into the LLM's input embeddings -> causal LM.
+
+    pixel_values (I, 3, H, W) --tower--> (I, P, Dv) --projector--> (I, N, D)
+    input_ids    (B, T)       --embed--> (B, T, D)  --splice N-token runs at <image> slots--> (B, T, D)
+    --LLM--> hidden (B, T, D) --lm_head at the positions we need--> logits
+
+The LLM never knows it is looking at a picture: it reads N more embeddings in its input sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from minillava.config import ModelConfig
+from minillava.images import ImageTransform
+from minillava.processor import IGNORE_INDEX, Processor
+from minillava.projectors import Projector, build_projector
+from minillava.sources import resolve_source
+from minillava.splice import splice_image_features
+from minillava.vision import VisionTower, load_vision_tower
+
+PROJECTOR_WEIGHTS = "projector.safetensors"
+
+
+@dataclass
+class Output:
+    loss: torch.Tensor | None = None  # mean next-token loss over supervised positions
+    logits: torch.Tensor | None = None  # (B, T', V): all positions, or the last `logits_to_keep`
+    past_key_values: object | None = None
+    num_supervised: int = 0
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only, so left padding does not shift rotary positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    """transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+class MiniLlava(nn.Module):
+    def __init__(self, config: ModelConfig, vision: VisionTower, projector: Projector, llm: PreTrainedModel) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[MiniLlava, Processor]:
+        """Assemble an untrained model (fresh projector) from a vision source and an LLM source."""
+        vision_dir = None if config.vision.source.startswith("torchvision:") else resolve_source(config.vision.source)
+        llm_dir = resolve_source(config.llm_source)
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
+        config.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype)
+        if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        vision = load_vision_tower(config.vision, vision_dir, dtype)
+        projector = build_projector(
+            config.projector.name, vision.hidden_size, llm.get_input_embeddings().embedding_dim,
+            **config.projector.options,
+        ).to(dtype)  # fmt: skip
+        model = cls(config, vision, projector, llm)
+        transform = (
+            ImageTransform.from_dir(vision_dir, vision.image_size, config.aspect)
+            if vision_dir is not None
+            else ImageTransform(vision.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.aspect)
+        )
+        processor = Processor(tokenizer, transform, model.tokens_per_image, config.image_token, config.template)
+        return model, processor
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype = torch.float32
+    ) -> tuple[MiniLlava, Processor]:
+        directory = Path(directory)
+        config = ModelConfig.load(directory)
+        vision = load_vision_tower(config.vision, directory / "vision", dtype)
+        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=dtype)
+        projector = build_projector(
+            config.projector.name, vision.hidden_size, llm.get_input_embeddings().embedding_dim,
+            **config.projector.options,
+        )  # fmt: skip
+        projector.load_state_dict(load_file(directory / PROJECTOR_WEIGHTS), strict=True)
+        model = cls(config, vision, projector.to(dtype), llm)
+        processor = Processor.from_pretrained(directory)
+        if processor.tokens_per_image != model.tokens_per_image:
+            raise ValueError(
+                f"{directory}: processor expands an image to {processor.tokens_per_image} tokens but the model "
+                f"produces {model.tokens_per_image}"
+            )
+        return model.eval(), processor
+
+    def save_pretrained(self, directory: str | Path, processor: Processor) -> None:
+        """Write atomically: a temp dir beside the target, then one rename. Safetensors only."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            self.config.save(tmp)
+            self.vision.save_pretrained(tmp / "vision")
+            transform = processor.image_transform
+            (tmp / "vision" / "preprocessor_config.json").write_text(
+                '{"image_mean": %s, "image_std": %s}\n' % (list(transform.mean), list(transform.std))
+            )
+            self.llm.save_pretrained(tmp / "llm")
+            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)
+            processor.save_pretrained(tmp)
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # ---- shapes ---------------------------------------------------------------------------------
+    @property
+    def tokens_per_image(self) -> int:
+        return self.projector.num_tokens(self.vision.patch_grid, self.vision.extra_tokens)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    # ---- forward --------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D)
+        if self.vision.training or any(p.requires_grad for p in self.vision.parameters()):
+            features = self.vision(pixel_values)
+        else:
+            with torch.no_grad():
+                features = self.vision(pixel_values)  # (I, P, Dv)
+        return self.projector(features.to(self.projector_dtype))
+
+    @property
+    def projector_dtype(self) -> torch.dtype:
+        return next(self.projector.parameters()).dtype
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        """Text embeddings with each image's N projected features written into its N placeholder slots."""
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        text = self.llm.get_input_embeddings()(input_ids)
+        return splice_image_features(input_ids, text, image_features, self.config.image_token_id)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.llm.get_output_embeddings()(hidden)
+        cap = getattr(self.llm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        return_logits: bool = True,
+        logits_to_keep: int = 0,
+    ) -> Output:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        base = self.llm.base_model
+        cache_kw = _cache_keyword(type(base))
+        out = base(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **{cache_kw: past_key_values},
+        )
+        hidden = out.last_hidden_state  # (B, T, D)
+        result = Output(past_key_values=getattr(out, cache_kw, None) if use_cache else None)
+        if labels is not None:
+            result.loss, result.num_supervised = self.loss(hidden, labels)
+        if return_logits:
+            result.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return result
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Next-token loss, with the vocabulary projection only at the supervised positions."""
+        if labels.shape != hidden.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} must match the spliced sequence {tuple(hidden.shape[:2])}")
+        targets = labels[:, 1:]  # position t predicts token t+1
+        keep = targets != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][keep])  # (n_supervised, V)
+        n = int(keep.sum())
+        if n == 0:  # keep the graph connected (DDP) but contribute nothing
+            return logits.sum() * 0.0, 0
+        return F.cross_entropy(logits.float(), targets[keep]), n
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        counts = {}
+        for name, module in (("vision", self.vision), ("projector", self.projector), ("llm", self.llm)):
+            params = list(module.parameters())
+            trainable = sum(p.numel() for p in params if p.requires_grad)
+            counts[name] = {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
+        return counts

@@ -1,0 +1,184 @@
+"""Processor: images + chat template + `<image>` expansion + labels, in one place.
+
+It is the single source of truth for how many tokens an image becomes (`tokens_per_image`, asked of the
+vision tower and projector); the model only checks that count and scatters features into the slots.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minillava.images import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
+from minillava.templates import Message, Segment, Template, get_template
+
+IGNORE_INDEX = -100
+PROCESSOR_CONFIG = "processor_config.json"
+
+
+@dataclass
+class Encoded:
+    """One sample: ids and labels of equal length, and its images' pixels in order."""
+
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else self.pixel_values.shape[0]
+
+
+class Processor:
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_transform: ImageTransform,
+        tokens_per_image: int,
+        image_token: str = "<image>",
+        template: str = "auto",
+        max_length: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_transform = image_transform
+        self.tokens_per_image = tokens_per_image
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {image_token!r} token; add it as a special token first")
+        self.template_name = template
+        self.template: Template = get_template(template, tokenizer)
+        self.max_length = max_length or getattr(tokenizer, "model_max_length", None) or 2048
+        if self.max_length > 1_000_000:  # transformers' "no limit" sentinel
+            self.max_length = 2048
+        self.max_pixels = max_pixels
+        self.bos_ids = _leading_special_ids(tokenizer)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def with_template(self, template: str) -> Processor:
+        return Processor(
+            self.tokenizer, self.image_transform, self.tokens_per_image, self.image_token, template,
+            self.max_length, self.max_pixels,
+        )  # fmt: skip
+
+    # ---- images ---------------------------------------------------------------------------------
+    def preprocess_images(self, images: list[ImageInput]) -> torch.Tensor | None:
+        if not images:
+            return None
+        return torch.stack([self.image_transform(load_image(im, max_pixels=self.max_pixels)) for im in images])
+
+    # ---- text -----------------------------------------------------------------------------------
+    def tokenize_segments(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+        """Tokenize each segment on its own and concatenate: labels come from the same pieces as ids."""
+        bos = self.tokenizer.bos_token
+        template_has_bos = bool(bos) and bool(segments) and segments[0].text.startswith(bos)
+        ids: list[int] = [] if template_has_bos else list(self.bos_ids)
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        for seg in segments:
+            for k, piece in enumerate(seg.text.split(self.image_token)):
+                if k > 0:  # an <image> stood here: N placeholder ids, never supervised
+                    ids += [self.image_token_id] * self.tokens_per_image
+                    labels += [IGNORE_INDEX] * self.tokens_per_image
+                if piece:
+                    piece_ids = self.tokenizer(piece, add_special_tokens=False).input_ids
+                    ids += piece_ids
+                    labels += piece_ids if seg.supervised else [IGNORE_INDEX] * len(piece_ids)
+        return ids, labels
+
+    def encode(
+        self,
+        messages: list[Message],
+        images: list[ImageInput] | None = None,
+        add_generation_prompt: bool = False,
+        truncate: bool = False,
+    ) -> Encoded:
+        """A conversation (with `<image>` markers in its text) -> ids, labels and pixels."""
+        segments = self.template.render(messages, add_generation_prompt)
+        return self._finish(*self.tokenize_segments(segments), images or [], truncate)
+
+    def encode_raw(self, text: str, images: list[ImageInput] | None = None) -> Encoded:
+        """A verbatim prompt (no chat template); each `<image>` is still expanded."""
+        return self._finish(*self.tokenize_segments([Segment(text)]), images or [], truncate=False)
+
+    def _finish(self, ids: list[int], labels: list[int], images: list[ImageInput], truncate: bool) -> Encoded:
+        n_marked = ids.count(self.image_token_id) // self.tokens_per_image
+        if n_marked != len(images):
+            raise ValueError(f"the text has {n_marked} <image> markers but {len(images)} images were given")
+        if len(ids) > self.max_length:
+            last_image_end = max((i + 1 for i, t in enumerate(ids) if t == self.image_token_id), default=0)
+            if not truncate or last_image_end > self.max_length:
+                raise ValueError(
+                    f"sequence of {len(ids)} tokens exceeds max_length {self.max_length}"
+                    + (" and truncation would cut an image's tokens" if last_image_end > self.max_length else "")
+                )
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        return Encoded(ids, labels, self.preprocess_images(images))
+
+    def prompt(self, text: str, images: list[ImageInput] | None = None, history: list[Message] | None = None) -> Encoded:
+        """A user question ready for generation. With no `<image>` in the text, images go first."""
+        images = images or []
+        if images and self.image_token not in text:
+            text = "\n".join([self.image_token] * len(images) + [text])
+        messages = [*(history or []), {"role": "user", "content": text}]
+        return self.encode(messages, images, add_generation_prompt=True)
+
+    # ---- batching -------------------------------------------------------------------------------
+    def collate(self, samples: list[Encoded], padding_side: str = "right") -> dict[str, torch.Tensor | None]:
+        """Pad to the longest sample. Right padding for training, left for batched generation."""
+        width = max(len(s.input_ids) for s in samples)
+        ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, s in enumerate(samples):
+            n = len(s.input_ids)
+            cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
+            ids[row, cols] = torch.tensor(s.input_ids)
+            labels[row, cols] = torch.tensor(s.labels)
+            mask[row, cols] = 1
+        pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": labels,
+            "pixel_values": torch.cat(pixels) if pixels else None,
+        }
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.tokenizer.save_pretrained(directory / "llm")
+        cfg = {
+            "image_transform": self.image_transform.to_dict(),
+            "tokens_per_image": self.tokens_per_image,
+            "image_token": self.image_token,
+            "template": self.template_name,
+            "max_length": self.max_length,
+            "max_pixels": self.max_pixels,
+        }
+        (directory / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Processor:
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        cfg = json.loads((directory / PROCESSOR_CONFIG).read_text())
+        t = cfg["image_transform"]
+        transform = ImageTransform(t["size"], tuple(t["mean"]), tuple(t["std"]), t["aspect"])
+        tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
+        return cls(
+            tokenizer, transform, cfg["tokens_per_image"], cfg["image_token"], cfg["template"],
+            cfg["max_length"], cfg["max_pixels"],
+        )  # fmt: skip
+
+
+def _leading_special_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer itself puts in front of text (BOS for Llama/OPT; none for Qwen/SmolLM2)."""
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    without = tokenizer("a", add_special_tokens=False).input_ids
+    return with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
