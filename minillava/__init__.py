@@ -11,9 +11,16 @@ from minillava.model import MiniLlava
 from minillava.processor import Processor
 
 __all__ = [
-    "GenerationConfig", "Generator", "MiniLlava", "ModelConfig", "Processor", "ProjectorConfig", "VisionConfig",
-    "build", "load",
-]  # fmt: skip
+    "GenerationConfig",
+    "Generator",
+    "MiniLlava",
+    "ModelConfig",
+    "Processor",
+    "ProjectorConfig",
+    "VisionConfig",
+    "build",
+    "load",
+]
 __version__ = "0.1.0"
 
 

@@ -98,9 +98,7 @@ def decode(
         generated = torch.cat([generated, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(
-            token[:, None], mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True
-        )
+        out = model(token[:, None], mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
 
 
 class Generator:
@@ -119,9 +117,12 @@ class Generator:
         return self.processor.encode(prompt, images, add_generation_prompt=True)
 
     def generate(
-        self, prompt: str | list[Message], images: list[ImageInput] | None = None,
-        config: GenerationConfig | None = None, raw: bool = False,
-    ) -> str:  # fmt: skip
+        self,
+        prompt: str | list[Message],
+        images: list[ImageInput] | None = None,
+        config: GenerationConfig | None = None,
+        raw: bool = False,
+    ) -> str:
         return self.generate_batch([self.encode(prompt, images, raw)], config)[0]
 
     def generate_batch(self, samples: list[Encoded], config: GenerationConfig | None = None) -> list[str]:
@@ -146,9 +147,12 @@ class Generator:
         return texts
 
     def stream(
-        self, prompt: str | list[Message], images: list[ImageInput] | None = None,
-        config: GenerationConfig | None = None, raw: bool = False,
-    ) -> Iterator[str]:  # fmt: skip
+        self,
+        prompt: str | list[Message],
+        images: list[ImageInput] | None = None,
+        config: GenerationConfig | None = None,
+        raw: bool = False,
+    ) -> Iterator[str]:
         """Yield the answer in pieces as it is generated; the pieces join to `generate`'s result."""
         cfg = config or GenerationConfig()
         batch = self.processor.collate([self.encode(prompt, images, raw)], padding_side="left")

@@ -9,13 +9,12 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-ImageInput = Union[str, Path, bytes, Image.Image]
+ImageInput = str | Path | bytes | Image.Image
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: ~8000 x 8000
 ASPECT_MODES = ("pad", "resize", "center_crop")
 
@@ -72,7 +71,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         a = np.asarray(img, dtype=np.float64)
         lo, hi = float(a.min()), float(a.max())
         a = ((a - lo) / max(hi - lo, 1e-12) * 255).round().astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
+        return Image.fromarray(a).convert("RGB")
     if img.mode == "P" or img.mode in ("LA", "PA", "RGBa", "La"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":

@@ -74,9 +74,11 @@ class MiniLlava(nn.Module):
             llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         vision = load_vision_tower(config.vision, vision_dir, dtype)
         projector = build_projector(
-            config.projector.name, vision.hidden_size, llm.get_input_embeddings().embedding_dim,
+            config.projector.name,
+            vision.hidden_size,
+            llm.get_input_embeddings().embedding_dim,
             **config.projector.options,
-        ).to(dtype)  # fmt: skip
+        ).to(dtype)
         model = cls(config, vision, projector, llm)
         transform = (
             ImageTransform.from_dir(vision_dir, vision.image_size, config.aspect)
@@ -87,17 +89,17 @@ class MiniLlava(nn.Module):
         return model, processor
 
     @classmethod
-    def from_pretrained(
-        cls, directory: str | Path, dtype: torch.dtype = torch.float32
-    ) -> tuple[MiniLlava, Processor]:
+    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MiniLlava, Processor]:
         directory = Path(directory)
         config = ModelConfig.load(directory)
         vision = load_vision_tower(config.vision, directory / "vision", dtype)
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=dtype)
         projector = build_projector(
-            config.projector.name, vision.hidden_size, llm.get_input_embeddings().embedding_dim,
+            config.projector.name,
+            vision.hidden_size,
+            llm.get_input_embeddings().embedding_dim,
             **config.projector.options,
-        )  # fmt: skip
+        )
         projector.load_state_dict(load_file(directory / PROJECTOR_WEIGHTS), strict=True)
         model = cls(config, vision, projector.to(dtype), llm)
         processor = Processor.from_pretrained(directory)
@@ -118,7 +120,7 @@ class MiniLlava(nn.Module):
             self.vision.save_pretrained(tmp / "vision")
             transform = processor.image_transform
             (tmp / "vision" / "preprocessor_config.json").write_text(
-                '{"image_mean": %s, "image_std": %s}\n' % (list(transform.mean), list(transform.std))
+                f'{{"image_mean": {list(transform.mean)}, "image_std": {list(transform.std)}}}\n'
             )
             self.llm.save_pretrained(tmp / "llm")
             save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)

@@ -62,9 +62,14 @@ class Processor:
 
     def with_template(self, template: str) -> Processor:
         return Processor(
-            self.tokenizer, self.image_transform, self.tokens_per_image, self.image_token, template,
-            self.max_length, self.max_pixels,
-        )  # fmt: skip
+            self.tokenizer,
+            self.image_transform,
+            self.tokens_per_image,
+            self.image_token,
+            template,
+            self.max_length,
+            self.max_pixels,
+        )
 
     # ---- images ---------------------------------------------------------------------------------
     def preprocess_images(self, images: list[ImageInput]) -> torch.Tensor | None:
@@ -119,7 +124,9 @@ class Processor:
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         return Encoded(ids, labels, self.preprocess_images(images))
 
-    def prompt(self, text: str, images: list[ImageInput] | None = None, history: list[Message] | None = None) -> Encoded:
+    def prompt(
+        self, text: str, images: list[ImageInput] | None = None, history: list[Message] | None = None
+    ) -> Encoded:
         """A user question ready for generation. With no `<image>` in the text, images go first."""
         images = images or []
         if images and self.image_token not in text:
@@ -172,9 +179,14 @@ class Processor:
         transform = ImageTransform(t["size"], tuple(t["mean"]), tuple(t["std"]), t["aspect"])
         tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
         return cls(
-            tokenizer, transform, cfg["tokens_per_image"], cfg["image_token"], cfg["template"],
-            cfg["max_length"], cfg["max_pixels"],
-        )  # fmt: skip
+            tokenizer,
+            transform,
+            cfg["tokens_per_image"],
+            cfg["image_token"],
+            cfg["template"],
+            cfg["max_length"],
+            cfg["max_pixels"],
+        )
 
 
 def _leading_special_ids(tokenizer: Any) -> list[int]:

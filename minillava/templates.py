@@ -106,9 +106,7 @@ class TokenizerTemplate(Template):
     def _apply(self, messages: list[Message], add_generation_prompt: bool) -> str:
         if not messages:
             return ""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _detect_end_of_turn(self) -> str:
         probe = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "XYZ"}]
@@ -128,7 +126,9 @@ class TokenizerTemplate(Template):
                 if not (prompt.startswith(done) and full.startswith(prompt)):
                     raise ValueError("the tokenizer's chat template does not render turns as a growing prefix")
                 answer = full[len(prompt) :]
-                cut = answer.find(self.end_of_turn) + len(self.end_of_turn) if self.end_of_turn in answer else len(answer)
+                cut = (
+                    answer.find(self.end_of_turn) + len(self.end_of_turn) if self.end_of_turn in answer else len(answer)
+                )
                 segments += [Segment(prompt[len(done) :]), Segment(answer[:cut], True), Segment(answer[cut:])]
                 done = full
         final = self._apply(messages, add_generation_prompt=add_generation_prompt)

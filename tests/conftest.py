@@ -32,10 +32,13 @@ CHATML = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CORPUS = [
-    "a red square on the left of a blue circle", "What is in the picture? A cat sitting on a mat.",
-    "USER: describe the image ASSISTANT: a small green triangle", "yes no one two three four five",
-    "The capital of France is Paris.", "hello world, how are you today?",
-] * 20  # fmt: skip
+    "a red square on the left of a blue circle",
+    "What is in the picture? A cat sitting on a mat.",
+    "USER: describe the image ASSISTANT: a small green triangle",
+    "yes no one two three four five",
+    "The capital of France is Paris.",
+    "hello world, how are you today?",
+] * 20
 
 
 def make_tokenizer(directory: Path, chat_template: bool = True, bos: bool = False) -> PreTrainedTokenizerFast:
@@ -43,16 +46,21 @@ def make_tokenizer(directory: Path, chat_template: bool = True, bos: bool = Fals
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(CORPUS, trainer)
     if bos:
         from tokenizers.processors import TemplateProcessing
 
         tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
         chat_template=CHATML if chat_template else None,
-    )  # fmt: skip
+    )
     fast.save_pretrained(directory)
     return fast
 
@@ -60,18 +68,42 @@ def make_tokenizer(directory: Path, chat_template: bool = True, bos: bool = Fals
 def make_llm(directory: Path, kind: str, chat_template: bool = True) -> Path:
     tok = make_tokenizer(directory, chat_template=chat_template, bos=kind == "opt")
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     if kind == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common)  # fmt: skip
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            **common,
+        )
         model = LlamaForCausalLM(cfg)
     elif kind == "qwen2":
-        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, **common)  # fmt: skip
+        cfg = Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
+        )
         model = Qwen2ForCausalLM(cfg)
     elif kind == "opt":
-        cfg = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                        word_embed_proj_dim=24, max_position_embeddings=512, **common)  # fmt: skip
+        cfg = OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=24,
+            max_position_embeddings=512,
+            **common,
+        )
         model = OPTForCausalLM(cfg)
     else:
         raise ValueError(kind)
@@ -81,7 +113,9 @@ def make_llm(directory: Path, kind: str, chat_template: bool = True) -> Path:
 
 def make_vision(directory: Path, kind: str) -> Path:
     torch.manual_seed(1)
-    common = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
+    common = dict(
+        hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
     if kind == "clip":
         model = CLIPVisionModel(CLIPVisionConfig(**common))
         mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -117,7 +151,9 @@ def asset_dir(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def build_tiny(asset_dir):
-    def build(vision: str = "clip", llm: str = "llama", projector: str = "mlp2x_gelu", template: str = "auto", **vision_kw):
+    def build(
+        vision: str = "clip", llm: str = "llama", projector: str = "mlp2x_gelu", template: str = "auto", **vision_kw
+    ):
         cfg = ModelConfig(
             vision=VisionConfig(source=str(asset_dir("vision", vision)), **vision_kw),
             projector=ProjectorConfig(name=projector),

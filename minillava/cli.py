@@ -1,0 +1,181 @@
+"""The `minillava` command. Each subcommand parses its flags and calls a library function: no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+# Subcommand groups that live with their subsystems (each module exposes add_commands(subparsers)).
+PLUGINS = ("minillava.train.cli", "minillava.serve.cli", "minillava.demo.cli", "minillava.eval.cli")
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+    from minillava.model import MiniLlava
+
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            source=args.vision,
+            backend=args.vision_backend,
+            select_layer=args.select_layer,
+            select_feature=args.select_feature,
+            image_size=args.image_size,
+        ),
+        projector=ProjectorConfig(name=args.projector),
+        llm_source=args.llm,
+        template=args.template,
+        aspect=args.aspect,
+    )
+    model, processor = MiniLlava.build(cfg)
+    model.save_pretrained(args.out, processor)
+    print(f"built {args.out}: {model.tokens_per_image} tokens per image, template {processor.template.name}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import minillava
+    from minillava.generate import GenerationConfig, Generator
+
+    model, processor = minillava.load(args.model, args.dtype)
+    if args.template not in (None, "none"):
+        processor = processor.with_template(args.template)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    generator = Generator(model, processor)
+    raw = args.template == "none"
+    if args.stream:
+        for piece in generator.stream(args.prompt, args.image or [], gen_cfg, raw=raw):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(generator.generate(args.prompt, args.image or [], gen_cfg, raw=raw))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import minillava
+    from minillava.interop.hf import export_hf_llava
+
+    model, processor = minillava.load(args.model)
+    export_hf_llava(model, processor, args.out)
+    print(f"exported {args.model} -> {args.out} (transformers LlavaForConditionalGeneration)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import minillava
+
+    model, processor = minillava.load(args.model)
+    counts = model.parameter_counts()
+    info = {
+        "vision": {
+            "backend": model.config.vision.backend,
+            "class": type(model.vision.model).__name__,
+            "select_layer": model.config.vision.select_layer,
+            "select_feature": model.config.vision.select_feature,
+            "image_size": model.vision.image_size,
+            "patch_grid": list(model.vision.patch_grid),
+        },
+        "projector": model.config.projector.name,
+        "llm": type(model.llm).__name__,
+        "tokens_per_image": model.tokens_per_image,
+        "image_token": f"{processor.image_token} (id {processor.image_token_id})",
+        "template": processor.template.name,
+        "max_length": processor.max_length,
+        "parameters": counts,
+        "total_trainable": sum(c["trainable"] for c in counts.values()),
+        "total_frozen": sum(c["frozen"] for c in counts.values()),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minillava", description="Build, train, evaluate and serve LLaVA-style VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build", help="assemble an untrained model from a vision encoder and an LLM")
+    p.add_argument("--vision", required=True, help="local dir, hub id, builtin:dinov2-small or torchvision:vit_b_16")
+    p.add_argument("--llm", required=True, help="local dir, hub id or builtin:smollm2-135m-instruct")
+    p.add_argument("--projector", default="mlp2x_gelu")
+    p.add_argument("--vision-backend", default=None, choices=["hf", "torchvision"])
+    p.add_argument("--select-layer", type=int, default=-2)
+    p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--template", default="auto")
+    p.add_argument("--aspect", default="pad", choices=["pad", "resize", "center_crop"])
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("generate", help="answer a prompt about one or more images")
+    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava dir")
+    p.add_argument("--image", action="append", help="image path (repeatable, in order)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--template", default=None, help="override the chat template; 'none' = prompt verbatim")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--stream", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a transformers LlavaForConditionalGeneration directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--out", required=True, type=Path)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="architecture, token counts and parameter counts")
+    p.add_argument("--model", required=True)
+    p.set_defaults(func=cmd_info)
+
+    for name in PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):
+                continue  # that subsystem is not part of this build
+            raise
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "vision_backend", None) is None and getattr(args, "vision", "").startswith("torchvision:"):
+        args.vision_backend = "torchvision"
+    elif hasattr(args, "vision_backend") and args.vision_backend is None:
+        args.vision_backend = "hf"
+    _quiet_transformers()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"minillava {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from minillava.generate import GenerationConfig, Generator, decode, stop_token_ids
+from minillava.runtime import parse_dtype
+
+RED = Image.new("RGB", (40, 30), (200, 10, 10))
+BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
+GREEDY = GenerationConfig(max_new_tokens=12)
+
+
+def raw_tokens(gen, samples, cfg=GREEDY):
+    """Greedy token ids per row, without stop handling, for exact comparisons."""
+    batch = gen.processor.collate(samples, padding_side="left")
+    steps = [t for t, _ in decode(gen.model, batch, cfg, stop_ids=[], pad_id=gen.processor.pad_token_id)]
+    return torch.stack(steps, 1)
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2", "opt"])
+def test_batched_greedy_equals_batch_of_one(build_tiny, llm):
+    gen = Generator(*build_tiny(llm=llm))
+    p = gen.processor
+    samples = [
+        p.prompt("What is in the picture? describe it in detail", [RED]),
+        p.prompt("hi", [BLUE]),
+        p.prompt("no image here, just text"),
+        p.prompt("<image> compare <image>", [RED, BLUE]),
+    ]
+    batched = raw_tokens(gen, samples)
+    for i, s in enumerate(samples):
+        assert torch.equal(raw_tokens(gen, [s])[0], batched[i]), f"row {i}"
+
+
+def test_prefill_sees_the_image(tiny):
+    model, p = tiny
+    a, b = (p.collate([p.prompt("What is this?", [im])], padding_side="left") for im in (RED, BLUE))
+    la = model(**a, logits_to_keep=1).logits
+    lb = model(**b, logits_to_keep=1).logits
+    assert la.shape[1] == 1 and not torch.allclose(la, lb, atol=1e-4)
+
+
+def test_kv_cache_decoding_equals_full_recompute(tiny):
+    model, p = tiny
+    gen = Generator(model, p)
+    s = p.prompt("What is in the picture?", [RED])
+    tokens = raw_tokens(gen, [s], GenerationConfig(max_new_tokens=6))[0].tolist()
+    ids = list(s.input_ids)
+    with torch.no_grad():
+        for t in tokens:
+            batch = p.collate([type(s)(ids, [-100] * len(ids), s.pixel_values)])
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits[0, -1]
+            logits[p.image_token_id] = -float("inf")
+            assert int(logits.argmax()) == t
+            ids.append(t)
+
+
+def test_stream_joins_to_generate_and_returns_only_new_text(tiny):
+    gen = Generator(*tiny)
+    cfg = GenerationConfig(max_new_tokens=16)
+    full = gen.generate("What is this?", [RED], cfg)
+    pieces = list(gen.stream("What is this?", [RED], cfg))
+    assert "".join(pieces) == full and len(pieces) >= 1
+    assert "What is this?" not in full
+
+
+def test_stop_strings_and_tokens(tiny):
+    gen = Generator(*tiny)
+    cfg = GenerationConfig(max_new_tokens=16)
+    full = gen.generate("What is this?", [RED], cfg)
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = gen.generate("What is this?", [RED], GenerationConfig(max_new_tokens=16, stop=[stop]))
+    assert cut == full[: full.find(stop)]
+    assert "".join(gen.stream("What is this?", [RED], GenerationConfig(max_new_tokens=16, stop=[stop]))) == cut
+    ids = stop_token_ids(gen.processor)
+    tok = gen.processor.tokenizer
+    assert tok.eos_token_id in ids and tok.convert_tokens_to_ids("<|im_end|>") in ids
+
+
+def test_generation_stops_at_eos(tiny):
+    model, p = tiny
+    model = copy.deepcopy(model)
+    eos = p.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # make the end-of-turn token the certain next token
+        model.llm.get_output_embeddings().bias = torch.nn.Parameter(torch.zeros(model.llm.config.vocab_size))
+        model.llm.get_output_embeddings().bias[eos] = 1e4
+    gen = Generator(model, p)
+    batch = p.collate([p.prompt("hi")], padding_side="left")
+    steps = list(decode(model, batch, GenerationConfig(max_new_tokens=10), gen.stop_ids, p.pad_token_id))
+    assert len(steps) == 1 and gen.generate("hi") == ""
+
+
+def test_sampling_is_seeded(tiny):
+    gen = Generator(*tiny)
+    cfg = GenerationConfig(max_new_tokens=10, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    a = raw_tokens(gen, [gen.processor.prompt("hi", [RED])], cfg)
+    b = raw_tokens(gen, [gen.processor.prompt("hi", [RED])], cfg)
+    c = raw_tokens(
+        gen, [gen.processor.prompt("hi", [RED])], GenerationConfig(max_new_tokens=10, temperature=1.5, seed=8)
+    )
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bfloat16_generation(tiny):
+    model, p = tiny
+    gen = Generator(copy.deepcopy(model).to(torch.bfloat16), p)
+    assert isinstance(gen.generate("What is this?", [RED], GREEDY), str)
+
+
+def test_precision_rules():
+    assert parse_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        parse_dtype("float16", "cpu")
+    with pytest.raises(ValueError, match="unknown dtype"):
+        parse_dtype("int8")
+    with pytest.raises(ValueError):
+        GenerationConfig(max_new_tokens=0)

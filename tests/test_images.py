@@ -1,0 +1,92 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minillava.images import ImageError, ImageTransform, load_image
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1"])
+def test_modes_become_rgb(mode):
+    img = Image.new(mode, (10, 6))
+    assert load_image(img).mode == "RGB"
+
+
+def test_16bit_scaled_not_clipped():
+    img = Image.new("I;16", (8, 8))
+    img.putdata([i * 1000 for i in range(64)])
+    out = np.asarray(load_image(img))
+    assert out.max() == 255 and out.min() == 0
+
+
+def test_transparent_becomes_white():
+    img = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert load_image(img).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (20, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    path = tmp_path / "rot.jpg"
+    img.save(path, exif=exif)
+    assert load_image(path).size == (10, 20)
+
+
+def test_bad_files_name_the_file(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png"):
+        load_image(empty)
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(ImageError, match="junk.jpg: not a readable image"):
+        load_image(junk)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(_png(Image.new("RGB", (64, 64), (1, 2, 3)))[:60])
+    with pytest.raises(ImageError, match="cut.png"):
+        load_image(truncated)
+    with pytest.raises(ImageError, match="missing.png: cannot open"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_pixel_limit_refuses_bombs():
+    data = _png(Image.new("RGB", (200, 200)))
+    with pytest.raises(ImageError, match="over the limit of 1000"):
+        load_image(data, name="bomb.png", max_pixels=1000)
+    assert load_image(data, max_pixels=200 * 200).size == (200, 200)
+
+
+def test_pad_mode_fills_with_mean_colour_and_keeps_whole_image():
+    t = ImageTransform(size=8, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), aspect="pad")
+    x = t(Image.new("RGB", (8, 4), (255, 255, 255)))  # wide white image -> bands of mean colour
+    assert x.shape == (3, 8, 8)
+    assert torch.allclose(x[:, 0, :], torch.full((3, 8), 127 / 255 / 0.5 - 1), atol=1e-6)  # mean band
+    assert torch.allclose(x[:, 4, :], torch.ones(3, 8), atol=1e-6)  # white middle
+
+
+def test_center_crop_and_resize_modes():
+    img = Image.new("RGB", (30, 10))
+    img.paste((255, 0, 0), (0, 0, 10, 10))  # red left third: cropped away by center_crop
+    crop = ImageTransform(size=10, mean=(0, 0, 0), std=(1, 1, 1), aspect="center_crop")(img)
+    assert crop.shape == (3, 10, 10) and crop[0].max() < 0.1
+    resized = ImageTransform(size=10, mean=(0, 0, 0), std=(1, 1, 1), aspect="resize")(img)
+    assert resized[0, :, 0].min() > 0.9  # red survives at the left edge
+
+
+def test_clip_statistics_come_from_the_tower(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"image_mean": [0.48, 0.45, 0.4], "image_std": [0.26, 0.26, 0.27]}'
+    )
+    t = ImageTransform.from_dir(tmp_path, 224, "pad")
+    assert t.mean == (0.48, 0.45, 0.4) and t.std == (0.26, 0.26, 0.27)
+    with pytest.raises(ValueError, match="aspect"):
+        ImageTransform(aspect="stretch")
