@@ -32,11 +32,19 @@ def build(vision: str, llm: str, projector: str = "mlp2x_gelu", **config: object
     return MiniLlava.build(cfg)
 
 
-def load(directory: str, dtype: str = "float32") -> tuple[MiniLlava, Processor]:
-    """Load a saved minillava directory (or a transformers Llava directory)."""
-    from minillava.interop.hf import is_hf_llava_dir, load_hf_llava
-    from minillava.runtime import parse_dtype
+def load(directory: str, dtype: str = "float32", device: str | None = None) -> tuple[MiniLlava, Processor]:
+    """Load a saved minillava directory (or a transformers Llava directory) onto `device` (default: CUDA if any)."""
+    from pathlib import Path
 
+    from minillava.interop.hf import is_hf_llava_dir, load_hf_llava
+    from minillava.runtime import default_device, parse_dtype
+
+    target = default_device() if device is None else device
+    torch_dtype = parse_dtype(dtype, target)
+    if not Path(directory, "config.json").exists() and not Path(directory, "minillava.json").exists():
+        raise FileNotFoundError(f"{directory}: not a minillava or transformers Llava model directory")
     if is_hf_llava_dir(directory):
-        return load_hf_llava(directory, parse_dtype(dtype))
-    return MiniLlava.from_pretrained(directory, parse_dtype(dtype))
+        model, processor = load_hf_llava(directory, torch_dtype)
+    else:
+        model, processor = MiniLlava.from_pretrained(directory, torch_dtype)
+    return model.to(target), processor

@@ -117,6 +117,16 @@ class ImageTransform:
         cfg = json.loads(path.read_text())
         return cls(size, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect)
 
+    def to_hf_dict(self) -> dict:
+        """The same settings as a transformers image-processor config (what the vision dir ships)."""
+        return {
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "size": {"height": self.size, "width": self.size},
+            "crop_size": {"height": self.size, "width": self.size},
+            "do_center_crop": self.aspect == "center_crop",
+        }
+
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "aspect": self.aspect}
 

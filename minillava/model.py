@@ -10,6 +10,7 @@ The LLM never knows it is looking at a picture: it reads N more embeddings in it
 from __future__ import annotations
 
 import functools
+import json
 import inspect
 import shutil
 import tempfile
@@ -73,6 +74,7 @@ class MiniLlava(nn.Module):
         if len(tokenizer) > llm.get_input_embeddings().num_embeddings:
             llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         vision = load_vision_tower(config.vision, vision_dir, dtype)
+        config.vision.image_size = vision.image_size  # saved, so a reload never falls back to the config's size
         projector = build_projector(
             config.projector.name,
             vision.hidden_size,
@@ -119,9 +121,7 @@ class MiniLlava(nn.Module):
             self.config.save(tmp)
             self.vision.save_pretrained(tmp / "vision")
             transform = processor.image_transform
-            (tmp / "vision" / "preprocessor_config.json").write_text(
-                f'{{"image_mean": {list(transform.mean)}, "image_std": {list(transform.std)}}}\n'
-            )
+            (tmp / "vision" / "preprocessor_config.json").write_text(json.dumps(transform.to_hf_dict(), indent=2))
             self.llm.save_pretrained(tmp / "llm")
             save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)
             processor.save_pretrained(tmp)

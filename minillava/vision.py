@@ -64,7 +64,7 @@ class HFVisionTower(VisionTower):
         self.model = model
         vc = model.config
         self.hidden_size = vc.hidden_size
-        self.image_size = config.image_size or vc.image_size
+        self.image_size = config.image_size or _processor_size(model.name_or_path) or vc.image_size
         side = self.image_size // vc.patch_size
         self.patch_grid = (side, side)
         has_cls = vc.model_type not in ("siglip", "siglip_vision_model")
@@ -124,6 +124,21 @@ class TorchvisionViT(VisionTower):
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, directory / TORCHVISION_WEIGHTS)
         (directory / "config.json").write_text(json.dumps({"backend": "torchvision", "arch": "vit_b_16"}) + "\n")
+
+
+def _processor_size(directory: str) -> int | None:
+    """The input size the checkpoint's image processor crops to (DINOv2's config says 518, its recipe 224)."""
+    path = Path(directory, "preprocessor_config.json")
+    if not directory or not path.exists():
+        return None
+    cfg = json.loads(path.read_text())
+    crop, size = cfg.get("crop_size"), cfg.get("size")
+    for entry in (crop if cfg.get("do_center_crop", crop is not None) else None, size):
+        if isinstance(entry, int):
+            return entry
+        if isinstance(entry, dict):
+            return entry.get("height") or entry.get("shortest_edge")
+    return None
 
 
 def load_vision_tower(config: VisionConfig, directory: Path | None, dtype: torch.dtype) -> VisionTower:
