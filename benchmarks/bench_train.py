@@ -1,0 +1,193 @@
+"""Training step time: minillava vs transformers' LlavaForConditionalGeneration, same run, same machine.
+
+Bench shapes (../shared/BENCHMARK.md): CLIP ViT-B/16 (224 px, 196 patch tokens, layer -2, CLS dropped),
+SmolLM2-135M-shaped Llama, mlp2x_gelu projector, batch 4 x (196 image + 64 text tokens), labels on the last
+32 text tokens. Stage 1: projector trains. Stage 2: projector + LLM. Random weights, no downloads.
+
+    python benchmarks/bench_train.py            # bench shapes, best of 3 after a warm-up
+    python benchmarks/bench_train.py --quick    # small shapes, 1 repetition: a smoke test
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+from minillava.config import ModelConfig, VisionConfig
+from minillava.model import MiniLlava
+from minillava.projectors import build_projector
+from minillava.train.config import TrainConfig
+from minillava.train.loop import TrainStep, autocast_ctx, make_optimizer
+from minillava.train.stages import freeze, param_groups
+from minillava.vision import HFVisionTower
+
+IGNORE = -100
+
+
+def shapes(quick: bool) -> dict:
+    if quick:
+        return dict(v_hidden=128, v_layers=2, v_heads=4, v_mlp=256, l_hidden=96, l_layers=2, l_heads=3, l_kv=1,
+                    l_mlp=256, vocab=4096, batch=2, text=32, sup=16)  # fmt: skip
+    return dict(v_hidden=768, v_layers=12, v_heads=12, v_mlp=3072, l_hidden=576, l_layers=30, l_heads=9, l_kv=3,
+                l_mlp=1536, vocab=49152, batch=4, text=64, sup=32)  # fmt: skip
+
+
+def configs(s: dict) -> tuple[CLIPVisionConfig, LlamaConfig]:
+    vc = CLIPVisionConfig(hidden_size=s["v_hidden"], num_hidden_layers=s["v_layers"], num_attention_heads=s["v_heads"],
+                          intermediate_size=s["v_mlp"], image_size=224, patch_size=16)  # fmt: skip
+    lc = LlamaConfig(hidden_size=s["l_hidden"], num_hidden_layers=s["l_layers"], num_attention_heads=s["l_heads"],
+                     num_key_value_heads=s["l_kv"], intermediate_size=s["l_mlp"], vocab_size=s["vocab"],
+                     tie_word_embeddings=True, max_position_embeddings=2048)  # fmt: skip
+    return vc, lc
+
+
+def batch(s: dict, image_id: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, s["vocab"] - 2, (s["batch"], s["text"]), generator=g)
+    ids = torch.cat([torch.full((s["batch"], 196), image_id), text], dim=1)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -s["sup"] :] = ids[:, -s["sup"] :]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "pixel_values": torch.randn(s["batch"], 3, 224, 224, generator=g)}  # fmt: skip
+
+
+def best_of(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+# ---- the peer ----------------------------------------------------------------------------------
+def peer_step_time(s: dict, stage: int, mode: str, reps: int) -> float:
+    vc, lc = configs(s)
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=vc, text_config=lc, image_token_index=s["vocab"] - 1, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
+    model = LlavaForConditionalGeneration(cfg)
+    if mode == "bf16_weights":
+        model = model.to(torch.bfloat16)
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if stage == 2:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    b = batch(s, s["vocab"] - 1)
+    if mode == "bf16_weights":
+        b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
+
+    def step():
+        ctx = torch.autocast("cpu", torch.bfloat16) if mode == "autocast" else torch.autocast("cpu", enabled=False)
+        with ctx:
+            loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return best_of(step, reps)
+
+
+# ---- ours --------------------------------------------------------------------------------------
+def ours(s: dict, stage: int, reps: int, cached: bool = False) -> tuple[float, MiniLlava]:
+    vc, lc = configs(s)
+    torch.manual_seed(0)
+    vision = HFVisionTower(VisionConfig(source="bench", select_layer=-2), CLIPVisionModel(vc))
+    llm = LlamaForCausalLM(lc)
+    projector = build_projector("mlp2x_gelu", vc.hidden_size, lc.hidden_size)
+    mc = ModelConfig(vision=VisionConfig(source="bench"), llm_source="bench", image_token_id=s["vocab"] - 1)
+    model = MiniLlava(mc, vision, projector, llm)
+    cfg = TrainConfig(vision="v", llm="l", data=["x"], stage="align" if stage == 1 else "instruct", frozen_bf16=True)
+    freeze(model, cfg.stage, log_fn=lambda _: None)
+    model.vision.to(torch.bfloat16)  # our defaults for the bench: frozen parts in bf16, autocast, fused AdamW
+    if stage == 1:
+        model.llm.to(torch.bfloat16)
+    opt = make_optimizer(param_groups(model, 1e-5, 1e-5, 0.0, 0.0), cfg, torch.device("cpu"))
+    step_module = TrainStep(model, tune_vision=False)
+    b = batch(s, s["vocab"] - 1)
+    with torch.no_grad():
+        cache = model.vision(b["pixel_values"]) if cached else None
+
+    def step():
+        with torch.no_grad():
+            feats = cache if cached else model.vision(b["pixel_values"])
+        with autocast_ctx("bf16", torch.device("cpu")):
+            loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return best_of(step, reps), model
+
+
+def matmul_peak(quick: bool) -> float:
+    n = 1024 if quick else 4096
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    t = best_of(lambda: a @ b, 3)
+    return 2 * n**3 / t
+
+
+def stage2_flops(s: dict, model: MiniLlava) -> float:
+    """Model FLOPs of one stage-2 step: LLM fwd+bwd (6 N T + attention), head at supervised positions,
+    projector fwd+bwd, frozen vision forward (2 N per token)."""
+    T = s["batch"] * (196 + s["text"])
+    emb = s["vocab"] * s["l_hidden"]
+    n_llm = sum(p.numel() for p in model.llm.parameters()) - emb
+    attn = 6 * 2 * s["l_layers"] * s["batch"] * (196 + s["text"]) ** 2 * s["l_hidden"]
+    head = 6 * emb * s["batch"] * s["sup"]
+    proj = 6 * sum(p.numel() for p in model.projector.parameters()) * s["batch"] * 196
+    vision = 2 * sum(p.numel() for p in model.vision.parameters()) * s["batch"] * 197
+    return 6 * n_llm * T + attn + head + proj + vision
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes, 1 repetition (smoke test)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (1 if args.quick else 3)
+    s = shapes(args.quick)
+    r: dict = {"shapes": "quick" if args.quick else "bench", "reps": reps, "threads": torch.get_num_threads()}
+    r["ours_stage1_step_s"], _ = ours(s, 1, reps)
+    r["ours_stage1_cached_step_s"], _ = ours(s, 1, reps, cached=True)
+    r["ours_stage2_step_s"], model = ours(s, 2, reps)
+    for mode in ("fp32", "bf16_weights", "autocast"):
+        r[f"peer_{mode}_stage1_step_s"] = peer_step_time(s, 1, mode, reps)
+        r[f"peer_{mode}_stage2_step_s"] = peer_step_time(s, 2, mode, reps)
+    for mode in ("fp32", "bf16_weights", "autocast"):
+        for st in (1, 2):
+            r[f"speedup_stage{st}_vs_peer_{mode}"] = r[f"peer_{mode}_stage{st}_step_s"] / r[f"ours_stage{st}_step_s"]
+    r["stage1_speedup_warm_cache"] = r["ours_stage1_step_s"] / r["ours_stage1_cached_step_s"]
+    peak = matmul_peak(args.quick)
+    flops = stage2_flops(s, model)
+    r["bf16_matmul_peak_gflops"] = peak / 1e9
+    r["stage2_model_gflop"] = flops / 1e9
+    r["mfu_stage2"] = flops / r["ours_stage2_step_s"] / peak
+    r["mfu_stage2_peer_bf16_weights"] = flops / r["peer_bf16_weights_stage2_step_s"] / peak
+    r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""`minillava data check`: validate a data set before a long run, and summarise it.
+
+Every sample is parsed and checked (turn order, `<image>` markers vs images, empty turns), every image
+opened and decoded, and, with a processor, every sample tokenised after image expansion to find those
+over `max_length` and to draw a token-length histogram.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minillava.data.dataset import SupervisedDataset, resolve_image
+from minillava.data.formats import BadSampleError, load_records
+from minillava.images import ImageError, load_image
+from minillava.processor import Processor
+
+
+@dataclass
+class CheckReport:
+    samples: int = 0
+    image_samples: int = 0
+    text_only: int = 0
+    images: int = 0
+    unique_images: int = 0
+    errors: list[str] = field(default_factory=list)  # "file:index (id X): reason"
+    reasons: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+    max_length: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def histogram(self, bins: int = 8) -> list[tuple[int, int, int]]:
+        if not self.lengths:
+            return []
+        lo, hi = min(self.lengths), max(self.lengths)
+        width = max(1, -(-(hi - lo + 1) // bins))
+        counts = Counter((n - lo) // width for n in self.lengths)
+        return [(lo + b * width, lo + (b + 1) * width - 1, counts.get(b, 0)) for b in range(-(-(hi - lo + 1) // width))]
+
+    def format(self, max_errors: int = 20) -> str:
+        lines = [
+            f"samples: {self.samples} ({self.image_samples} with images, {self.text_only} text-only)",
+            f"images: {self.images} references, {self.unique_images} distinct files",
+        ]
+        if self.lengths:
+            s = sorted(self.lengths)
+            lines.append(
+                f"tokens after image expansion: min {s[0]}, median {s[len(s) // 2]}, max {s[-1]}"
+                + (f" (max_length {self.max_length})" if self.max_length else "")
+            )
+            top = max(c for _, _, c in self.histogram())
+            for a, b, c in self.histogram():
+                lines.append(f"  {a:>6}-{b:<6} {c:>7}  {'#' * max(1 if c else 0, round(40 * c / top))}")
+        else:
+            lines.append("token lengths: not computed (give --model DIR to tokenise)")
+        if self.errors:
+            lines.append(f"errors: {len(self.errors)} bad samples")
+            for reason, n in self.reasons.most_common():
+                lines.append(f"  {n:>7} x {reason}")
+            lines += [f"  {e}" for e in self.errors[:max_errors]]
+            if len(self.errors) > max_errors:
+                lines.append(f"  ... and {len(self.errors) - max_errors} more")
+        else:
+            lines.append("no errors")
+        return "\n".join(lines)
+
+
+def _reason_kind(reason: str) -> str:
+    """A coarse category for the summary table (the full reason stays in each error line)."""
+    for key in ("not found", "not a readable image", "cannot open", "<image> markers", "out of order", "is empty",
+                "exceed max_length", "last turn", "not valid JSON", "no 'conversations'", "empty caption",
+                "too many pixels", "over the limit", "no supervised"):  # fmt: skip
+        if key in reason:
+            return key
+    return reason.split(":")[0][:60]
+
+
+def check_data(
+    files: list[str | Path], image_root: str | Path | None = None, processor: Processor | None = None,
+    fmt: str = "auto", decode_images: bool = True,
+) -> CheckReport:  # fmt: skip
+    report = CheckReport(max_length=processor.max_length if processor else None)
+    root = Path(image_root).expanduser() if image_root else None
+    if root is not None and not root.is_dir():
+        raise OSError(f"{root}: image root is not a directory")
+    image_status: dict[Path, str | None] = {}
+    tokenizer_view = SupervisedDataset.__new__(SupervisedDataset)  # reuse its tokenise-and-check step
+    tokenizer_view.processor, tokenizer_view.truncate = processor, False
+
+    def fail(where: str, reason: str) -> None:
+        report.errors.append(f"{where}: {reason}")
+        report.reasons[_reason_kind(reason)] += 1
+
+    for f in files:
+        for rec in load_records(f, fmt):
+            report.samples += 1
+            report.images += len(rec.images)
+            if rec.images:
+                report.image_samples += 1
+            elif not rec.error:
+                report.text_only += 1
+            if rec.error:
+                fail(rec.where(), rec.error)
+                continue
+            bad = False
+            for name in rec.images:
+                path = resolve_image(root, name)
+                if path not in image_status:
+                    image_status[path] = _image_problem(path, decode_images)
+                if image_status[path]:
+                    fail(rec.where(), image_status[path])
+                    bad = True
+            if processor is not None and not bad:
+                try:
+                    ids, _ = tokenizer_view.tokenize(rec)
+                    report.lengths.append(len(ids))
+                except BadSampleError as e:
+                    fail(rec.where(), str(e).split(f"{rec.where()}: ", 1)[-1])
+    report.unique_images = len(image_status)
+    return report
+
+
+def _image_problem(path: Path, decode: bool) -> str | None:
+    if not path.is_file():
+        return f"image {path} not found"
+    if not decode:
+        return None
+    try:
+        load_image(path)
+    except ImageError as e:
+        return str(e)
+    return None

@@ -1,0 +1,173 @@
+"""A torch Dataset of training samples: records -> token ids, labels and pixels (or cached features).
+
+Tokenising, decoding and preprocessing images all happen in `__getitem__`, i.e. in DataLoader worker
+processes. A bad sample raises `BadSampleError` (file, sample id, reason) or, with `on_bad_sample="skip"`,
+becomes a `Skipped` item that the collator counts and the training loop reports. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from minillava.data.formats import BadSampleError, Record, load_records
+from minillava.images import ImageError
+from minillava.processor import IGNORE_INDEX, Encoded, Processor
+
+BAD_SAMPLE_POLICIES = ("error", "skip")
+
+
+@dataclass
+class Item:
+    index: int
+    id: str
+    encoded: Encoded  # pixel_values hold only the images whose features are not cached
+    image_keys: list[str] = field(default_factory=list)
+    features: list[torch.Tensor | None] = field(default_factory=list)  # cached vision features per image
+
+
+@dataclass
+class Skipped:
+    index: int
+    id: str
+    where: str
+    reason: str
+
+
+def image_key(path: Path) -> str:
+    """Identity of an image file for the feature cache: path, size and modification time."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def resolve_image(root: Path | None, name: str) -> Path:
+    p = Path(name).expanduser()
+    return p if p.is_absolute() or root is None else root / p
+
+
+class SupervisedDataset(Dataset):
+    def __init__(
+        self,
+        files: str | Path | list[str | Path],
+        processor: Processor,
+        image_root: str | Path | None = None,
+        fmt: str = "auto",
+        on_bad_sample: str = "error",
+        truncate: bool = False,
+        feature_cache: Any = None,  # minillava.train.cache.FeatureCache (read side), or None
+    ) -> None:
+        if on_bad_sample not in BAD_SAMPLE_POLICIES:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+        files = [files] if isinstance(files, (str, Path)) else list(files)
+        if not files:
+            raise ValueError("no data files given")
+        self.records: list[Record] = [r for f in files for r in load_records(f, fmt)]
+        if not self.records:
+            raise ValueError(f"{', '.join(map(str, files))}: no samples")
+        self.processor = processor
+        self.image_root = Path(image_root).expanduser() if image_root else None
+        if self.image_root is not None and not self.image_root.is_dir():
+            raise OSError(f"{self.image_root}: image root is not a directory")
+        self.on_bad_sample = on_bad_sample
+        self.truncate = truncate
+        self.feature_cache = feature_cache
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # ---- cheap per-sample facts for the sampler (no tokenising, no image decoding) ---------------
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's `modality_lengths`: estimated token length, negative for text-only samples."""
+        per_image = self.processor.tokens_per_image
+        out = []
+        for r in self.records:
+            n = sum(len(m["content"]) for m in r.messages) // 4 + len(r.images) * per_image + 1
+            out.append(n if r.images else -n)
+        return out
+
+    # ---- one sample ----------------------------------------------------------------------------
+    def tokenize(self, rec: Record) -> tuple[list[int], list[int]]:
+        """Ids and labels of a record after `<image>` expansion; raises BadSampleError."""
+        p = self.processor
+        try:
+            ids, labels = p.tokenize_segments(p.template.render(rec.messages, False))
+        except ValueError as e:
+            raise self._bad(rec, f"cannot apply the chat template: {e}") from None
+        if ids.count(p.image_token_id) != len(rec.images) * p.tokens_per_image:
+            raise self._bad(rec, "the text's image placeholders do not match its images (a literal image token?)")
+        if len(ids) > p.max_length:
+            last_image_end = max((i + 1 for i, t in enumerate(ids) if t == p.image_token_id), default=0)
+            if not self.truncate or last_image_end > p.max_length:
+                raise self._bad(
+                    rec,
+                    f"{len(ids)} tokens after image expansion exceed max_length {p.max_length}"
+                    + (" (truncating would cut an image)" if self.truncate else ""),
+                )
+            ids, labels = ids[: p.max_length], labels[: p.max_length]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            raise self._bad(rec, "no supervised tokens (empty answer or truncated away)")
+        return ids, labels
+
+    def _bad(self, rec: Record, reason: str) -> BadSampleError:
+        return BadSampleError(f"bad sample {rec.where()}: {reason}")
+
+    def load(self, index: int) -> Item:
+        rec = self.records[index]
+        if rec.error:
+            raise self._bad(rec, rec.error)
+        ids, labels = self.tokenize(rec)
+        paths = [resolve_image(self.image_root, name) for name in rec.images]
+        keys, features, to_decode = [], [], []
+        for path in paths:
+            try:
+                key = image_key(path)
+            except OSError:
+                raise self._bad(rec, f"image {path} not found") from None
+            cached = self.feature_cache.get(key) if self.feature_cache is not None else None
+            keys.append(key)
+            features.append(cached)
+            if cached is None:
+                to_decode.append(path)
+        try:
+            pixels = self.processor.preprocess_images(to_decode)
+        except ImageError as e:
+            raise self._bad(rec, str(e)) from None
+        return Item(index, rec.id, Encoded(ids, labels, pixels), keys, features)
+
+    def __getitem__(self, index: int) -> Item | Skipped:
+        try:
+            return self.load(index)
+        except BadSampleError as e:
+            if self.on_bad_sample == "error":
+                raise
+            rec = self.records[index]
+            reason = str(e).split(": ", 1)[-1] if str(e).startswith("bad sample") else str(e)
+            return Skipped(index, rec.id, rec.source, reason)
+
+
+class Collator:
+    """Right-padded batch of the good items, plus what the loop needs to account for the rest."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.processor = processor
+
+    def __call__(self, items: list[Item | Skipped]) -> dict[str, Any]:
+        good = [it for it in items if isinstance(it, Item)]
+        skipped = [it for it in items if isinstance(it, Skipped)]
+        batch: dict[str, Any] = {"skipped": skipped, "num_samples": len(good), "ids": [it.id for it in good]}
+        if not good:
+            return batch
+        batch.update(self.processor.collate([it.encoded for it in good], padding_side="right"))
+        batch["image_keys"] = [k for it in good for k in it.image_keys]
+        batch["features"] = [f for it in good for f in it.features]
+        return batch
+
+
+def worker_count(requested: int) -> int:
+    """Never more workers than cores; 0 means load in the main process."""
+    return max(0, min(requested, (os.cpu_count() or 1)))

@@ -1,0 +1,118 @@
+"""Atomic, resumable checkpoints: `OUT/checkpoints/step-00000012/`.
+
+A checkpoint holds the trainable parameters (safetensors), the optimizer and scheduler states, the
+sampler position, the RNG states and the config. It is written into a hidden temp directory and renamed
+into place at the end, so a run killed mid-write leaves only a `.tmp-*` directory, which is never picked
+up (and is removed at the next start). Only the last `keep_last` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+PATTERN = re.compile(r"^step-(\d{8})$")
+WEIGHTS = "trainable.safetensors"
+STATE = "state.pt"
+CONFIG = "train_config.json"
+
+
+def checkpoint_root(out: Path) -> Path:
+    return out / "checkpoints"
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    root = checkpoint_root(out)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if PATTERN.match(p.name) and (p / STATE).is_file() and (p / WEIGHTS).is_file()]
+    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = list_checkpoints(out)
+    return found[-1] if found else None
+
+
+def clean_partial(out: Path) -> None:
+    root = checkpoint_root(out)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    out: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any],
+    keep_last: int,
+) -> Path:  # fmt: skip
+    root = checkpoint_root(out)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    if not (path / STATE).is_file() or not (path / WEIGHTS).is_file():
+        raise OSError(f"{path}: not a complete checkpoint (needs {WEIGHTS} and {STATE})")
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
+    return load_file(path / WEIGHTS), state, config
+
+
+def resolve_resume(out: Path, resume: str | None) -> Path | None:
+    """`latest`: the newest complete checkpoint under OUT (None if there is none); else a directory."""
+    if resume is None:
+        return None
+    if resume in ("latest", "auto", "true", "True"):
+        return latest_checkpoint(out)
+    path = Path(resume).expanduser()
+    if PATTERN.match(path.name) is None and latest_checkpoint(path) is not None:
+        return latest_checkpoint(path)  # a run directory: its newest checkpoint
+    if not path.is_dir():
+        raise OSError(f"{path}: no such checkpoint directory")
+    return path

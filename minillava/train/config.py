@@ -1,0 +1,165 @@
+"""TrainConfig: one dataclass, filled from a YAML file and then from command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = ("align", "instruct")
+STAGE_DEFAULTS = {  # LLaVA-1.5's published hyperparameters
+    "align": {"lr": 1e-3, "template": "plain"},
+    "instruct": {"lr": 2e-5},
+    "lora": {"lr": 2e-4, "projector_lr": 2e-5},
+}
+
+
+@dataclass
+class TrainConfig:
+    # model: start from a saved minillava directory, or assemble from two sources (fresh projector)
+    model: str | None = None
+    vision: str | None = None
+    llm: str | None = None
+    projector: str = "mlp2x_gelu"
+    template: str | None = None  # None: `plain` for align, the model's template for instruct
+    # data
+    data: list[str] = field(default_factory=list)
+    image_root: str | None = None
+    data_format: str = "auto"
+    max_length: int | None = None
+    truncate: bool = False
+    on_bad_sample: str = "error"  # error | skip
+    num_workers: int = 2
+    group_by_length: bool = True
+    feature_cache: str | None = None
+    # what trains
+    stage: str = "align"
+    lora: bool = False
+    qlora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | str = "all-linear"
+    tune_vision: bool = False
+    # optimisation
+    out: str = "runs/minillava"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 4  # per device, per micro-batch
+    grad_accum: int = 1
+    lr: float | None = None  # None: the stage's default
+    projector_lr: float | None = None
+    vision_lr: float = 2e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 1.0
+    precision: str = "bf16"  # bf16 (autocast, float32 master weights) | fp16 (CUDA) | fp32
+    frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16
+    grad_checkpointing: bool = False
+    device: str = "auto"
+    seed: int = 0
+    # checkpoints and records
+    save_every: int | None = None
+    keep_last: int = 2
+    resume: str | None = None  # "latest" or a checkpoint directory
+    merge_lora: bool = True  # on export; False writes the base model + `lora_adapter/`
+    log_every: int = 1
+    progress: bool = True
+    plot: bool = True
+    tensorboard: bool = False
+    halt_at_step: int | None = None  # testing: stop like a crash after this step (no final save)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        self.adam_betas = tuple(self.adam_betas)
+
+    # ---- derived ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
+        if not self.data:
+            raise ValueError("no training data: give --data FILE (LLaVA JSON/JSONL, COCO captions, caption JSONL/CSV)")
+        if self.model is None and (self.vision is None or self.llm is None):
+            raise ValueError("give --model DIR (a saved minillava model) or both --vision and --llm")
+        if self.model is not None and (self.vision or self.llm):
+            raise ValueError("give either --model or --vision/--llm, not both")
+        if (self.lora or self.qlora) and self.stage == "align":
+            raise ValueError("--lora/--qlora train the LLM: use --stage instruct (align trains the projector only)")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.scheduler not in ("cosine", "linear", "constant"):
+            raise ValueError(f"scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        for name in ("batch_size", "grad_accum", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.save_every is not None and self.save_every < 1:
+            raise ValueError("save_every must be at least 1")
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError("epochs must be positive (or give max_steps)")
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora or self.qlora
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return STAGE_DEFAULTS["lora" if self.use_lora else self.stage]["lr"]
+
+    def resolved_projector_lr(self) -> float:
+        if self.projector_lr is not None:
+            return self.projector_lr
+        return STAGE_DEFAULTS["lora"]["projector_lr"] if self.use_lora else self.resolved_lr()
+
+    def resolved_template(self, model_template: str) -> str:
+        if self.template:
+            return self.template
+        return "plain" if self.stage == "align" else model_template
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML (or JSON) file, then overrides (None values are ignored). Unknown keys are an error."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise OSError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a mapping of option: value")
+        unknown = sorted(set(loaded) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        values.update(loaded)
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise ValueError(f"unknown option {key!r}")
+        if value is not None:
+            values[key] = value
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,536 @@
+"""The training loop: one function, `train(config) -> summary`.
+
+    build/load model -> freeze(stage) [+ LoRA] -> dataset + grouped sampler -> AdamW + warmup schedule
+    -> for each step: grad_accum micro-batches (token-weighted loss), clip, step, log, checkpoint
+    -> final checkpoint, export a self-contained model directory (LoRA merged), curve PNG, summary.
+
+The same code runs in one process or under `torchrun` (DDP; gloo on CPU, NCCL on GPUs). The loss of a
+step is the mean over every supervised token of the global batch, whatever the split over micro-batches
+and ranks, so 2 processes x batch 2 give the loss of 1 process x batch 4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+from minillava.data.dataset import Collator, SupervisedDataset, worker_count
+from minillava.data.sampler import GroupedBatchSampler
+from minillava.model import MiniLlava
+from minillava.processor import IGNORE_INDEX, Processor
+from minillava.train import checkpoint as ckpt
+from minillava.train.cache import FeatureCache, namespace_for
+from minillava.train.config import TrainConfig
+from minillava.train.metrics import MetricsWriter, plot_curves
+from minillava.train.stages import (
+    ADAPTER_DIR,
+    LoraSettings,
+    freeze,
+    merge_lora,
+    param_groups,
+    save_adapter,
+    trainable_state,
+)
+
+log = logging.getLogger("minillava.train")
+MODEL_DIR = "model"
+
+
+# ---- process group -----------------------------------------------------------------------------
+class Dist:
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+def pick_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{d.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- model -------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig) -> tuple[MiniLlava, Processor]:
+    if cfg.model is not None:
+        if not Path(cfg.model).is_dir():
+            raise OSError(f"{cfg.model}: model directory not found")
+        return MiniLlava.from_pretrained(cfg.model)
+    mc = ModelConfig(
+        vision=VisionConfig(source=cfg.vision), projector=ProjectorConfig(name=cfg.projector), llm_source=cfg.llm
+    )
+    if cfg.vision.startswith("torchvision:"):
+        mc.vision.backend = "torchvision"
+    return MiniLlava.build(mc)
+
+
+def check_qlora(cfg: TrainConfig, device: torch.device) -> None:
+    if not cfg.qlora:
+        return
+    if device.type != "cuda":
+        raise ValueError("--qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); on CPU use --lora instead")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ImportError("--qlora needs bitsandbytes: pip install bitsandbytes") from e
+
+
+def quantize_llm_4bit(model: MiniLlava) -> None:
+    """QLoRA base: replace the LLM's linear layers (not the head) by bitsandbytes 4-bit NF4 layers (CUDA)."""
+    import bitsandbytes as bnb
+
+    head = model.llm.get_output_embeddings()
+    for name, module in list(model.llm.named_modules()):
+        if isinstance(module, nn.Linear) and module is not head:
+            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4")  # fmt: skip
+            q.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            if module.bias is not None:
+                q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, q)
+
+
+class TrainStep(nn.Module):
+    """projector (+ vision when it trains) + LLM loss, in one forward so DDP sees every trainable part."""
+
+    def __init__(self, model: MiniLlava, tune_vision: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.tune_vision = tune_vision
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+        vision_features: torch.Tensor | None, pixel_values: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        m = self.model
+        keep_graph = torch.zeros((), device=input_ids.device)
+        if self.tune_vision:
+            if pixel_values is not None:
+                vision_features = m.vision(pixel_values)
+            else:  # text-only batch: touch the tower so every rank's backward visits the same parameters
+                size = m.vision.image_size
+                dummy = torch.zeros(1, 3, size, size, device=input_ids.device, dtype=m.projector_dtype)
+                keep_graph = keep_graph + m.vision(dummy).sum() * 0.0
+        if vision_features is not None:
+            image_features = m.projector(vision_features.to(m.projector_dtype))
+        else:
+            image_features = None
+            dummy = torch.zeros(0, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
+            keep_graph = keep_graph + m.projector(dummy).sum()
+        out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False)
+        return out.loss + keep_graph
+
+
+# ---- schedule ----------------------------------------------------------------------------------
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return f
+
+
+def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where the device has it (CUDA, CPU in torch >= 2.4), else foreach."""
+    kw = dict(betas=cfg.adam_betas, eps=cfg.adam_eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **kw)
+
+
+# ---- batches -----------------------------------------------------------------------------------
+def vision_features_for(batch: dict, model: MiniLlava, cache: FeatureCache | None, device: torch.device,
+                        tune_vision: bool, stats: dict) -> torch.Tensor | None:  # fmt: skip
+    """(I, P, Dv) features of the batch's images, from the cache or from the frozen tower (then cached)."""
+    feats: list[torch.Tensor | None] = batch.get("features") or []
+    if not feats or tune_vision:
+        return None
+    missing = [i for i, f in enumerate(feats) if f is None]
+    stats["hits"] += len(feats) - len(missing)
+    stats["misses"] += len(missing)
+    if missing:
+        with torch.no_grad():
+            computed = model.vision(batch["pixel_values"].to(device))
+        for j, i in enumerate(missing):
+            feats[i] = computed[j]
+            if cache is not None:
+                cache.put(batch["image_keys"][i], computed[j])
+    return torch.stack([f.to(device) for f in feats])
+
+
+def autocast_ctx(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    cfg.validate()
+    d = Dist()
+    try:
+        return _train(cfg, d)
+    finally:
+        d.close()
+
+
+def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+    say = log.info if d.main else (lambda *_: None)
+    out = Path(cfg.out).expanduser()
+    device = pick_device(cfg.device, d)
+    check_qlora(cfg, device)
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out)
+    d.barrier()
+    resume_dir = ckpt.resolve_resume(out, cfg.resume)
+    if cfg.resume and resume_dir is None:
+        say(f"--resume: no checkpoint under {out}; starting from scratch")
+
+    seed_everything(cfg.seed)
+    model, processor = build_model(cfg)
+    train_processor = Processor(
+        processor.tokenizer, processor.image_transform, processor.tokens_per_image, processor.image_token,
+        cfg.resolved_template(processor.template_name), cfg.max_length or processor.max_length, processor.max_pixels,
+    )  # fmt: skip
+    if cfg.qlora:
+        quantize_llm_4bit(model)
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.use_lora else None
+    freeze_info = freeze(model, cfg.stage, lora=lora, tune_vision=cfg.tune_vision, log_fn=say)
+    lora = LoraSettings(**freeze_info["lora"]) if freeze_info["lora"] else None
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": [], "tokens": 0, "samples": 0}
+    resume_state = None
+    if resume_dir is not None:
+        weights, resume_state, _ = ckpt.load_checkpoint(resume_dir)
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != expected:
+            raise ValueError(
+                f"{resume_dir}: its trainable parameters do not match this run's (different stage, LoRA or "
+                f"model?): {len(set(weights) ^ expected)} names differ"
+            )
+        model.load_state_dict(weights, strict=False)
+        state.update({k: resume_state[k] for k in state})
+        say(f"resuming from {resume_dir} at step {state['step']}")
+
+    if cfg.frozen_bf16:
+        if not cfg.tune_vision:
+            model.vision.to(torch.bfloat16)
+        if cfg.stage == "align":
+            model.llm.to(torch.bfloat16)
+    model.to(device)
+    if cfg.grad_checkpointing and cfg.stage == "instruct":
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.use_lora:
+            model.llm.enable_input_require_grads()
+
+    cache = None
+    if cfg.feature_cache:
+        if cfg.tune_vision:
+            say("--feature-cache is ignored with --tune-vision (the tower's features change as it trains)")
+        else:
+            feature_dtype = next(model.vision.parameters()).dtype
+            cache = FeatureCache(cfg.feature_cache, namespace_for(model.vision, processor.image_transform,
+                                                                   feature_dtype), rank=d.rank)  # fmt: skip
+            say(f"feature cache {cache.dir}: {len(cache)} images cached")
+    dataset = SupervisedDataset(cfg.data, train_processor, cfg.image_root, cfg.data_format, cfg.on_bad_sample,
+                                cfg.truncate, cache)  # fmt: skip
+    sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
+                                  cfg.seed, cfg.group_by_length)  # fmt: skip
+    steps_per_epoch = sampler.steps_per_epoch()
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = round(cfg.warmup_ratio * total_steps)
+    groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
+    optimizer = make_optimizer(groups, cfg, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup, total_steps))
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and "scaler" in resume_state:
+            scaler.load_state_dict(resume_state["scaler"])
+    say(f"{len(dataset)} samples, global batch {sampler.global_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x "
+        f"{d.world} ranks), {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}")  # fmt: skip
+
+    step_module: nn.Module = TrainStep(model, cfg.tune_vision)
+    if d.world > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    metrics = MetricsWriter(out / "metrics.jsonl", state["step"] if resume_state else None, cfg.tensorboard) \
+        if d.main else None  # fmt: skip
+    if d.main:
+        cfg.save(out / "train_config.json")
+        if resume_state is None:
+            metrics.write({"event": "start", "step": 0, "config": cfg.to_dict(), "trainable": freeze_info["trainable"],
+                           "total_params": freeze_info["total"], "world_size": d.world})  # fmt: skip
+        else:
+            metrics.write({"event": "resume", "step": state["step"], "from": str(resume_dir)})
+    if resume_state is not None:
+        ckpt.set_rng_state(resume_state["rng"])  # last: nothing above may consume random numbers after this
+
+    def save(step: int) -> Path | None:
+        if cache is not None:
+            cache.flush()
+        path = None
+        if d.main:
+            st = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "rng": ckpt.rng_state(), "lora": asdict(lora) if lora else None}  # fmt: skip
+            if scaler is not None:
+                st["scaler"] = scaler.state_dict()
+            path = ckpt.save_checkpoint(out, step, trainable_state(model), st, cfg.to_dict(), cfg.keep_last)
+        d.barrier()
+        return path
+
+    progress = None
+    if d.main and cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.stage}", unit="step", file=sys.stderr,
+                        dynamic_ncols=True)  # fmt: skip
+    cache_stats = {"hits": 0, "misses": 0}
+    losses: list[float] = []
+    last_ckpt = ckpt.latest_checkpoint(out)
+    t_start = time.perf_counter()
+    tokens_run = samples_run = 0
+    halted = False
+    while state["step"] < total_steps and not halted:
+        sampler.set_epoch(state["epoch"], state["step_in_epoch"])
+        if cache is not None:
+            cache.refresh()
+        loader = DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=Collator(train_processor),
+            num_workers=worker_count(cfg.num_workers),
+            generator=torch.Generator().manual_seed(cfg.seed), pin_memory=device.type == "cuda",
+        )  # fmt: skip
+        it = iter(loader)
+        while state["step"] < total_steps:
+            micro = [b for b in (next(it, None) for _ in range(cfg.grad_accum)) if b is not None]
+            if not micro:  # this epoch's batches are used up
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                break
+            t0 = time.perf_counter()
+            for b in micro:
+                state["skipped"] += [{"id": s.id, "where": s.where, "reason": s.reason} for s in b["skipped"]]
+            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro if b["num_samples"])
+            n_global = d.sum(n_local)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
+            samples = sum(b["num_samples"] for b in micro)
+            for j, b in enumerate(micro):
+                if not b["num_samples"] and d.world == 1:
+                    continue
+                sync = j == len(micro) - 1 or d.world == 1
+                ctx = contextlib.nullcontext() if sync else step_module.no_sync()
+                with ctx:
+                    if not b["num_samples"]:  # DDP rank whose micro-batch was all skipped: still join in
+                        raise RuntimeError("a rank got an empty micro-batch; use --on-bad-sample error with DDP")
+                    vf = vision_features_for(b, model, cache, device, cfg.tune_vision, cache_stats)
+                    pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
+                    n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                    with autocast_ctx(cfg.precision, device):
+                        loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                           b["labels"].to(device), vf, pv)  # fmt: skip
+                    scaled = loss * (n * d.world / max(n_global, 1))
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    loss_sum += loss.detach().double().cpu() * n
+            step_loss = d.sum(float(loss_sum)) / n_global if n_global else float("nan")
+            step_no = state["step"] + 1
+            if not math.isfinite(step_loss):
+                keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                if progress:
+                    progress.close()
+                raise FloatingPointError(
+                    f"loss is {step_loss} at step {step_no}"
+                    + (" (every sample of the batch was skipped)" if not n_global else "")
+                    + f"; stopping. {keep}; lower --lr or check the data"
+                )
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if cfg.max_grad_norm:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            lr_now = scheduler.get_last_lr()[0]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step_no
+            state["step_in_epoch"] += 1
+            dt = time.perf_counter() - t0
+            tokens_g, samples_g = d.sum(tokens), d.sum(samples)
+            state["tokens"] += int(tokens_g)
+            state["samples"] += int(samples_g)
+            tokens_run += tokens_g
+            samples_run += samples_g
+            losses.append(step_loss)
+            if d.main:
+                rec = {"event": "step", "step": step_no, "epoch": state["epoch"], "loss": step_loss, "lr": lr_now,
+                       "grad_norm": grad_norm, "tokens": int(tokens_g), "samples": int(samples_g),
+                       "step_s": dt, "tokens_per_s": tokens_g / dt, "samples_per_s": samples_g / dt,
+                       "skipped_total": len(state["skipped"])}  # fmt: skip
+                if step_no % cfg.log_every == 0 or step_no == total_steps:
+                    metrics.write(rec)
+                if progress:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_g / dt:.0f}",
+                                         smp_s=f"{samples_g / dt:.1f}")  # fmt: skip
+            if cfg.save_every and step_no % cfg.save_every == 0 and step_no < total_steps:
+                last_ckpt = save(step_no) or last_ckpt
+            if cfg.halt_at_step is not None and step_no >= cfg.halt_at_step:
+                halted = True
+                break
+            if state["step_in_epoch"] >= steps_per_epoch:
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                break
+        del it, loader
+    if progress:
+        progress.close()
+    elapsed = time.perf_counter() - t_start
+    all_skipped = state["skipped"]
+    if d.world > 1:
+        all_skipped = [s for part in d.gather(state["skipped"]) for s in part]
+    summary: dict[str, Any] = {
+        "steps": state["step"], "total_steps": total_steps, "seconds": elapsed,
+        "tokens_per_s": tokens_run / max(elapsed, 1e-9), "samples_per_s": samples_run / max(elapsed, 1e-9),
+        "final_loss": losses[-1] if losses else None, "losses": losses, "skipped": len(all_skipped),
+        "skipped_samples": all_skipped, "feature_cache": cache_stats if cache is not None else None,
+        "trainable": freeze_info["trainable"], "total_params": freeze_info["total"], "out": str(out),
+    }  # fmt: skip
+    if halted:
+        summary["halted"] = True
+        return summary
+    if cache is not None:
+        cache.flush()
+    summary["checkpoint"] = str(save(state["step"]))
+    if d.main:
+        model_dir = export(model, processor, lora, out / MODEL_DIR, merge=cfg.merge_lora)
+        summary["model"] = str(model_dir)
+        metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "losses"}})
+        if cfg.plot:
+            png = plot_curves(metrics.records(), out / "loss_curve.png")
+            summary["plot"] = str(png) if png else None
+        metrics.close()
+        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+        say(format_summary(summary))
+    d.barrier()
+    return summary
+
+
+def export(model: MiniLlava, processor: Processor, lora: LoraSettings | None, directory: Path, merge: bool) -> Path:
+    """A self-contained model directory that `MiniLlava.from_pretrained` loads as it is."""
+    model = model.to("cpu")
+    if lora is not None and merge:
+        merge_lora(model)
+        model.save_pretrained(directory, processor)
+    elif lora is not None:
+        import copy
+
+        base = copy.deepcopy(model)
+        _strip_lora(base)
+        base.save_pretrained(directory, processor)
+        save_adapter(model, lora, directory / ADAPTER_DIR)
+    else:
+        model.save_pretrained(directory, processor)
+    return directory
+
+
+def _strip_lora(model: MiniLlava) -> int:
+    """Put the base layers back without merging (for an unmerged export)."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for name, module in list(model.llm.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, module.get_base_layer())
+            n += 1
+    model.llm.__dict__.pop("peft_config", None)
+    return n
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        f"done: {s['steps']} steps in {s['seconds']:.1f}s, {s['tokens_per_s']:.0f} tokens/s, "
+        f"{s['samples_per_s']:.2f} samples/s, final loss {s['final_loss']:.4f}"
+        if s["final_loss"] is not None else f"done: {s['steps']} steps",
+        f"skipped samples: {s['skipped']}" + (" (ids: " + ", ".join(x["id"] for x in s["skipped_samples"][:20]) + ")"
+                                              if s["skipped"] else ""),
+    ]  # fmt: skip
+    if s.get("feature_cache"):
+        lines.append(f"feature cache: {s['feature_cache']['hits']} hits, {s['feature_cache']['misses']} misses")
+    if s.get("model"):
+        lines.append(f"model: {s['model']}")
+    return "\n".join(lines)

@@ -1,0 +1,165 @@
+"""What trains: `freeze(model, stage)` and LoRA on the LLM's linear layers (never the vision tower).
+
+- align:    projector only (vision and LLM frozen)
+- instruct: projector + LLM; with LoRA, projector + LoRA adapters on the LLM's linear layers
+- tune_vision: additionally the vision tower (its own learning rate)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from minillava.model import MiniLlava
+
+log = logging.getLogger("minillava.train")
+ADAPTER_DIR = "lora_adapter"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "lora_config.json"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] | str = "all-linear"  # or leaf names, e.g. ["q_proj", "v_proj"]
+    modules: list[str] = field(default_factory=list)  # resolved full names inside model.llm
+
+
+def llm_linear_names(llm: nn.Module, targets: list[str] | str = "all-linear") -> list[str]:
+    """Full names of the LLM's nn.Linear layers to adapt: all of them except the output head."""
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    names = []
+    for name, module in llm.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no linear layers of the LLM match LoRA targets {targets!r}")
+    return names
+
+
+def add_lora(model: MiniLlava, settings: LoraSettings) -> LoraSettings:
+    """Inject LoRA adapters into `model.llm` in place: it stays the transformers model."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    modules = settings.modules or llm_linear_names(model.llm, settings.targets)
+    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=modules)
+    model.llm = inject_adapter_in_model(config, model.llm)
+    return LoraSettings(settings.r, settings.alpha, settings.dropout, settings.targets, modules)
+
+
+def has_lora(model: MiniLlava) -> bool:
+    return any("lora_" in n for n, _ in model.llm.named_parameters())
+
+
+def merge_lora(model: MiniLlava) -> int:
+    """Fold every LoRA adapter into its base weight and put the plain nn.Linear back. Returns the count."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.llm.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge(safe_merge=True)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.llm.get_submodule(parent_name) if parent_name else model.llm
+            setattr(parent, child, module.get_base_layer())
+            merged += 1
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in model.llm.__dict__:
+            delattr(model.llm, attr)
+    return merged
+
+
+def save_adapter(model: MiniLlava, settings: LoraSettings, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {n: p.detach().contiguous() for n, p in model.llm.named_parameters() if "lora_" in n}
+    save_file(weights, directory / ADAPTER_WEIGHTS)
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+
+def load_adapter(model: MiniLlava, directory: Path) -> LoraSettings:
+    cfg_path = directory / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise OSError(f"{directory}: no LoRA adapter here (missing {ADAPTER_CONFIG})")
+    settings = add_lora(model, LoraSettings(**json.loads(cfg_path.read_text())))
+    weights = load_file(directory / ADAPTER_WEIGHTS)
+    expected = {n for n, _ in model.llm.named_parameters() if "lora_" in n}
+    if set(weights) != expected:
+        raise ValueError(f"{directory}: adapter weights do not match the model ({len(weights)} vs {len(expected)})")
+    model.llm.load_state_dict(weights, strict=False)
+    return settings
+
+
+def freeze(
+    model: MiniLlava,
+    stage: str,
+    *,
+    lora: LoraSettings | None = None,
+    tune_vision: bool = False,
+    log_fn: Callable[[str], None] | None = None,
+) -> dict:
+    """Set requires_grad for a stage, log exactly what trains, and return the parameter counts."""
+    if stage not in ("align", "instruct"):
+        raise ValueError(f"unknown stage {stage!r}; use align or instruct")
+    if lora is not None and stage != "instruct":
+        raise ValueError("LoRA adapts the LLM, which only trains in the instruct stage")
+    say = log_fn or log.info
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    if stage == "instruct":
+        if lora is not None:
+            if not has_lora(model):
+                lora = add_lora(model, lora)
+            for n, p in model.llm.named_parameters():
+                p.requires_grad_("lora_" in n)
+        else:
+            model.llm.requires_grad_(True)
+    if tune_vision:
+        model.vision.requires_grad_(True)
+    model.train()
+    if not tune_vision:
+        model.vision.eval()
+    counts = model.parameter_counts()
+    trainable = sum(c["trainable"] for c in counts.values())
+    total = trainable + sum(c["frozen"] for c in counts.values())
+    what = {"align": "projector", "instruct": "projector + LLM" + (" (LoRA adapters)" if lora else "")}[stage]
+    say(f"stage {stage}: training {what}" + (" + vision tower" if tune_vision else ""))
+    for name, c in counts.items():
+        state = "trains" if c["trainable"] else "frozen"
+        say(f"  {name:<9} {state:<6} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
+    if lora is not None:
+        say(f"  LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {len(lora.modules)} LLM linear layers")
+    say(f"  total     trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+    return {"modules": counts, "trainable": trainable, "total": total, "lora": asdict(lora) if lora else None}
+
+
+def param_groups(model: MiniLlava, lr: float, projector_lr: float, vision_lr: float, weight_decay: float) -> list[dict]:
+    """Optimizer groups: projector, LLM (full or LoRA) and vision each with their own lr; no decay on biases/norms."""
+    groups = []
+    for name, module, group_lr in (
+        ("projector", model.projector, projector_lr), ("llm", model.llm, lr), ("vision", model.vision, vision_lr)
+    ):  # fmt: skip
+        decay, no_decay = [], []
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+        for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if params:
+                groups.append({"params": params, "lr": group_lr, "weight_decay": wd, "name": name})
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return groups
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,155 @@
+"""Data formats, label masks token by token, the grouped sampler, and every `data check` bad case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from minillava.data.check import check_data
+from minillava.data.dataset import Collator, SupervisedDataset
+from minillava.data.formats import BadSampleError, load_records
+from minillava.data.sampler import GroupedBatchSampler, global_batches
+from minillava.processor import IGNORE_INDEX
+from minillava.train.cli import main as cli_main
+
+
+def _img(path: Path, rgb=(200, 10, 10)) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 24), rgb).save(path)
+    return path.name
+
+
+def _turns(*pairs):
+    return [{"from": who, "value": text} for who, text in pairs]
+
+
+def test_formats_llava_coco_captions(tmp_path):
+    a = _img(tmp_path / "a.png")
+    (tmp_path / "l.jsonl").write_text(
+        json.dumps({"id": 1, "image": a, "conversations": _turns(("human", "<image>\nq"), ("gpt", "ans"))}) + "\n"
+        + json.dumps({"id": "t", "conversations": _turns(("human", "hi"), ("gpt", "yo"))}) + "\n"
+    )  # fmt: skip
+    recs = load_records(tmp_path / "l.jsonl")
+    assert [r.id for r in recs] == ["1", "t"] and recs[0].images == [a] and recs[1].images == []
+    assert recs[0].messages[1] == {"role": "assistant", "content": "ans"} and not any(r.error for r in recs)
+    coco = {"images": [{"id": 7, "file_name": a}], "annotations": [{"id": 70, "image_id": 7, "caption": " A dog. "},
+                                                                    {"id": 71, "image_id": 8, "caption": "x"}]}
+    (tmp_path / "captions_train.json").write_text(json.dumps(coco))
+    recs = load_records(tmp_path / "captions_train.json")
+    assert recs[0].messages == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "A dog."}]
+    assert "image_id 8" in recs[1].error
+    (tmp_path / "c.csv").write_text(f"image,caption\n{a},a red thing\n{a},\n")
+    recs = load_records(tmp_path / "c.csv")
+    assert recs[0].images == [a] and recs[1].error == "empty caption" and recs[1].source.endswith("c.csv:3")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"image": a, "caption": "red"}) + "\n")
+    assert load_records(tmp_path / "c.jsonl")[0].messages[1]["content"] == "red"
+    (tmp_path / "odd.json").write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(ValueError, match="unknown data format"):
+        load_records(tmp_path / "odd.json")
+
+
+def test_label_mask_multi_turn_multi_image_token_by_token(tiny, tmp_path):
+    model, processor = tiny
+    a, b = _img(tmp_path / "a.png"), _img(tmp_path / "b.png", (0, 0, 250))
+    row = {"id": "mm", "image": [a, b], "conversations": _turns(
+        ("system", "Be brief."), ("human", "<image>\nwhat is this?"), ("gpt", "a red square"),
+        ("human", "and <image>?"), ("gpt", "hello world"))}  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps([row]))
+    item = SupervisedDataset(tmp_path / "d.json", processor, tmp_path)[0]
+    tok, n = processor.tokenizer, processor.tokens_per_image
+    enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    img = [processor.image_token_id] * n
+    # expected ids and labels, piece by piece (ChatML template of the tiny tokenizer)
+    pieces = [
+        (enc("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"), False), (img, False),
+        (enc("\nwhat is this?<|im_end|>\n<|im_start|>assistant\n"), False), (enc("a red square<|im_end|>"), True),
+        (enc("\n<|im_start|>user\nand "), False), (img, False), (enc("?<|im_end|>\n<|im_start|>assistant\n"), False),
+        (enc("hello world<|im_end|>"), True), (enc("\n"), False),
+    ]  # fmt: skip
+    ids = [t for p, _ in pieces for t in p]
+    labels = [t if sup else IGNORE_INDEX for p, sup in pieces for t in p]
+    assert item.encoded.input_ids == ids
+    assert item.encoded.labels == labels
+    assert item.encoded.pixel_values.shape[0] == 2
+    batch = Collator(processor)([item, item])
+    assert batch["pixel_values"].shape[0] == 4 and batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_bad_samples_raise_with_file_id_reason_or_skip(tiny, tmp_path):
+    _, processor = tiny
+    a = _img(tmp_path / "a.png")
+    rows = [{"id": "ok", "image": a, "conversations": _turns(("human", "<image>"), ("gpt", "x"))},
+            {"id": "two", "image": a, "conversations": _turns(("human", "<image><image>"), ("gpt", "x"))}]  # fmt: skip
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds = SupervisedDataset(tmp_path / "d.json", processor, tmp_path)
+    with pytest.raises(BadSampleError, match=r"d\.json:1 \(id two\): 2 <image> markers in the text but 1 images"):
+        ds[1]
+    ds = SupervisedDataset(tmp_path / "d.json", processor, tmp_path, on_bad_sample="skip")
+    batch = Collator(processor)([ds[0], ds[1]])
+    assert batch["num_samples"] == 1 and batch["skipped"][0].id == "two"
+
+
+def test_grouped_sampler_groups_resumes_and_splits_ranks():
+    lengths = [100, 90, -10, 80, -12, 70, 60, -14, 50, -16]  # 6 image, 4 text-only
+    chunks = global_batches(lengths, 2, seed=0, epoch=0)
+    assert sorted(i for c in chunks for i in c) == list(range(10))
+    assert all(len({lengths[i] > 0 for i in c}) == 1 for c in chunks)  # never mixed while both have full batches
+    assert all(abs(lengths[c[0]]) >= abs(lengths[c[-1]]) for c in chunks)
+    assert global_batches(lengths, 2, 0, 0) == chunks and global_batches(lengths, 2, 0, 1) != chunks
+    one = list(GroupedBatchSampler(lengths, 4, seed=3))
+    ranks = [list(GroupedBatchSampler(lengths, 2, world_size=2, rank=r, seed=3)) for r in (0, 1)]
+    for k, batch in enumerate(one[:-1]):  # full global batches: the ranks' halves make up the single batch
+        assert sorted(ranks[0][k] + ranks[1][k]) == sorted(batch)
+    s = GroupedBatchSampler(lengths, 2, grad_accum=2, seed=3)
+    s.set_epoch(0, start_step=1)
+    assert list(s) == list(GroupedBatchSampler(lengths, 2, grad_accum=2, seed=3))[2:] and len(s) == 4
+
+
+def test_data_check_reports_every_bad_case(tiny, tmp_path, capsys):
+    model, processor = tiny
+    a = _img(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png at all")
+    ok = _turns(("human", "<image>\nq"), ("gpt", "a"))
+    rows = [
+        {"id": "good", "image": a, "conversations": ok},
+        {"id": "text", "conversations": _turns(("human", "hi"), ("gpt", "yo"))},
+        {"id": "missing", "image": "nope.png", "conversations": ok},
+        {"id": "unreadable", "image": "broken.png", "conversations": ok},
+        {"id": "count", "image": [a, a], "conversations": ok},
+        {"id": "empty", "image": a, "conversations": _turns(("human", "<image>"), ("gpt", "  "))},
+        {"id": "order", "image": a, "conversations": _turns(("gpt", "<image>"), ("human", "x"))},
+        {"id": "lastq", "image": a, "conversations": _turns(("human", "<image>"), ("gpt", "a"), ("human", "b"))},
+        {"id": "role", "conversations": _turns(("bot", "x"), ("gpt", "y"))},
+        {"id": "noconv", "image": a},
+        {"id": "long", "image": a, "conversations": _turns(("human", "<image>" + " hello" * 300), ("gpt", "a"))},
+    ]
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    checker = processor.with_template("chatml")
+    checker.max_length = 64
+    report = check_data([data], tmp_path / "img", checker)
+    text = report.format(max_errors=50)
+    assert report.samples == 11 and report.text_only == 1 and not report.ok
+    bad = {e.split("(id ")[1].split(")")[0] for e in report.errors}
+    assert bad == {"missing", "unreadable", "count", "empty", "order", "lastq", "role", "noconv", "long"}
+    for needle in ("nope.png not found", "not a readable image", "1 <image> markers in the text but 2 images",
+                   "is empty", "turns out of order", "last turn is not an answer", "unknown speaker", "conversations",
+                   "exceed max_length 64", "tokens after image expansion: min"):  # fmt: skip
+        assert needle in text, needle
+    # the CLI: a summary, exit 1 on errors and 0 on a clean file
+    assert cli_main(["data", "check", str(data), "--image-root", str(tmp_path / "img")]) == 1
+    out = capsys.readouterr().out
+    assert "samples: 11 (9 with images, 1 text-only)" in out and "errors: 8 bad samples" in out  # long: not tokenised
+    data.write_text(json.dumps(rows[:2]))
+    model.save_pretrained(tmp_path / "m", processor)
+    assert cli_main(["data", "check", str(data), "--image-root", str(tmp_path / "img"), "--model",
+                     str(tmp_path / "m")]) == 0  # fmt: skip
+    assert "no errors" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text('{"id": 1, "conversations": []}\n{oops\n')
+    assert cli_main(["data", "check", str(tmp_path / "bad.jsonl")]) == 1
+    assert "line 2 is not valid JSON" in capsys.readouterr().out
+    assert cli_main(["data", "check", str(tmp_path / "none.json")]) == 1
+    assert "data file not found" in capsys.readouterr().err

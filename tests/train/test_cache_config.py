@@ -1,0 +1,97 @@
+"""Feature cache hit/miss/invalidation; YAML config + CLI overrides; recipes; CLI registration."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import config, write_images, write_llava
+
+from minillava.images import ImageTransform
+from minillava.train.cache import FeatureCache, namespace_for
+from minillava.train.cli import add_commands
+from minillava.train.config import load_config
+from minillava.train.loop import train
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def test_feature_cache_hits_on_later_epochs_and_runs(tmp_path, asset_dir):
+    names = write_images(tmp_path / "images")
+    data = write_llava(tmp_path / "d.json", names)
+    common = dict(stage="align", lr=1e-3, max_steps=2)  # 1 step per epoch: 2 epochs
+    plain = train(config(tmp_path / "nocache", asset_dir, data, tmp_path / "images", **common))
+    first = train(config(tmp_path / "a", asset_dir, data, tmp_path / "images", feature_cache=str(tmp_path / "fc"),
+                         **common))  # fmt: skip
+    assert first["feature_cache"] == {"hits": 4, "misses": 4}  # epoch 1 computes, epoch 2 reads
+    assert first["losses"] == plain["losses"]  # cached features are the features
+    second = train(config(tmp_path / "b", asset_dir, data, tmp_path / "images", feature_cache=str(tmp_path / "fc"),
+                          **common))  # fmt: skip
+    assert second["feature_cache"] == {"hits": 8, "misses": 0} and second["losses"] == plain["losses"]
+    (tmp_path / "images" / "red.png").write_bytes((tmp_path / "images" / "blue.png").read_bytes())  # file changed
+    third = train(config(tmp_path / "c", asset_dir, data, tmp_path / "images", feature_cache=str(tmp_path / "fc"),
+                         **common))  # fmt: skip
+    assert third["feature_cache"] == {"hits": 7, "misses": 1}
+
+
+def test_cache_namespace_changes_with_encoder_layer_and_preprocessing(tiny, tmp_path):
+    model, _ = tiny
+    vision = copy.deepcopy(model.vision)
+    t = ImageTransform(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pad")
+    base = FeatureCache(tmp_path, namespace_for(vision, t, torch.float32))
+    base.put("img|1|2", torch.ones(16, 24))
+    base.flush()
+    assert FeatureCache(tmp_path, namespace_for(vision, t, torch.float32)).get("img|1|2") is not None  # hit
+    variants = [namespace_for(vision, replace(t, aspect="resize"), torch.float32),
+                namespace_for(vision, t, torch.bfloat16)]  # fmt: skip
+    vision.config = replace(vision.config, select_layer=-1)
+    variants.append(namespace_for(vision, t, torch.float32))
+    vision.config = replace(vision.config, select_layer=-2)
+    with torch.no_grad():
+        next(vision.parameters()).add_(1.0)  # other weights, same config
+    variants.append(namespace_for(vision, t, torch.float32))
+    for ns in variants:
+        cache = FeatureCache(tmp_path, ns)
+        assert cache.dir != base.dir and cache.get("img|1|2") is None
+
+
+def test_yaml_config_with_cli_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model: m\ndata: [a.json]\nstage: instruct\nlr: 1.0e-4\nlora: true\nbatch_size: 8\n")
+    cfg = load_config(cfg_file, {"lr": 2e-5, "batch_size": None, "seed": 7})
+    assert (cfg.lr, cfg.batch_size, cfg.seed, cfg.lora, cfg.resolved_projector_lr()) == (2e-5, 8, 7, True, 2e-5)
+    (tmp_path / "bad.yaml").write_text("lrr: 1\n")
+    with pytest.raises(ValueError, match="unknown option.*lrr"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="use --stage instruct"):
+        load_config(None, {"model": "m", "data": ["a"], "stage": "align", "lora": True})
+    with pytest.raises(ValueError, match="--vision and --llm"):
+        load_config(None, {"data": ["a"]})
+    assert load_config(None, {"vision": "v", "llm": "l", "data": "x.json"}).resolved_lr() == 1e-3  # align default
+
+
+def test_recipes_load():
+    recipes = sorted(CONFIGS.glob("*.yaml"))
+    assert len(recipes) >= 5
+    for path in recipes:
+        cfg = load_config(path)
+        assert cfg.stage in ("align", "instruct")
+
+
+def test_cli_registers_commands_with_funcs(tmp_path, asset_dir, capsys):
+    parser = argparse.ArgumentParser(prog="minillava")
+    add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--vision", "v", "--llm", "l", "--data", "d.json", "--lr", "3e-4", "--resume"])
+    assert callable(args.func) and args.lr == 3e-4 and args.resume == "latest" and args.batch_size is None
+    assert callable(parser.parse_args(["data", "check", "x.json"]).func)
+    assert callable(parser.parse_args(["merge-lora", "--model", "a", "--out", "b"]).func)
+    from minillava.train.cli import main
+
+    assert main(["merge-lora", "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    assert "nothing to merge" in capsys.readouterr().err
+    assert main(["train", "--data", "x.json"]) == 1
+    assert "--vision and --llm" in capsys.readouterr().err

@@ -1,0 +1,195 @@
+"""Overfitting in each stage, what trains, LoRA merge, NaN stop, bad samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CAPTIONS, config, write_images, write_llava
+from safetensors.torch import load_file
+
+from minillava.data.formats import BadSampleError
+from minillava.model import MiniLlava
+from minillava.train.loop import train
+from minillava.train.stages import LoraSettings, add_lora, freeze, load_adapter, merge_lora, save_adapter
+
+
+def _batch_loss(model, processor, data, images, template=None):
+    from minillava.data.dataset import Collator, SupervisedDataset
+
+    if template:
+        processor = processor.with_template(template)
+    ds = SupervisedDataset(data, processor, images)
+    batch = Collator(processor)([ds[i] for i in range(len(ds))])
+    feats = model.vision(batch["pixel_values"])
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                    image_features=model.projector(feats), return_logits=False)  # fmt: skip
+    return float(out.loss)
+
+
+def test_instruct_overfits_and_exports(pretrained):
+    summary, run, data, images = pretrained
+    assert summary["final_loss"] < 0.05, summary["losses"][-5:]
+    assert summary["skipped"] == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records][0] == "start" and records[-1]["event"] == "end"
+    assert sum(r["event"] == "step" for r in records) == 50
+    assert {"loss", "lr", "tokens_per_s", "samples_per_s", "grad_norm"} <= set(records[1])
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    model, processor = MiniLlava.from_pretrained(run / "model")  # self-contained directory
+    assert processor.template_name == "auto"  # the training template (plain for align) is not exported
+    assert _batch_loss(model, processor, data, images) < 0.1
+
+
+def test_align_trains_projector_only(pretrained, tmp_path, asset_dir):
+    _, run, data, images = pretrained
+    model, processor = MiniLlava.from_pretrained(run / "model")
+    torch.manual_seed(5)
+    for m in model.projector.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.reset_parameters()  # a fresh projector on an LLM that knows the captions
+    model.save_pretrained(tmp_path / "start", processor)
+    # template "auto": the tiny LLM learned the captions in chat format (a real LLM needs no such help)
+    cfg = config(tmp_path, asset_dir, data, images, model=str(tmp_path / "start"), stage="align", lr=1e-2,
+                 max_steps=60, template="auto")  # fmt: skip
+    lines = []
+    summary = train_logged(cfg, lines)
+    assert summary["losses"][0] > 10 * summary["final_loss"] and summary["final_loss"] < 0.05, summary["losses"][::10]
+    assert any("projector trains" in x for x in lines) and any("llm       frozen" in x for x in lines)
+    before = load_file(tmp_path / "start" / "llm" / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "llm" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def train_logged(cfg, lines):
+    import logging
+
+    class Grab(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("minillava.train")
+    handler, level = Grab(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return train(cfg)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_lora_overfits_new_mapping_and_exports_merged(pretrained, tmp_path, asset_dir):
+    _, run, _, _ = pretrained
+    names = write_images(tmp_path / "images")
+    shifted = dict(zip(CAPTIONS, list(CAPTIONS.values())[1:] + list(CAPTIONS.values())[:1], strict=True))
+    q = "<image>\nWhat is in the picture?"
+    rows = [{"id": c, "image": names[c], "conversations": [{"from": "human", "value": q},
+             {"from": "gpt", "value": shifted[c]}]} for c in names]  # fmt: skip
+    data = tmp_path / "shifted.json"
+    data.write_text(json.dumps(rows))
+    cfg = config(tmp_path, asset_dir, data, tmp_path / "images", model=str(run / "model"), stage="instruct",
+                 lora=True, lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, projector_lr=1e-2,
+                 batch_size=4, max_steps=60)  # fmt: skip
+    lines = []
+    summary = train_logged(cfg, lines)
+    assert summary["losses"][0] > 1.0 and summary["final_loss"] < 0.05, summary["losses"][::10]
+    assert any("LoRA r=8" in x and "14 LLM linear layers" in x for x in lines)
+    model, processor = MiniLlava.from_pretrained(tmp_path / "run" / "model")  # merged: loads directly
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert _batch_loss(model, processor, data, tmp_path / "images") < 0.1
+
+
+def test_lora_targets_llm_only_and_merge_matches(tiny, tmp_path):
+    model, processor = tiny
+    model = __import__("copy").deepcopy(model)
+    settings = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    assert all(m.startswith("model.layers.") for m in settings.modules)  # no lm_head, no vision
+    assert not any("lora" in n for n, _ in model.vision.named_parameters())
+    freeze(model, "instruct", lora=settings, log_fn=lambda s: None)
+    torch.manual_seed(0)
+    for n, p in model.llm.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    enc = processor.encode([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
+    ids = torch.tensor([enc.input_ids])
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        save_adapter(model, settings, tmp_path / "adapter")
+        merged_count = merge_lora(model)
+        merged = model(ids).logits
+    assert merged_count == 14
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    # the adapter round trip through `merge-lora`'s path gives the same model
+    base, _ = tiny
+    base = __import__("copy").deepcopy(base)
+    load_adapter(base, tmp_path / "adapter")
+    merge_lora(base)
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(ids).logits, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_counts_and_tune_vision(tiny):
+    model, _ = tiny
+    model = __import__("copy").deepcopy(model)
+    info = freeze(model, "align", log_fn=lambda s: None)
+    assert info["modules"]["llm"]["trainable"] == 0 and info["modules"]["vision"]["trainable"] == 0
+    assert info["trainable"] == sum(p.numel() for p in model.projector.parameters())
+    info = freeze(model, "instruct", tune_vision=True, log_fn=lambda s: None)
+    assert info["modules"]["vision"]["frozen"] == 0 and info["modules"]["llm"]["frozen"] == 0
+    with pytest.raises(ValueError, match="instruct"):
+        freeze(model, "align", lora=LoraSettings())
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, asset_dir):
+    names = write_images(tmp_path / "images")
+    data = write_llava(tmp_path / "d.json", names)
+    cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="instruct", qlora=True, device="cpu")
+    with pytest.raises(ValueError, match="--qlora needs a CUDA GPU"):
+        train(cfg)
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path, asset_dir):
+    names = write_images(tmp_path / "images")
+    data = write_llava(tmp_path / "d.json", names)
+    cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="instruct", lr=1e30, max_grad_norm=None,
+                 max_steps=20, save_every=1, keep_last=1)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+.*last good checkpoint is .*step-"):
+        train(cfg)
+
+
+def test_bad_sample_error_names_file_id_reason_or_skips(tmp_path, asset_dir):
+    names = write_images(tmp_path / "images")
+    data = write_llava(tmp_path / "d.json", names)
+    rows = json.loads(data.read_text())
+    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}]
+    rows.append({"id": "ghost", "image": "missing.png", "conversations": turns})
+    data.write_text(json.dumps(rows))
+    cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="align", max_steps=2, batch_size=6)
+    with pytest.raises(BadSampleError, match=r"d\.json:5 \(id ghost\): image .*missing\.png not found"):
+        train(cfg)
+    cfg.on_bad_sample = "skip"
+    summary = train(cfg)
+    assert summary["skipped"] == 2 and {s["id"] for s in summary["skipped_samples"]} == {"ghost"}  # 2 epochs
+    end = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["skipped"] == 2 and end["skipped_samples"][0]["reason"].endswith("not found")
+
+
+def test_unmerged_export_then_merge_lora_cli(pretrained, tmp_path, asset_dir):
+    from minillava.train.cli import main
+
+    _, run, data, images = pretrained
+    common = dict(model=str(run / "model"), stage="instruct", lora=True, lora_dropout=0.0, lr=1e-2, max_steps=2)
+    train(config(tmp_path / "m", asset_dir, data, images, **common))
+    train(config(tmp_path / "u", asset_dir, data, images, merge_lora=False, **common))
+    assert (tmp_path / "u" / "run" / "model" / "lora_adapter" / "adapter.safetensors").is_file()
+    assert main(["merge-lora", "--model", str(tmp_path / "u" / "run" / "model"), "--out", str(tmp_path / "o")]) == 0
+    a, processor = MiniLlava.from_pretrained(tmp_path / "m" / "run" / "model")
+    b, _ = MiniLlava.from_pretrained(tmp_path / "o")
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    ids = torch.tensor([processor.encode(msgs).input_ids])
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-5, rtol=1e-5)
