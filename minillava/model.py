@@ -10,8 +10,8 @@ The LLM never knows it is looking at a picture: it reads N more embeddings in it
 from __future__ import annotations
 
 import functools
-import json
 import inspect
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -79,6 +79,7 @@ class MiniLlava(nn.Module):
             config.projector.name,
             vision.hidden_size,
             llm.get_input_embeddings().embedding_dim,
+            vision.patch_grid,
             **config.projector.options,
         ).to(dtype)
         model = cls(config, vision, projector, llm)
@@ -91,8 +92,14 @@ class MiniLlava(nn.Module):
         return model, processor
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MiniLlava, Processor]:
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype = torch.float32, allow_lora_adapter: bool = False
+    ) -> tuple[MiniLlava, Processor]:
         directory = Path(directory)
+        if (directory / "lora_adapter").is_dir() and not allow_lora_adapter:
+            raise ValueError(
+                f"{directory} holds an unmerged LoRA adapter: run `minillava merge-lora --model {directory} --out DIR`"
+            )
         config = ModelConfig.load(directory)
         vision = load_vision_tower(config.vision, directory / "vision", dtype)
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=dtype)
@@ -100,6 +107,7 @@ class MiniLlava(nn.Module):
             config.projector.name,
             vision.hidden_size,
             llm.get_input_embeddings().embedding_dim,
+            vision.patch_grid,
             **config.projector.options,
         )
         projector.load_state_dict(load_file(directory / PROJECTOR_WEIGHTS), strict=True)

@@ -6,6 +6,7 @@ the count of `<image>` placeholders from the projector instead of hard-coding it
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -57,7 +58,40 @@ class MLPProjector(Projector):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-def build_projector(name: str, vision_dim: int, llm_dim: int, **options: object) -> Projector:
+@register("avgpool")
+class AvgPoolProjector(Projector):
+    """k x k average pooling of the patch grid, then the 2-layer MLP (LLaVA-NeXT's pooler, MobileVLM's LDPv2
+    idea): k = 2 turns a 16 x 16 grid into 64 tokens while keeping the grid's geometry."""
+
+    def __init__(self, vision_dim: int, llm_dim: int, grid: tuple[int, int], pool: int = 2) -> None:
+        super().__init__()
+        if grid[0] % pool or grid[1] % pool:
+            raise ValueError(f"avgpool: patch grid {grid[0]}x{grid[1]} does not divide by pool size {pool}")
+        self.grid, self.pool = tuple(grid), pool
+        self.mlp = MLPProjector(vision_dim, llm_dim)
+
+    def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
+        if extra_tokens:
+            raise ValueError("avgpool pools the patch grid only: use select_feature='patch' (no CLS token)")
+        return (grid[0] // self.pool) * (grid[1] // self.pool)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/k^2, Dl)
+        b, p, d = x.shape
+        rows, cols = self.grid
+        if p != rows * cols:
+            raise ValueError(f"avgpool: got {p} patch features, expected a {rows}x{cols} grid")
+        x = x.transpose(1, 2).reshape(b, d, rows, cols)  # (B, Dv, R, C)
+        x = nn.functional.avg_pool2d(x, self.pool)  # (B, Dv, R/k, C/k)
+        return self.mlp(x.flatten(2).transpose(1, 2))  # row-major tokens, like the patches
+
+
+def build_projector(
+    name: str, vision_dim: int, llm_dim: int, grid: tuple[int, int], **options: object
+) -> Projector:
+    """`grid` is the tower's (rows, cols) patch grid; projectors that reduce tokens need its geometry."""
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; available: {', '.join(sorted(PROJECTORS))}")
-    return PROJECTORS[name](vision_dim, llm_dim, **options)
+    cls = PROJECTORS[name]
+    if "grid" in inspect.signature(cls.__init__).parameters:
+        options["grid"] = grid
+    return cls(vision_dim, llm_dim, **options)

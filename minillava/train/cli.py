@@ -144,7 +144,7 @@ def run_merge(args: argparse.Namespace) -> int:
     src = Path(args.model)
     if not (src / ADAPTER_DIR).is_dir():
         raise OSError(f"{src}: no {ADAPTER_DIR}/ here: nothing to merge (LoRA runs merge on export by default)")
-    model, processor = MiniLlava.from_pretrained(src)
+    model, processor = MiniLlava.from_pretrained(src, allow_lora_adapter=True)
     settings = load_adapter(model, src / ADAPTER_DIR)
     n = merge_lora(model)
     model.save_pretrained(args.out, processor)

@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmarks: the bench shapes (../shared/BENCHMARK.md), timing, the machine's peak."""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKENS = 196  # CLIP ViT-B/16 at 224 px, CLS dropped
+VOCAB = 49_152
+IMAGE_TOKEN_ID = VOCAB  # one past the text vocabulary, as when `<image>` is added to a tokenizer
+
+
+def bench_llava_config() -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                              image_size=224, patch_size=16)  # fmt: skip
+    text = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, vocab_size=VOCAB + 1, tie_word_embeddings=True,
+                       max_position_embeddings=2048, rope_theta=100_000.0)  # fmt: skip
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_ID,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       projector_hidden_act="gelu", tie_word_embeddings=True)  # fmt: skip
+
+
+def build_peer_and_dir(workdir: Path, seed: int = 0) -> tuple[LlavaForConditionalGeneration, Path]:
+    """The peer with random weights, saved so minillava can import the very same weights."""
+    torch.manual_seed(seed)
+    peer = LlavaForConditionalGeneration(bench_llava_config()).eval()
+    out = workdir / "peer"
+    peer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "crop_size": {"height": 224, "width": 224},
+        "size": {"shortest_edge": 224}, "do_center_crop": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }))  # fmt: skip
+    return peer, out
+
+
+def save_bench_tokenizer(directory: Path) -> None:
+    """A real-vocabulary-sized tokenizer is not needed for timing; ids are fed directly."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)} | {"<image>": IMAGE_TOKEN_ID}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                  eos_token="t2", pad_token="t0", unk_token="t0")  # fmt: skip
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.save_pretrained(directory)
+
+
+def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Warm up once, then the best wall time of `repeats` runs (these machines are noisy)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def bf16_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured bf16 matmul throughput of this machine, FLOP/s."""
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    return 2 * n**3 / best_of(lambda: a @ b, repeats)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="minillava-bench-"))

@@ -1,0 +1,163 @@
+"""`minillava demo`: build a real VLM from the built-ins, train it in two stages on CPU, and evaluate it.
+
+    built-ins (DINOv2-S + SmolLM2-135M-Instruct) -> base model (avgpool projector: 8x8 patches -> 16 tokens)
+    -> stage 1 align (projector only, captions) -> stage 2 instruct (LoRA + projector, conversations)
+    -> held-out evaluation -> report.json, predictions.jsonl, loss_curve.png, heldout_grid.png
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from minillava.demo import fashion, synthetic
+
+log = logging.getLogger("minillava.demo")
+
+
+@dataclass
+class DemoConfig:
+    out: str = "minillava-demo"
+    quick: bool = False
+    image_size: int = 112  # DINOv2 patches are 14 px: an 8 x 8 grid
+    pool: int = 2  # avgpool 2 x 2: 16 tokens per image
+    n_train: int = 1200  # synthetic training images (several questions each)
+    n_test: int = 120  # held-out images, seen colour-shape pairs
+    n_combo: int = 80  # held-out images, colour-shape pairs never seen in training
+    n_fashion_train: int = 1200
+    n_fashion_test: int = 200
+    align_steps: int = 60
+    instruct_steps: int = 300
+    batch_size: int = 16
+    eval_batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.quick:  # a smoke run: the same pipeline, minutes -> about one minute
+            self.n_train, self.n_test, self.n_combo = 48, 8, 8
+            self.n_fashion_train, self.n_fashion_test = 32, 8
+            self.align_steps, self.instruct_steps = 3, 4
+            self.batch_size = 8
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+    from minillava.model import MiniLlava
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    data = out / "data"
+    files = synthetic.generate(data, cfg.n_train, cfg.n_test, cfg.n_combo, cfg.image_size, cfg.seed)
+    with_fashion = fashion.available()
+    if with_fashion:
+        files |= fashion.generate(data, cfg.n_fashion_train, cfg.n_fashion_test, cfg.image_size, cfg.seed)
+    else:
+        log.warning("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): skipping its questions")
+    captions = write_captions(data, files)
+    timings["data_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    base_cfg = ModelConfig(
+        vision=VisionConfig(source="builtin:dinov2-small", image_size=cfg.image_size),
+        projector=ProjectorConfig(name="avgpool", options={"pool": cfg.pool}),
+        llm_source="builtin:smollm2-135m-instruct",
+    )
+    model, processor = MiniLlava.build(base_cfg)
+    model.save_pretrained(out / "base", processor)
+    del model
+    timings["build_s"] = time.perf_counter() - t
+
+    cache = str(out / "feature_cache")
+    t = time.perf_counter()
+    align = train_stage(cfg, out / "runs" / "align", model=out / "base", data=[captions], stage="align",
+                        steps=cfg.align_steps, lr=1e-3, cache=cache)  # fmt: skip
+    timings["align_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    instruct_data = [files["train"]] + ([files["fashion_train"]] if with_fashion else [])
+    instruct = train_stage(cfg, out / "runs" / "instruct", model=Path(align["model"]), data=instruct_data,
+                           stage="instruct", steps=cfg.instruct_steps, lr=3e-4, cache=cache, lora=True)  # fmt: skip
+    timings["instruct_s"] = time.perf_counter() - t
+    final = out / "model"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(instruct["model"], final)
+
+    t = time.perf_counter()
+    splits = {"test": files["test"], "combo": files["combo"]} | ({"fashion": files["fashion"]} if with_fashion else {})
+    report = evaluate_splits(cfg, final, data, splits)
+    timings["eval_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    report |= {"config": asdict(cfg), "timings": timings, "fashion_mnist": with_fashion,
+               "align": _brief(align), "instruct": _brief(instruct), "model": str(final)}  # fmt: skip
+    from minillava.demo.report import plot_losses, write_json
+
+    plot_losses([Path(align["out"]) / "metrics.jsonl", Path(instruct["out"]) / "metrics.jsonl"], out / "loss_curve.png")
+    write_json(out / "report.json", report)
+    return report
+
+
+def write_captions(data: Path, files: dict[str, Path]) -> Path:
+    """Stage-1 captions: each synthetic training image's description, and `A <class>.` for Fashion-MNIST."""
+    rows = []
+    for sample in json.loads(files["train"].read_text()):
+        turns = sample["conversations"]
+        caption = next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "Describe" in turns[k]["value"])
+        rows.append({"image": sample["image"], "caption": caption})
+    if "fashion_train" in files:
+        for sample in json.loads(files["fashion_train"].read_text()):
+            rows.append({"image": sample["image"], "caption": f"A {sample['conversations'][1]['value']}."})
+    path = data / "captions.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage: str, steps: int, lr: float,
+                cache: str, lora: bool = False) -> dict[str, Any]:  # fmt: skip
+    from minillava.train import train
+    from minillava.train.config import TrainConfig
+
+    tc = TrainConfig(
+        model=str(model), data=[str(d) for d in data], image_root=str(data[0].parent), stage=stage,
+        out=str(out), max_steps=steps, batch_size=cfg.batch_size, lr=lr, projector_lr=1e-3, lora=lora,
+        lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
+        warmup_ratio=0.05, frozen_bf16=True, save_every=None, keep_last=1,
+    )  # fmt: skip
+    summary = train(tc)
+    summary["out"] = str(out)
+    return summary
+
+
+def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[str, Path]) -> dict[str, Any]:
+    import minillava
+    from minillava.demo.report import heldout_grid
+    from minillava.eval.runner import evaluate, load_samples, write_atomic
+
+    model, processor = minillava.load(str(model_dir), "bfloat16")
+    results: dict[str, Any] = {}
+    all_predictions: list[dict] = []
+    for split, path in splits.items():
+        samples = load_samples(path, "exact", image_root=data)
+        metrics, predictions = evaluate(
+            model, processor, samples, "exact", cfg.eval_batch_size, prompt_suffix="", max_new_tokens=24, progress=True
+        )  # the questions already carry their training prompt
+        for p in predictions:
+            p["split"] = split
+        by_type = {c: m["accuracy"] for c, m in metrics.get("by_category", {}).items()}
+        results[split] = {"accuracy": metrics["accuracy"], "n": len(samples), "by_type": by_type}
+        all_predictions += predictions
+    write_atomic(Path(cfg.out) / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in all_predictions))
+    heldout_grid(all_predictions, data, Path(cfg.out) / "heldout_grid.png")
+    return {"eval": results}
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("steps", "final_loss", "first_loss", "seconds", "samples_per_s", "tokens_per_s", "skipped")
+    return {k: summary[k] for k in keys if k in summary}
