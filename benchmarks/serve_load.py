@@ -1,0 +1,277 @@
+"""Load test for `minillava serve`: N concurrent `openai` clients, a bounded number of requests, on loopback.
+
+    # start a server per batch size (the CLI, in a subprocess) and compare them:
+    python benchmarks/serve_load.py --model DIR --clients 8 --requests 64 --max-tokens 32 --batch-sizes 8,1
+    # the same on a tiny random model built on the spot (no downloads):
+    python benchmarks/serve_load.py --tiny
+    # or load a server that is already running:
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY
+
+Prints one JSON object: per batch size the throughput (requests/s and completion tokens/s), latency
+p50/p99, error count and the server's own batch statistics; with batch size 1 among them, each run's
+throughput ratio to it. Every request carries one image (a data: URL) and greedy decoding.
+Only 127.0.0.1 is ever contacted; request count and time are bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def image_url(seed: int) -> str:
+    img = Image.new("RGB", (64, 48), ((seed * 37) % 256, (seed * 91) % 256, (seed * 53) % 256))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def run_load(url: str, api_key: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool,
+             deadline_s: float) -> dict:  # fmt: skip
+    counter = iter(range(requests))
+    lock = threading.Lock()
+    latencies: list[float] = []
+    first_tokens: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
+    stop_at = time.monotonic() + deadline_s
+    questions = ["What is in the picture?", "describe the image", "What colour is it?", "Is there a cat?"]
+
+    def worker() -> None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+        while time.monotonic() < stop_at:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            messages = [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url(i)}},
+                {"type": "text", "text": questions[i % len(questions)]},
+            ]}]  # fmt: skip
+            t0 = time.perf_counter()
+            try:
+                if stream:
+                    first, n = None, 0
+                    for chunk in client.chat.completions.create(
+                        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                        stream_options={"include_usage": True},
+                    ):  # fmt: skip
+                        if first is None and chunk.choices and chunk.choices[0].delta.content:
+                            first = time.perf_counter() - t0
+                        if chunk.usage:
+                            n = chunk.usage.completion_tokens
+                else:
+                    r = client.chat.completions.create(
+                        model=model, messages=messages, max_tokens=max_tokens, temperature=0
+                    )
+                    first, n = None, r.usage.completion_tokens
+            except Exception as e:  # counted, never fatal
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}"[:200])
+                continue
+            with lock:
+                latencies.append(time.perf_counter() - t0)
+                tokens[0] += n
+                if first is not None:
+                    first_tokens.append(first)
+
+    before = httpx.get(url + "/health", timeout=10).json()
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = httpx.get(url + "/health", timeout=10).json()
+    batches = after.get("batches", 0) - before.get("batches", 0)
+    rows = after.get("rows", 0) - before.get("rows", 0)
+    out = {
+        "requests_ok": len(latencies),
+        "errors": len(errors) + (requests - len(latencies) - len(errors)),  # unsent (deadline) count as errors
+        "wall_s": round(wall, 3),
+        "throughput_rps": round(len(latencies) / wall, 3),
+        "completion_tokens_per_s": round(tokens[0] / wall, 1),
+        "latency_p50_s": round(percentile(latencies, 50), 4),
+        "latency_p99_s": round(percentile(latencies, 99), 4),
+        "server_max_batch_size": after.get("max_batch_size"),
+        "server_batches": batches,
+        "server_mean_batch": round(rows / batches, 2) if batches else None,
+        "server_batch_sizes": {
+            k: v - before.get("batch_sizes", {}).get(k, 0)
+            for k, v in after.get("batch_sizes", {}).items()
+            if v - before.get("batch_sizes", {}).get(k, 0)
+        },
+    }
+    if first_tokens:
+        out["ttft_p50_s"] = round(percentile(first_tokens, 50), 4)
+    if errors:
+        out["error_samples"] = sorted(set(errors))[:5]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m minillava.serve.cli serve ...` on a free loopback port."""
+
+    def __init__(
+        self, model: str, batch_size: int, threads: int | None, log: Path, wait_ms: float | None = None
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "minillava.serve.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--max-batch-size", str(batch_size), "--served-model-name", "bench",
+               "--log-level", "warning", "--device", "cpu"]  # fmt: skip
+        if threads:
+            cmd += ["--threads", str(threads)]
+        if wait_ms is not None:
+            cmd += ["--batch-wait-ms", str(wait_ms)]
+        self.log = log.open("w")
+        env = {**os.environ, "MINILLAVA_API_KEY": ""}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def __enter__(self) -> ServerProcess:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.__exit__()
+        raise RuntimeError("server did not come up in 180 s")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def build_tiny(directory: Path) -> Path:
+    """The test suite's tiny random CLIP + Llama model (tests/conftest.py), saved as a minillava dir."""
+    # The tokenizer trainer (Rust) draws progress on fd 1; keep stdout for the JSON alone.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return _build_tiny(directory)
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _build_tiny(directory: Path) -> Path:
+    import torch
+
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+    from minillava.model import MiniLlava
+
+    spec = importlib.util.spec_from_file_location("tiny_models", REPO / "tests" / "conftest.py")
+    tiny = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny)  # type: ignore[union-attr]
+    (directory / "llm").mkdir(parents=True)
+    (directory / "vision").mkdir()
+    tiny.make_llm(directory / "llm", "llama")
+    tiny.make_vision(directory / "vision", "clip")
+    cfg = ModelConfig(
+        vision=VisionConfig(source=str(directory / "vision")), projector=ProjectorConfig(name="mlp2x_gelu"),
+        llm_source=str(directory / "llm"),
+    )  # fmt: skip
+    torch.manual_seed(2)
+    model, processor = MiniLlava.build(cfg)
+    model.save_pretrained(directory / "model", processor)
+    return directory / "model"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="model directory: start `minillava serve` for each --batch-sizes entry")
+    src.add_argument("--tiny", action="store_true", help="build the test suite's tiny random model and use it")
+    src.add_argument("--url", help="an already running server (only 127.0.0.1 / localhost)")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--served-model", default=None, help="model id for --url (default: the first /v1/models entry)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--batch-sizes", default="8,1", help="servers to compare, e.g. 8,1 (ignored with --url)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for each server (default: torch's)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="the servers' --batch-wait-ms (default: theirs)")
+    p.add_argument("--stream", action="store_true", help="stream the answers (adds time-to-first-token)")
+    p.add_argument("--deadline-s", type=float, default=300, help="stop sending after this long, per run")
+    args = p.parse_args(argv)
+    if args.clients < 1 or args.requests < 1 or args.max_tokens < 1:
+        p.error("--clients, --requests and --max-tokens must be positive")
+
+    config = {k: getattr(args, k) for k in ("clients", "requests", "max_tokens", "stream", "threads", "batch_wait_ms")}
+    if args.url:
+        host = httpx.URL(args.url).host
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            p.error("--url must point at this machine (127.0.0.1 / localhost)")
+        headers = {"Authorization": f"Bearer {args.api_key}"}
+        model = args.served_model or httpx.get(args.url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        result = run_load(args.url.rstrip("/"), args.api_key, model, args.clients, args.requests, args.max_tokens,
+                          args.stream, args.deadline_s)  # fmt: skip
+        print(json.dumps({"config": {**config, "url": args.url}, "runs": [result]}, indent=2))
+        return 0 if result["errors"] == 0 else 1
+
+    sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
+        model_dir = str(build_tiny(Path(tmp) / "tiny")) if args.tiny else args.model
+        runs = []
+        for size in sizes:
+            with ServerProcess(
+                model_dir, size, args.threads, Path(tmp) / f"server-{size}.log", args.batch_wait_ms
+            ) as server:
+                run_load(server.url, "none", "bench", 1, 2, args.max_tokens, False, 60)  # warm-up
+                runs.append({"max_batch_size": size, **run_load(
+                    server.url, "none", "bench", args.clients, args.requests, args.max_tokens, args.stream,
+                    args.deadline_s,
+                )})  # fmt: skip
+    base = next((r for r in runs if r["max_batch_size"] == 1), None)
+    if base and base["throughput_rps"]:
+        for r in runs:
+            r["throughput_vs_batch_1"] = round(r["throughput_rps"] / base["throughput_rps"], 2)
+    print(json.dumps({"config": {**config, "model": "tiny" if args.tiny else args.model}, "runs": runs}, indent=2))
+    return 0 if all(r["errors"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

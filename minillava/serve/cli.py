@@ -1,0 +1,132 @@
+"""`minillava serve`: the OpenAI-compatible server on FastAPI + uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("minillava.serve")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register `serve` on the main CLI's subparsers."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model behind an OpenAI-compatible API (with a web chat page at /)",
+        description="Serve a saved minillava (or transformers Llava) directory: POST /v1/chat/completions, "
+        "GET /v1/models, GET /health, and a chat page at /.",
+    )
+    p.add_argument("--model", required=True, help="model directory (minillava or transformers Llava layout)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=_positive, default=8, help="requests generated together (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for company (default 5)")
+    p.add_argument("--max-queue", type=_positive, default=256, help="waiting requests before 503 (default 256)")
+    p.add_argument(
+        "--api-key", default=os.environ.get("MINILLAVA_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1 (default: $MINILLAVA_API_KEY, else none)",
+    )  # fmt: skip
+    p.add_argument("--served-model-name", help="the model id clients send (default: the directory's name)")
+    p.add_argument("--allow-local-images", metavar="DIR", help="accept file paths / file:// URLs under DIR")
+    p.add_argument("--allow-remote-images", action="store_true", help="let the server fetch http(s) image URLs")
+    p.add_argument("--max-images", type=_positive, default=4, help="images per request (default 4)")
+    p.add_argument("--max-image-bytes", type=_positive, default=20 * 2**20, help="per image (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=_positive, help="per image (default: the processor's max_pixels)")
+    p.add_argument("--default-max-tokens", type=_positive, default=512, help="when a request sets no max_tokens")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (CUDA only)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=serve)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto"):
+    """(model, processor) in eval mode on the chosen device."""
+    import torch
+
+    import minillava
+    from minillava.runtime import default_device, parse_dtype
+
+    dev = default_device() if device == "auto" else torch.device(device)
+    want = parse_dtype(dtype, dev)
+    # minillava.load checks dtypes for CPU; load float16 as float32 and cast once it is on the GPU.
+    model, processor = minillava.load(directory, "float32" if want == torch.float16 else dtype)
+    model = model.to(device=dev, dtype=want).eval()
+    return model, processor
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from minillava.serve.app import ServeSettings, create_app
+    except ImportError as e:
+        print(f"minillava serve needs FastAPI and uvicorn ({e}); pip install 'minillava[serve]'", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not Path(args.model).is_dir():
+        print(f"--model {args.model}: not a directory", file=sys.stderr)
+        return 2
+    if args.allow_local_images and not Path(args.allow_local_images).is_dir():
+        print(f"--allow-local-images {args.allow_local_images}: not a directory", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        model, processor = load_for_serving(args.model, args.dtype, args.device)
+    except (OSError, ValueError) as e:
+        print(f"cannot load {args.model}: {e}", file=sys.stderr)
+        return 2
+    settings = ServeSettings(
+        model_name=args.served_model_name or Path(args.model).resolve().name,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        max_queue=args.max_queue,
+        api_key=args.api_key or None,
+        allow_local_images=args.allow_local_images,
+        allow_remote_images=args.allow_remote_images,
+        max_images=args.max_images,
+        max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels,
+        default_max_tokens=args.default_max_tokens,
+    )
+    if not settings.api_key and not _is_loopback(args.host):
+        log.warning("serving on %s without --api-key: anyone who can reach it can use the model", args.host)
+    app = create_app(model, processor, settings)
+    log.info("serving %s as %r on http://%s:%d", args.model, settings.model_name, args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (`python -m minillava.serve.cli serve --model DIR`), same flags as `minillava serve`."""
+    parser = argparse.ArgumentParser(prog="minillava")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
