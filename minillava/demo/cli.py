@@ -21,7 +21,7 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("chat", help="talk about an image in the terminal")
     p.add_argument("--model", required=True)
     p.add_argument("--image", default=None, help="image to start with (switch later with /image PATH)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.set_defaults(func=cmd_chat)

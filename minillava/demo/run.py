@@ -69,6 +69,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         vision=VisionConfig(source="builtin:dinov2-small", image_size=cfg.image_size),
         projector=ProjectorConfig(name="avgpool", options={"pool": cfg.pool}),
         llm_source="builtin:smollm2-135m-instruct",
+        template="chatml",  # SmolLM2's own template adds a 20-token system prompt to every sample
     )
     model, processor = MiniLlava.build(base_cfg)
     model.save_pretrained(out / "base", processor)
@@ -140,7 +141,7 @@ def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[s
     from minillava.demo.report import heldout_grid
     from minillava.eval.runner import evaluate, load_samples, write_atomic
 
-    model, processor = minillava.load(str(model_dir), "bfloat16")
+    model, processor = minillava.load(str(model_dir), "auto")
     results: dict[str, Any] = {}
     all_predictions: list[dict] = []
     for split, path in splits.items():

@@ -29,7 +29,6 @@ POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bot
 NUMBERS = ("zero", "one", "two", "three", "four")
 # Pairs that never occur in training: the `combo` split asks about exactly these.
 HELD_OUT_COMBOS = {("green", "triangle"), ("blue", "star"), ("red", "diamond"), ("yellow", "square"), ("purple", "circle")}
-SHORT = "Answer the question using a single word or phrase."
 
 
 @dataclass(frozen=True)
@@ -105,6 +104,7 @@ def count_sample(rng: random.Random, split: str, side: int) -> tuple[Image.Image
     return img, [
         ("count", "How many shapes are in the image?", NUMBERS[n]),
         ("colour", f"What colour are the {plural}?" if n > 1 else f"What colour is the {shape}?", colour),
+        ("describe", "Describe the image in one sentence.", f"{NUMBERS[n].capitalize()} small {colour} {plural}."),
     ]
 
 
@@ -132,7 +132,7 @@ def _write_split(out: Path, split: str, records: list) -> Path:
         for sid, image, qa in records:
             turns = []
             for k, (_, q, a) in enumerate(qa):
-                prompt = q if qtype_is_sentence(q) else f"{q}\n{SHORT}"
+                prompt = q
                 turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + prompt})
                 turns.append({"from": "gpt", "value": a})
             data.append({"id": sid, "image": image, "conversations": turns})
@@ -143,11 +143,6 @@ def _write_split(out: Path, split: str, records: list) -> Path:
     with path.open("w") as f:
         for sid, image, qa in records:
             for k, (qtype, q, a) in enumerate(qa):
-                prompt = q if qtype_is_sentence(q) else f"{q}\n{SHORT}"  # exactly the training prompt
-                f.write(json.dumps({"question_id": f"{sid}-{k}", "image": image, "question": prompt, "answer": a,
+                f.write(json.dumps({"question_id": f"{sid}-{k}", "image": image, "question": q, "answer": a,
                                     "category": qtype}) + "\n")  # fmt: skip
     return path
-
-
-def qtype_is_sentence(question: str) -> bool:
-    return question.startswith("Describe")

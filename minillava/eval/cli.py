@@ -36,7 +36,7 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--limit", type=_positive, help="evaluate only the first N questions")
     p.add_argument("--template", help="override the chat template")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_eval)

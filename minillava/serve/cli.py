@@ -37,7 +37,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-bytes", type=_positive, default=20 * 2**20, help="per image (default 20 MiB)")
     p.add_argument("--max-image-pixels", type=_positive, help="per image (default: the processor's max_pixels)")
     p.add_argument("--default-max-tokens", type=_positive, default=512, help="when a request sets no max_tokens")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (CUDA only)")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (CUDA only)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

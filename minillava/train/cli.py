@@ -65,7 +65,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=["cosine", "linear", "constant"])
     g.add_argument("--warmup-ratio", type=float)
     g.add_argument("--max-grad-norm", type=float)
-    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"])
+    g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
     g.add_argument("--device")

@@ -58,8 +58,8 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
-    precision: str = "bf16"  # bf16 (autocast, float32 master weights) | fp16 (CUDA) | fp32
-    frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16
+    precision: str = "auto"  # auto (bf16 where the hardware has bf16 units, else fp32) | bf16 | fp16 (CUDA) | fp32
+    frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16 (bf16 runs only)
     grad_checkpointing: bool = False
     device: str = "auto"
     seed: int = 0
@@ -91,8 +91,8 @@ class TrainConfig:
             raise ValueError("give either --model or --vision/--llm, not both")
         if (self.lora or self.qlora) and self.stage == "align":
             raise ValueError("--lora/--qlora train the LLM: use --stage instruct (align trains the projector only)")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"precision must be bf16, fp16 or fp32, got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"scheduler must be cosine, linear or constant, got {self.scheduler!r}")
         if self.on_bad_sample not in ("error", "skip"):

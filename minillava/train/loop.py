@@ -34,6 +34,7 @@ from minillava.data.dataset import Collator, SupervisedDataset, worker_count
 from minillava.data.sampler import GroupedBatchSampler
 from minillava.model import MiniLlava
 from minillava.processor import IGNORE_INDEX, Processor
+from minillava.runtime import fast_bfloat16
 from minillava.train import checkpoint as ckpt
 from minillava.train.cache import FeatureCache, namespace_for
 from minillava.train.config import TrainConfig
@@ -243,6 +244,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     out = Path(cfg.out).expanduser()
     device = pick_device(cfg.device, d)
     check_qlora(cfg, device)
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if fast_bfloat16(device) else "fp32"
+        say(f"precision auto -> {cfg.precision} on {device}")
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if d.main:
@@ -279,7 +283,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         state.update({k: resume_state[k] for k in state})
         say(f"resuming from {resume_dir} at step {state['step']}")
 
-    if cfg.frozen_bf16:
+    if cfg.frozen_bf16 and cfg.precision == "bf16":  # bf16 storage only pays where bf16 kernels are fast
         if not cfg.tune_vision:
             model.vision.to(torch.bfloat16)
         if cfg.stage == "align":
