@@ -21,6 +21,7 @@ from common import IMAGE_TOKEN_ID, IMAGE_TOKENS, best_of, build_peer_and_dir, pe
 
 from minillava.generate import GenerationConfig, decode
 from minillava.interop.hf import load_hf_llava
+from minillava.runtime import fast_bfloat16
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 32
 
@@ -52,35 +53,48 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--bf16",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="time the bf16 variants (auto: only where bf16 matmuls run on hardware units)",
+    )
     args = ap.parse_args()
+    with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and fast_bfloat16("cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
     work = workdir()
     peer, peer_dir = build_peer_and_dir(work)
     save_bench_tokenizer(peer_dir)
     ours32, _ = load_hf_llava(peer_dir, torch.float32)
-    ours16 = copy.deepcopy(ours32).to(torch.bfloat16)
-    peer16 = copy.deepcopy(peer).to(torch.bfloat16)
+    ours16 = copy.deepcopy(ours32).to(torch.bfloat16) if with_bf16 else None
+    peer16 = copy.deepcopy(peer).to(torch.bfloat16) if with_bf16 else None
     result: dict[str, object] = {"bench": "generate", "prompt_tokens": IMAGE_TOKENS + PROMPT_TOKENS,
-                                 "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads()}  # fmt: skip
+                                 "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(),
+                                 "bf16_hardware": fast_bfloat16("cpu"), "bf16_timed": with_bf16}  # fmt: skip
     for b in (1, 4):
         inputs = make_inputs(b)
         same = torch.equal(peer_generate(peer, inputs), ours_generate(ours32, inputs))
         runs = {
-            "peer_fp32": lambda: peer_generate(peer, inputs),
-            "peer_bf16": lambda: peer_generate(peer16, inputs),
-            "peer_autocast": lambda: peer_generate(peer, inputs, autocast=True),
-            "ours_fp32": lambda: ours_generate(ours32, inputs),
-            "ours_bf16": lambda: ours_generate(ours16, inputs),
+            "peer_fp32": lambda inputs=inputs: peer_generate(peer, inputs),
+            "ours_fp32": lambda inputs=inputs: ours_generate(ours32, inputs),
         }
+        if with_bf16:
+            runs |= {
+                "peer_bf16": lambda inputs=inputs: peer_generate(peer16, inputs),
+                "peer_autocast": lambda inputs=inputs: peer_generate(peer, inputs, autocast=True),
+                "ours_bf16": lambda inputs=inputs: ours_generate(ours16, inputs),
+            }
         tps = {k: b * NEW_TOKENS / best_of(fn, args.repeats) for k, fn in runs.items()}
         for k, v in tps.items():
             result[f"gen_b{b}_tok_per_s_{k}"] = round(v, 2)
         result[f"gen_b{b}_same_greedy_tokens_fp32"] = same
-        result[f"gen_b{b}_ratio_ours_bf16_vs_peer_fp32"] = round(tps["ours_bf16"] / tps["peer_fp32"], 2)
-        result[f"gen_b{b}_ratio_ours_bf16_vs_peer_bf16"] = round(tps["ours_bf16"] / tps["peer_bf16"], 2)
-        result[f"gen_b{b}_ratio_ours_bf16_vs_peer_autocast"] = round(tps["ours_bf16"] / tps["peer_autocast"], 2)
-        result[f"gen_b{b}_ratio_ours_fp32_vs_peer_fp32"] = round(tps["ours_fp32"] / tps["peer_fp32"], 2)
+        result[f"gen_b{b}_ratio_ours_fp32_vs_peer_fp32"] = round(tps["ours_fp32"] / tps["peer_fp32"], 3)
+        if with_bf16:
+            for peer_kind in ("fp32", "bf16", "autocast"):
+                result[f"gen_b{b}_ratio_ours_bf16_vs_peer_{peer_kind}"] = round(
+                    tps["ours_bf16"] / tps[f"peer_{peer_kind}"], 3
+                )
     result["peak_rss_mb"] = round(peak_rss_mb())
     print(json.dumps(result, indent=1))
 

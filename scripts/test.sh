@@ -13,4 +13,4 @@ if [ ! -x "$TV/bin/python" ] || ! "$TV/bin/python" -c "import torchvision, minil
   "$TV/bin/pip" install --disable-pip-version-check -q torch==2.14.1 torchvision==0.29.1
   "$TV/bin/pip" install --disable-pip-version-check -q -e ".[test]"
 fi
-"$TV/bin/python" -m pytest tests/torchvision -p no:cacheprovider
+"$TV/bin/python" -m pytest tests/torchvision_backend -p no:cacheprovider
