@@ -23,7 +23,9 @@ class ChatSession:
         import minillava
 
         model, processor = minillava.load(model_dir, dtype)
-        return cls(Generator(model, processor), GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature))
+        return cls(
+            Generator(model, processor), GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+        )
 
     def set_image(self, path: str) -> None:
         self.image = load_image(path)  # checked now, so a bad path fails at /image, not mid-answer

@@ -1,136 +1,15 @@
-"""Tiny random-initialised models, built in code (no downloads), shared by the unit tests."""
+"""Shared fixtures: tiny random-initialised models (see tiny_models.py), built once per session."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    Dinov2Config,
-    Dinov2Model,
-    LlamaConfig,
-    LlamaForCausalLM,
-    OPTConfig,
-    OPTForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from tiny_models import make_llm, make_vision
 
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
 from minillava.model import MiniLlava
-
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-CORPUS = [
-    "a red square on the left of a blue circle",
-    "What is in the picture? A cat sitting on a mat.",
-    "USER: describe the image ASSISTANT: a small green triangle",
-    "yes no one two three four five",
-    "The capital of France is Paris.",
-    "hello world, how are you today?",
-] * 20
-
-
-def make_tokenizer(directory: Path, chat_template: bool = True, bos: bool = False) -> PreTrainedTokenizerFast:
-    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    if bos:
-        from tokenizers.processors import TemplateProcessing
-
-        tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        chat_template=CHATML if chat_template else None,
-    )
-    fast.save_pretrained(directory)
-    return fast
-
-
-def make_llm(directory: Path, kind: str, chat_template: bool = True) -> Path:
-    tok = make_tokenizer(directory, chat_template=chat_template, bos=kind == "opt")
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
-    )
-    if kind == "llama":
-        cfg = LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
-            **common,
-        )
-        model = LlamaForCausalLM(cfg)
-    elif kind == "qwen2":
-        cfg = Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-        model = Qwen2ForCausalLM(cfg)
-    elif kind == "opt":
-        cfg = OPTConfig(
-            hidden_size=32,
-            ffn_dim=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            word_embed_proj_dim=24,
-            max_position_embeddings=512,
-            **common,
-        )
-        model = OPTForCausalLM(cfg)
-    else:
-        raise ValueError(kind)
-    model.save_pretrained(directory)
-    return directory
-
-
-def make_vision(directory: Path, kind: str) -> Path:
-    torch.manual_seed(1)
-    common = dict(
-        hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
-    if kind == "clip":
-        model = CLIPVisionModel(CLIPVisionConfig(**common))
-        mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-    elif kind == "siglip":
-        model = SiglipVisionModel(SiglipVisionConfig(**common))
-        mean, std = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]
-    elif kind == "dinov2":
-        common.pop("intermediate_size")
-        model = Dinov2Model(Dinov2Config(mlp_ratio=2, **common))
-        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    else:
-        raise ValueError(kind)
-    model.save_pretrained(directory)
-    (directory / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
-    return directory
 
 
 @pytest.fixture(scope="session")

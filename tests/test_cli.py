@@ -10,15 +10,46 @@ IMAGE = "examples/images/chelsea.jpg"
 @pytest.fixture(scope="module")
 def built(asset_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "model"
-    code = main(["build", "--vision", str(asset_dir("vision", "clip")), "--llm", str(asset_dir("llm", "llama")), "--out", str(out)])
+    code = main(
+        [
+            "build",
+            "--vision",
+            str(asset_dir("vision", "clip")),
+            "--llm",
+            str(asset_dir("llm", "llama")),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_build_then_generate(built, capsys):
-    assert main(["generate", "--model", str(built), "--image", IMAGE, "--prompt", "What is this?", "--max-new-tokens", "5"]) == 0
+    assert (
+        main(
+            ["generate", "--model", str(built), "--image", IMAGE, "--prompt", "What is this?", "--max-new-tokens", "5"]
+        )
+        == 0
+    )
     greedy = capsys.readouterr().out
-    assert main(["generate", "--model", str(built), "--image", IMAGE, "--prompt", "What is this?", "--max-new-tokens", "5", "--stream"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(built),
+                "--image",
+                IMAGE,
+                "--prompt",
+                "What is this?",
+                "--max-new-tokens",
+                "5",
+                "--stream",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == greedy
 
 
@@ -40,8 +71,14 @@ def test_info_reports_counts(built, capsys):
     "argv, message",
     [
         (["generate", "--model", "/nonexistent/dir", "--prompt", "x"], "/nonexistent/dir"),
-        (["generate", "--model", "{model}", "--image", "/nonexistent.png", "--prompt", "x"], "/nonexistent.png: cannot open"),
-        (["generate", "--model", "{model}", "--image", "pyproject.toml", "--prompt", "x"], "pyproject.toml: not a readable image"),
+        (
+            ["generate", "--model", "{model}", "--image", "/nonexistent.png", "--prompt", "x"],
+            "/nonexistent.png: cannot open",
+        ),
+        (
+            ["generate", "--model", "{model}", "--image", "pyproject.toml", "--prompt", "x"],
+            "pyproject.toml: not a readable image",
+        ),
         (["generate", "--model", "{model}", "--prompt", "x", "--dtype", "float16"], "float16 needs a CUDA device"),
         (["build", "--vision", "builtin:nope", "--llm", "x", "--out", "/tmp/x"], "builtin"),
     ],

@@ -28,7 +28,13 @@ SIZES = {"small": 0.16, "large": 0.30}  # radius as a fraction of the canvas sid
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
 NUMBERS = ("zero", "one", "two", "three", "four")
 # Pairs that never occur in training: the `combo` split asks about exactly these.
-HELD_OUT_COMBOS = {("green", "triangle"), ("blue", "star"), ("red", "diamond"), ("yellow", "square"), ("purple", "circle")}
+HELD_OUT_COMBOS = {
+    ("green", "triangle"),
+    ("blue", "star"),
+    ("red", "diamond"),
+    ("yellow", "square"),
+    ("purple", "circle"),
+}
 
 
 @dataclass(frozen=True)

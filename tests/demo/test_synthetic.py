@@ -10,8 +10,11 @@ def _train_pairs(data_dir):
     pairs = set()
     for sample in json.loads((data_dir / "train.json").read_text()):
         turns = sample["conversations"]
-        shape = next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "What shape" in turns[k]["value"]) \
-            if any("What shape" in t["value"] for t in turns) else None
+        shape = (
+            next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "What shape" in turns[k]["value"])
+            if any("What shape" in t["value"] for t in turns)
+            else None
+        )
         colour = next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "What colour" in turns[k]["value"])
         if shape:
             pairs.add((colour, shape))
@@ -24,7 +27,9 @@ def test_deterministic_and_honest_splits(tmp_path):
     for split in a:
         assert a[split].read_text() == b[split].read_text()
     assert (tmp_path / "a/images/train_00007.png").read_bytes() == (tmp_path / "b/images/train_00007.png").read_bytes()
-    assert synthetic.generate(tmp_path / "c", 60, 10, 10, side=56, seed=4)["train"].read_text() != a["train"].read_text()
+    assert (
+        synthetic.generate(tmp_path / "c", 60, 10, 10, side=56, seed=4)["train"].read_text() != a["train"].read_text()
+    )
 
     train_images = {s["image"] for s in json.loads(a["train"].read_text())}
     for split in ("test", "combo"):

@@ -38,7 +38,9 @@ def test_photo_end_to_end_batched_and_streamed(builtin):
     single = gen.generate("Describe the image.", [PHOTO], cfg)
     assert single.strip()
     p = gen.processor
-    batch = gen.generate_batch([p.prompt("Describe the image.", [PHOTO]), p.prompt("What is the capital of France?")], cfg)
+    batch = gen.generate_batch(
+        [p.prompt("Describe the image.", [PHOTO]), p.prompt("What is the capital of France?")], cfg
+    )
     assert batch[0] == single and "Paris" in batch[1]
     assert "".join(gen.stream("Describe the image.", [PHOTO], cfg)) == single
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_tokenizer
 from PIL import Image
 from safetensors.torch import save_file
+from tiny_models import make_tokenizer
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import config, write_images, write_llava
+from train_helpers import config, write_images, write_llava
 
 from minillava.images import ImageTransform
 from minillava.train.cache import FeatureCache, namespace_for

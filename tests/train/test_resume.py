@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import config, write_images, write_llava
+from train_helpers import config, write_images, write_llava
 
 from minillava.train import checkpoint as ckpt
 from minillava.train.loop import train

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import CAPTIONS, config, write_images, write_llava
 from safetensors.torch import load_file
+from train_helpers import CAPTIONS, config, write_images, write_llava
 
 from minillava.data.formats import BadSampleError
 from minillava.model import MiniLlava
