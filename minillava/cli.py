@@ -23,6 +23,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
     from minillava.model import MiniLlava
 
+    if args.vision_backend is None:
+        args.vision_backend = "torchvision" if args.vision.startswith("torchvision:") else "hf"
     cfg = ModelConfig(
         vision=VisionConfig(
             source=args.vision,
@@ -155,20 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "vision_backend", None) is None and getattr(args, "vision", "").startswith("torchvision:"):
-        args.vision_backend = "torchvision"
-    elif hasattr(args, "vision_backend") and args.vision_backend is None:
-        args.vision_backend = "hf"
     _quiet_transformers()
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, KeyError, RuntimeError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"minillava {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, KeyError, RuntimeError, FloatingPointError) as e:
+        print(f"minillava {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def one_line(e: BaseException) -> str:
+    """The error's own first line; for one re-raised from a DataLoader worker, the original message."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    if "Original Traceback" in text:  # torch wraps worker errors: "Caught X in DataLoader worker ...\n..."
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text.splitlines()[0]
 
 
 if __name__ == "__main__":

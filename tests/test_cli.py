@@ -88,3 +88,14 @@ def test_errors_are_one_line_without_traceback(built, capsys, argv, message):
     assert main(argv) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_from_a_model_dir_parses(built, tmp_path, capsys):
+    """`train --model DIR` has no --vision: the CLI must not trip over the build command's flags."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"image": "nope.png", "caption": "x"}\n')
+    code = main(
+        ["train", "--model", str(built), "--data", str(data), "--image-root", str(tmp_path), "--max-steps", "1"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and "nope.png" in err and "Traceback" not in err

@@ -77,17 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m minillava.eval.cli eval ...`), same flags as `minillava eval`."""
-    parser = argparse.ArgumentParser(prog="minillava")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"minillava {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    """`python -m ...` / `torchrun -m ...` entry: the same parser and one-line errors as `minillava`."""
+    from minillava.cli import main as cli_main
 
+    return cli_main(argv)
 
 if __name__ == "__main__":
     sys.exit(main())

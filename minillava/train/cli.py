@@ -169,16 +169,10 @@ def _setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="minillava")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError, ImportError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """`python -m ...` / `torchrun -m ...` entry: the same parser and one-line errors as `minillava`."""
+    from minillava.cli import main as cli_main
 
+    return cli_main(argv)
 
 if __name__ == "__main__":
     sys.exit(main())
