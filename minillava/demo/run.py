@@ -81,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cache = str(out / "feature_cache")
     t = time.perf_counter()
     align = train_stage(cfg, out / "runs" / "align", model=out / "base", data=[captions], stage="align",
-                        steps=cfg.align_steps, lr=3e-4, cache=cache)  # fmt: skip
+                        steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.2)  # fmt: skip
     timings["align_s"] = time.perf_counter() - t
     t = time.perf_counter()
     instruct_data = [files["train"]] + ([files["fashion_train"]] if with_fashion else [])
@@ -123,7 +123,7 @@ def write_captions(data: Path, files: dict[str, Path]) -> Path:
 
 
 def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage: str, steps: int, lr: float,
-                cache: str, lora: bool = False) -> dict[str, Any]:  # fmt: skip
+                cache: str, lora: bool = False, warmup: float = 0.05) -> dict[str, Any]:  # fmt: skip
     from minillava.train import train
     from minillava.train.config import TrainConfig
 
@@ -131,7 +131,7 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         model=str(model), data=[str(d) for d in data], image_root=str(data[0].parent), stage=stage,
         out=str(out), max_steps=steps, batch_size=cfg.batch_size, lr=lr, projector_lr=3e-4, lora=lora,
         lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
-        warmup_ratio=0.05, frozen_bf16=True, save_every=None, keep_last=1,
+        warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
     )  # fmt: skip
     summary = train(tc)
     summary["out"] = str(out)
