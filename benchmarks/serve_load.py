@@ -184,7 +184,7 @@ class ServerProcess:
 
 
 def build_tiny(directory: Path) -> Path:
-    """The test suite's tiny random CLIP + Llama model (tests/conftest.py), saved as a minillava dir."""
+    """The test suite's tiny random CLIP + Llama model (tests/tiny_models.py), saved as a minillava dir."""
     # The tokenizer trainer (Rust) draws progress on fd 1; keep stdout for the JSON alone.
     sys.stdout.flush()
     saved = os.dup(1)
@@ -203,7 +203,7 @@ def _build_tiny(directory: Path) -> Path:
     from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
     from minillava.model import MiniLlava
 
-    spec = importlib.util.spec_from_file_location("tiny_models", REPO / "tests" / "conftest.py")
+    spec = importlib.util.spec_from_file_location("tiny_models", REPO / "tests" / "tiny_models.py")
     tiny = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny)  # type: ignore[union-attr]
     (directory / "llm").mkdir(parents=True)
