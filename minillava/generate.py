@@ -140,7 +140,7 @@ class Generator:
                     live[r] = False
                     continue
                 rows[r].append(t)
-                texts[r], stopped = self._cut_at_stop(self._decode(rows[r]), cfg.stop)
+                texts[r], stopped = cut_at_stop(self._decode(rows[r]), cfg.stop)
                 live[r] = not stopped
             if not any(live):
                 break
@@ -163,27 +163,28 @@ class Generator:
             if t in self.stop_ids:
                 break
             tokens.append(t)
-            text, stopped = self._cut_at_stop(self._decode(tokens), cfg.stop)
-            ready = text if stopped else _hold_back(text, cfg.stop)
+            text, stopped = cut_at_stop(self._decode(tokens), cfg.stop)
+            ready = text if stopped else hold_back(text, cfg.stop)
             if len(ready) > len(sent):
                 yield ready[len(sent) :]
                 sent = ready
             if stopped:
                 return
-        text, _ = self._cut_at_stop(self._decode(tokens), cfg.stop)
+        text, _ = cut_at_stop(self._decode(tokens), cfg.stop)
         if len(text) > len(sent):
             yield text[len(sent) :]
 
     def _decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
-    @staticmethod
-    def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-        hits = [text.find(s) for s in stops if s and s in text]
-        return (text[: min(hits)], True) if hits else (text, False)
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found."""
+    hits = [text.find(s) for s in stops if s and s in text]
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _hold_back(text: str, stops: list[str]) -> str:
+def hold_back(text: str, stops: list[str]) -> str:
     """Don't emit a tail that may be the start of a stop string or half of a multi-byte character."""
     text = text.rstrip("\ufffd")
     for s in stops:

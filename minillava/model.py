@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from minillava.config import ModelConfig
+from minillava.fileio import atomic_dir
 from minillava.images import ImageTransform
 from minillava.processor import IGNORE_INDEX, Processor
 from minillava.projectors import Projector, build_projector
@@ -122,10 +121,7 @@ class MiniLlava(nn.Module):
 
     def save_pretrained(self, directory: str | Path, processor: Processor) -> None:
         """Write atomically: a temp dir beside the target, then one rename. Safetensors only."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_dir(directory) as tmp:
             self.config.save(tmp)
             self.vision.save_pretrained(tmp / "vision")
             transform = processor.image_transform
@@ -133,17 +129,6 @@ class MiniLlava(nn.Module):
             self.llm.save_pretrained(tmp / "llm")
             save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)
             processor.save_pretrained(tmp)
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property

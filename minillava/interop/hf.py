@@ -15,10 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+from minillava.fileio import atomic_dir
 from minillava.images import ImageTransform
 from minillava.model import MiniLlava
 from minillava.processor import Processor
@@ -323,7 +321,7 @@ def export_hf_llava(model: MiniLlava, processor: Processor, out_dir: str | Path)
     config = _llava_config(model, llm, strategy)
     state = _llava_state_dict(model, llm)
     out_dir = Path(out_dir)
-    with _atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         _save_weights(state, tmp)
         if getattr(llm, "generation_config", None) is not None:
@@ -492,21 +490,3 @@ def _save_processor(model: MiniLlava, processor: Processor, strategy: str, extra
         warnings.warn(f"wrote no LlavaProcessor config ({type(e).__name__}: {e})", stacklevel=2)
 
 
-@contextlib.contextmanager
-def _atomic_dir(directory: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `directory`; on success it replaces `directory` in one rename."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

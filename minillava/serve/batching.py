@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from minillava.generate import GenerationConfig, Generator, decode
+from minillava.generate import GenerationConfig, Generator, cut_at_stop, decode, hold_back
 from minillava.processor import Encoded
 
 log = logging.getLogger("minillava.serve")
@@ -124,22 +124,6 @@ class _Row:
         prompt = len(self.job.encoded.input_ids)
         self.job.emit("done", Finished(self.text, reason, prompt, self.steps))
         self.done = True
-
-
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """The text up to the first stop string, and whether one was found (as `Generator` cuts it)."""
-    hits = [text.find(s) for s in stops if s and s in text]
-    return (text[: min(hits)], True) if hits else (text, False)
-
-
-def hold_back(text: str, stops: list[str]) -> str:
-    """Don't send a tail that may be the start of a stop string or half of a multi-byte character."""
-    text = text.rstrip("\ufffd")
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                return text[: len(text) - k]
-    return text
 
 
 class BatchEngine:

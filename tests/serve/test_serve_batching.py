@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from minillava.generate import GenerationConfig, Generator
+from minillava.generate import GenerationConfig, Generator, hold_back
 from minillava.model import MiniLlava
-from minillava.serve.batching import BatchEngine, Job, hold_back
+from minillava.serve.batching import BatchEngine, Job
 from minillava.serve.cli import add_commands, main
 
 
