@@ -129,7 +129,8 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
 
     tc = TrainConfig(
         model=str(model), data=[str(d) for d in data], image_root=str(data[0].parent), stage=stage,
-        out=str(out), max_steps=steps, batch_size=cfg.batch_size, lr=lr, projector_lr=lr if stage == "align" else 3e-4, lora=lora,
+        out=str(out), max_steps=steps, batch_size=cfg.batch_size, lr=lr, lora=lora,
+        projector_lr=lr if stage == "align" else 3e-4,
         lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
     )  # fmt: skip
