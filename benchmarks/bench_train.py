@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
+import sys
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -26,6 +27,9 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_of  # noqa: E402
 
 from minillava.config import ModelConfig, VisionConfig
 from minillava.model import MiniLlava
@@ -64,16 +68,6 @@ def batch(s: dict, image_id: int) -> dict:
     labels[:, -s["sup"] :] = ids[:, -s["sup"] :]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
             "pixel_values": torch.randn(s["batch"], 3, 224, 224, generator=g)}  # fmt: skip
-
-
-def best_of(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 # ---- the peer ----------------------------------------------------------------------------------

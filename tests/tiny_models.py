@@ -127,3 +127,13 @@ def make_vision(directory: Path, kind: str) -> Path:
     model.save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
     return directory
+
+
+def louden(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> None:
+    """Redraw the LLM's matrices at a larger scale: the stock random init answers the same to everything,
+    so tests that need answers to depend on the prompt and image use this."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.llm.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny_models import louden
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -25,11 +26,7 @@ COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "
 def eval_model(build_tiny):
     """The default tiny model with louder LLM weights (the stock random init answers the same to everything)."""
     model, processor = build_tiny()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.llm.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    louden(model)
     return model.eval(), processor
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import louden
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -16,11 +17,7 @@ def serve_dir(build_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default tiny model with louder LLM weights, so answers depend on the prompt and image
     (the stock random init answers newlines to everything), saved as a minillava directory."""
     model, processor = build_tiny()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.llm.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    louden(model)
     directory = tmp_path_factory.mktemp("serve") / "tiny"
     model.save_pretrained(directory, processor)
     return directory
