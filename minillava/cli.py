@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 # Subcommand groups that live with their subsystems (each module exposes add_commands(subparsers)).
-PLUGINS = ("minillava.train.cli", "minillava.serve.cli", "minillava.demo.cli", "minillava.eval.cli")
+PLUGINS = (
+    "minillava.train.cli",
+    "minillava.serve.cli",
+    "minillava.demo.cli",
+    "minillava.eval.cli",
+    "minillava.viz.cli",
+)
 
 
 def _quiet_transformers() -> None:
