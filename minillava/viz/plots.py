@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.figure import Figure
 
 from minillava.fileio import atomic_dir
@@ -39,7 +40,7 @@ def write_visualization(vis: Visualization, out: str | Path) -> None:
 
 
 def to_json(vis: Visualization) -> dict[str, Any]:
-    def rounded(t) -> list:  # 6 decimals keep the file readable; shares are probabilities
+    def rounded(t: torch.Tensor) -> list | float:  # 6 decimals keep the file readable; shares are probabilities
         return [rounded(x) for x in t] if t.dim() else round(float(t), 6)
 
     layers, heads = vis.image_share.shape[1:]
