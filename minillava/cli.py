@@ -25,8 +25,22 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """["num_latents=32", "name=x"] -> {"num_latents": 32, "name": "x"}: JSON values where they parse, else strings."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
     from minillava.model import MiniLlava
 
     if args.vision_backend is None:
@@ -39,10 +53,15 @@ def cmd_build(args: argparse.Namespace) -> int:
             select_feature=args.select_feature,
             image_size=args.image_size,
         ),
-        projector=ProjectorConfig(name=args.projector),
+        projector=ProjectorConfig(
+            name=args.projector or ("perceiver" if args.fusion == "xattn" else "mlp2x_gelu"),
+            options=parse_options(args.projector_opt or []),
+        ),
         llm_source=args.llm,
         template=args.template,
         aspect=args.aspect,
+        fusion=args.fusion,
+        xattn=XattnConfig(every=args.xattn_every),
     )
     model, processor = MiniLlava.build(cfg)
     model.save_pretrained(args.out, processor)
@@ -101,6 +120,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "patch_grid": list(model.vision.patch_grid),
         },
         "projector": model.config.projector.name,
+        "fusion": model.config.fusion,
         "llm": type(model.llm).__name__,
         "tokens_per_image": model.tokens_per_image,
         "image_token": f"{processor.image_token} (id {processor.image_token_id})",
@@ -121,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="assemble an untrained model from a vision encoder and an LLM")
     p.add_argument("--vision", required=True, help="local dir, hub id, builtin:dinov2-small or torchvision:vit_b_16")
     p.add_argument("--llm", required=True, help="local dir, hub id or builtin:smollm2-135m-instruct")
-    p.add_argument("--projector", default="mlp2x_gelu")
+    p.add_argument("--projector", default=None, help="default: mlp2x_gelu; perceiver with --fusion xattn")
+    p.add_argument("--projector-opt", action="append", metavar="KEY=VALUE", help="projector option (repeatable)")
+    p.add_argument("--fusion", default="splice", choices=["splice", "xattn"], help="xattn: Flamingo cross-attention")
+    p.add_argument("--xattn-every", type=int, default=1, help="xattn: a block before every K-th decoder layer")
     p.add_argument("--vision-backend", default=None, choices=["hf", "torchvision"])
     p.add_argument("--select-layer", type=int, default=-2)
     p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])

@@ -30,6 +30,16 @@ class ProjectorConfig:
 
 
 @dataclass
+class XattnConfig:
+    """Flamingo fusion (`fusion="xattn"`): a gated cross-attention block before every `every`-th decoder layer."""
+
+    every: int = 1
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -38,6 +48,8 @@ class ModelConfig:
     aspect: str = "pad"  # pad | resize | center_crop
     image_token: str = "<image>"
     image_token_id: int = -1  # set when the token is added to the tokenizer
+    fusion: str = "splice"  # splice: N image embeddings in the text | xattn: one marker + gated cross-attention
+    xattn: XattnConfig = field(default_factory=XattnConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +59,8 @@ class ModelConfig:
         d = dict(d)
         vision = VisionConfig(**d.pop("vision", {}))
         projector = ProjectorConfig(**d.pop("projector", {}))
-        return cls(vision=vision, projector=projector, **d)
+        xattn = XattnConfig(**d.pop("xattn", {}))
+        return cls(vision=vision, projector=projector, xattn=xattn, **d)
 
     def save(self, directory: str | Path) -> None:
         Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,4 +1,5 @@
-"""Generation: one prefill that splices the images, then KV-cached decoding one token at a time.
+"""Generation: one prefill that splices the images (xattn: encodes the media once), then KV-cached decoding
+one token at a time.
 
 Batches are left-padded so every row's next token sits in the last column; position ids count real
 tokens only, so each row decodes exactly as it would alone.
@@ -98,7 +99,14 @@ def decode(
         generated = torch.cat([generated, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(token[:, None], mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            token[:, None],
+            mask,
+            position_ids=position,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            media=out.media,
+        )
 
 
 class Generator:

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from minillava.resampler import PerceiverResampler
+
 PROJECTORS: dict[str, type[Projector]] = {}
 
 
@@ -157,11 +159,44 @@ def block_weights(grid: tuple[int, int], k: int) -> torch.Tensor:  # (R*C/k^2, R
     return weights
 
 
+@register("perceiver")
+class PerceiverProjector(Projector):
+    """Flamingo's Perceiver resampler at the vision width, then a linear map to the LLM width: any number of
+    patches (CLS included) becomes `num_latents` tokens."""
+
+    def __init__(
+        self,
+        vision_dim: int,
+        llm_dim: int,
+        num_latents: int = 64,
+        depth: int = 2,
+        heads: int = 8,
+        dim_head: int = 64,
+        ff_mult: int = 4,
+    ) -> None:
+        super().__init__()
+        self.resampler = PerceiverResampler(vision_dim, depth, heads, dim_head, num_latents, ff_mult)
+        self.linear = nn.Linear(vision_dim, llm_dim)
+
+    def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
+        return self.resampler.num_latents
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, L, Dl)
+        return self.linear(self.resampler(x))
+
+
 def build_projector(name: str, vision_dim: int, llm_dim: int, grid: tuple[int, int], **options: object) -> Projector:
     """`grid` is the tower's (rows, cols) patch grid; projectors that reduce tokens need its geometry."""
     if name not in PROJECTORS:
         raise ValueError(f"unknown projector {name!r}; available: {', '.join(sorted(PROJECTORS))}")
     cls = PROJECTORS[name]
-    if "grid" in inspect.signature(cls.__init__).parameters:
+    params = inspect.signature(cls.__init__).parameters
+    accepted = set(params) - {"self", "vision_dim", "llm_dim", "grid"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(
+            f"projector {name!r} has no option {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}"
+        )
+    if "grid" in params:
         options["grid"] = grid
     return cls(vision_dim, llm_dim, **options)

@@ -172,7 +172,9 @@ class TrainStep(nn.Module):
             image_features = m.projector(vision_features.to(m.projector_dtype))
         else:
             image_features = None
-            dummy = torch.zeros(0, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
+            rows, cols = m.vision.patch_grid  # zero images of the tower's shape: every projector takes it
+            patches = rows * cols + m.vision.extra_tokens
+            dummy = torch.zeros(0, patches, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
             keep_graph = keep_graph + m.projector(dummy).sum()
         out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False)
         return out.loss + keep_graph
