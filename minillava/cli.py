@@ -20,6 +20,7 @@ def _quiet_transformers() -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from minillava.anyres import parse_pinpoints
     from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
     from minillava.model import MiniLlava
 
@@ -36,11 +37,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         projector=ProjectorConfig(name=args.projector),
         llm_source=args.llm,
         template=args.template,
-        aspect=args.aspect,
+        aspect=args.aspect or ("resize" if args.anyres else "pad"),
+        image_grid_pinpoints=parse_pinpoints(args.anyres) if args.anyres else None,
     )
     model, processor = MiniLlava.build(cfg)
     model.save_pretrained(args.out, processor)
-    print(f"built {args.out}: {model.tokens_per_image} tokens per image, template {processor.template.name}")
+    tokens = f"{model.tokens_per_image} tokens per image" if model.anyres is None else "AnyRes: tokens by image size"
+    print(f"built {args.out}: {tokens}, template {processor.template.name}")
     return 0
 
 
@@ -96,7 +99,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         },
         "projector": model.config.projector.name,
         "llm": type(model.llm).__name__,
-        "tokens_per_image": model.tokens_per_image,
+        "tokens_per_image": model.tokens_per_image,  # with AnyRes, of the base view
+        "anyres": None if model.anyres is None else model.anyres.layout.to_dict(),
         "image_token": f"{processor.image_token} (id {processor.image_token_id})",
         "template": processor.template.name,
         "max_length": processor.max_length,
@@ -121,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--template", default="auto")
-    p.add_argument("--aspect", default="pad", choices=["pad", "resize", "center_crop"])
+    p.add_argument("--aspect", default=None, choices=["pad", "resize", "center_crop"],
+                   help="default pad; with --anyres resize, LLaVA-NeXT's base view")  # fmt: skip
+    p.add_argument("--anyres", default=None, metavar="HxW,...",
+                   help="LLaVA-NeXT AnyRes grid pinpoints in px, multiples of the tower's input, e.g. "
+                        "672x336,336x672,672x672,1008x336,336x1008")  # fmt: skip
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_build)
 

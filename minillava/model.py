@@ -4,6 +4,11 @@
     input_ids    (B, T)       --embed--> (B, T, D)  --splice N-token runs at <image> slots--> (B, T, D)
     --LLM--> hidden (B, T, D) --lm_head at the positions we need--> logits
 
+With AnyRes (LLaVA-NeXT) an image is several crops and its token count depends on its size:
+
+    pixel_values (C, 3, H, W), image_sizes (I, 2) --tower, projector--> (C, P, D)
+    --AnyResPacker: per image, base view + unpadded tile map + a newline per row--> (sum_i N_i, D) --splice
+
 The LLM never knows it is looking at a picture: it reads N more embeddings in its input sequence.
 """
 
@@ -21,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from minillava.anyres import AnyRes, AnyResPacker
 from minillava.config import ModelConfig
 from minillava.fileio import atomic_dir
 from minillava.images import ImageTransform
@@ -31,6 +37,7 @@ from minillava.splice import splice_image_features
 from minillava.vision import VisionTower, load_vision_tower
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
+ANYRES_WEIGHTS = "anyres.safetensors"
 
 
 @dataclass
@@ -52,13 +59,38 @@ def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def build_anyres(
+    config: ModelConfig, vision: VisionTower, projector: Projector, dim: int, dtype: torch.dtype
+) -> AnyResPacker | None:
+    """The AnyRes packer when the config has grid pinpoints; it lays each crop's tokens out on the patch grid."""
+    if not config.image_grid_pinpoints:
+        return None
+    rows, cols = vision.patch_grid
+    n = projector.num_tokens(vision.patch_grid, vision.extra_tokens)
+    if n != rows * cols:
+        raise ValueError(
+            f"AnyRes needs one token per patch of the {rows}x{cols} grid, but projector {config.projector.name!r} "
+            f"with select_feature {config.vision.select_feature!r} gives {n} per crop"
+        )
+    layout = AnyRes(tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints), vision.image_size, (rows, cols))
+    return AnyResPacker(layout, dim).to(dtype)
+
+
 class MiniLlava(nn.Module):
-    def __init__(self, config: ModelConfig, vision: VisionTower, projector: Projector, llm: PreTrainedModel) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        vision: VisionTower,
+        projector: Projector,
+        llm: PreTrainedModel,
+        anyres: AnyResPacker | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
         self.projector = projector
         self.llm = llm
+        self.anyres = anyres
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
@@ -81,13 +113,15 @@ class MiniLlava(nn.Module):
             vision.patch_grid,
             **config.projector.options,
         ).to(dtype)
-        model = cls(config, vision, projector, llm)
+        anyres = build_anyres(config, vision, projector, llm.get_input_embeddings().embedding_dim, dtype)
+        model = cls(config, vision, projector, llm, anyres)
         transform = (
             ImageTransform.from_dir(vision_dir, vision.image_size, config.aspect)
             if vision_dir is not None
             else ImageTransform(vision.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.aspect)
         )
         processor = Processor(tokenizer, transform, model.tokens_per_image, config.image_token, config.template)
+        processor.anyres = model.anyres_layout
         return model, processor
 
     @classmethod
@@ -110,12 +144,20 @@ class MiniLlava(nn.Module):
             **config.projector.options,
         )
         projector.load_state_dict(load_file(directory / PROJECTOR_WEIGHTS), strict=True)
-        model = cls(config, vision, projector.to(dtype), llm)
+        anyres = build_anyres(config, vision, projector, llm.get_input_embeddings().embedding_dim, dtype)
+        if anyres is not None:
+            anyres.load_state_dict(load_file(directory / ANYRES_WEIGHTS), strict=True)
+        model = cls(config, vision, projector.to(dtype), llm, anyres)
         processor = Processor.from_pretrained(directory)
         if processor.tokens_per_image != model.tokens_per_image:
             raise ValueError(
                 f"{directory}: processor expands an image to {processor.tokens_per_image} tokens but the model "
                 f"produces {model.tokens_per_image}"
+            )
+        if processor.anyres != model.anyres_layout:
+            raise ValueError(
+                f"{directory}: the processor's AnyRes layout {processor.anyres} differs from the model's "
+                f"{model.anyres_layout}"
             )
         return model.eval(), processor
 
@@ -128,12 +170,19 @@ class MiniLlava(nn.Module):
             (tmp / "vision" / "preprocessor_config.json").write_text(json.dumps(transform.to_hf_dict(), indent=2))
             self.llm.save_pretrained(tmp / "llm")
             save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)
+            if self.anyres is not None:
+                save_file({k: v.contiguous() for k, v in self.anyres.state_dict().items()}, tmp / ANYRES_WEIGHTS)
             processor.save_pretrained(tmp)
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property
     def tokens_per_image(self) -> int:
+        """Tokens of one crop: of each image, or with AnyRes, of its base view."""
         return self.projector.num_tokens(self.vision.patch_grid, self.vision.extra_tokens)
+
+    @property
+    def anyres_layout(self) -> AnyRes | None:
+        return None if self.anyres is None else self.anyres.layout
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,13 +193,23 @@ class MiniLlava(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     # ---- forward --------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D)
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(I, 3, H, W) -> (I, N, D); with AnyRes (C crops, 3, H, W) and (I, 2) sizes -> (sum_i N_i, D)."""
         if self.vision.training or any(p.requires_grad for p in self.vision.parameters()):
             features = self.vision(pixel_values)
         else:
             with torch.no_grad():
                 features = self.vision(pixel_values)  # (I, P, Dv)
-        return self.projector(features.to(self.projector_dtype))
+        return self.project(features, image_sizes)
+
+    def project(self, features: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Vision features (C, P, Dv) -> image tokens (C, N, D), or with AnyRes, packed per image (sum_i N_i, D)."""
+        tokens = self.projector(features.to(self.projector_dtype))
+        if self.anyres is None:
+            return tokens
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes, one (height, width) per image, with its pixels")
+        return self.anyres(tokens, image_sizes)
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -161,10 +220,11 @@ class MiniLlava(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (B, T) -> (B, T, D)
         """Text embeddings with each image's N projected features written into its N placeholder slots."""
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, image_sizes)
         text = self.llm.get_input_embeddings()(input_ids)
         return splice_image_features(input_ids, text, image_features, self.config.image_token_id)
 
@@ -185,12 +245,13 @@ class MiniLlava(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        image_sizes: torch.Tensor | None = None,  # (I, 2) (height, width) of each image, AnyRes only
     ) -> Output:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        embeds = self.embed(input_ids, pixel_values, image_features, image_sizes)
         base = self.llm.base_model
         cache_kw = _cache_keyword(type(base))
         out = base(
@@ -223,7 +284,10 @@ class MiniLlava(nn.Module):
     # ---- reporting ------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
-        for name, module in (("vision", self.vision), ("projector", self.projector), ("llm", self.llm)):
+        parts = [("vision", self.vision), ("projector", self.projector), ("llm", self.llm)]
+        if self.anyres is not None:
+            parts.append(("anyres", self.anyres))
+        for name, module in parts:
             params = list(module.parameters())
             trainable = sum(p.numel() for p in params if p.requires_grad)
             counts[name] = {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}

@@ -1,6 +1,6 @@
 """What trains: `freeze(model, stage)` and LoRA on the LLM's linear layers (never the vision tower).
 
-- align:    projector only (vision and LLM frozen)
+- align:    projector only (vision and LLM frozen); "projector" includes AnyRes's image_newline throughout
 - instruct: projector + LLM; with LoRA, projector + LoRA adapters on the LLM's linear layers
 - tune_vision: additionally the vision tower (its own learning rate)
 """
@@ -116,6 +116,8 @@ def freeze(
     say = log_fn or log.info
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.anyres is not None:  # image_newline belongs to the bridge, like the projector
+        model.anyres.requires_grad_(True)
     if stage == "instruct":
         if lora is not None:
             if not has_lora(model):
@@ -146,9 +148,10 @@ def freeze(
 def param_groups(model: MiniLlava, lr: float, projector_lr: float, vision_lr: float, weight_decay: float) -> list[dict]:
     """Optimizer groups: projector, LLM (full or LoRA) and vision each with their own lr; no decay on biases/norms."""
     groups = []
-    for name, module, group_lr in (
-        ("projector", model.projector, projector_lr), ("llm", model.llm, lr), ("vision", model.vision, vision_lr)
-    ):  # fmt: skip
+    parts = [("projector", model.projector, projector_lr), ("llm", model.llm, lr), ("vision", model.vision, vision_lr)]
+    if model.anyres is not None:
+        parts.append(("anyres", model.anyres, projector_lr))
+    for name, module, group_lr in parts:
         decay, no_decay = [], []
         for n, p in module.named_parameters():
             if p.requires_grad:
