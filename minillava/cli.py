@@ -79,7 +79,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, processor = minillava.load(args.model)
     export_hf_llava(model, processor, args.out)
-    print(f"exported {args.model} -> {args.out} (transformers LlavaForConditionalGeneration)")
+    kind = "LlavaForConditionalGeneration" if model.anyres is None else "LlavaNextForConditionalGeneration"
+    print(f"exported {args.model} -> {args.out} (transformers {kind})")
     return 0
 
 
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="answer a prompt about one or more images")
-    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava dir")
+    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava / LlavaNext dir")
     p.add_argument("--image", action="append", help="image path (repeatable, in order)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a transformers LlavaForConditionalGeneration directory")
+    p = sub.add_parser("export", help="write a transformers Llava (or, with AnyRes, LlavaNext) directory")
     p.add_argument("--model", required=True)
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--out", required=True, type=Path)
