@@ -4,6 +4,7 @@ the packed features, batching of a varying number of crops, gradients, save/load
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -207,7 +208,43 @@ def test_save_load_round_trip(anyres_tiny, tmp_path):
         assert torch.equal(again(**batch).logits, model(**batch).logits)
 
 
-# ---- training and the CLI -------------------------------------------------------------------------------------------
+# ---- data, training and the CLI --------------------------------------------------------------------------------------
+
+
+SHAPES = ["tall", "wide", "square", "tiny"]
+
+
+def write_data(root: Path) -> Path:
+    """One captioned picture of each shape and a text-only sample, LLaVA json."""
+
+    def turns(question: str, answer: str) -> list[dict]:
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+    for i, shape in enumerate(SHAPES):
+        picture(SIZES[shape], seed=i).save(root / f"{shape}.png")
+    rows = [
+        {"id": s, "image": f"{s}.png", "conversations": turns("<image>\nWhat is it?", f"a {s} one")} for s in SHAPES
+    ]
+    rows.append({"id": "text", "conversations": turns("hi", "hello")})
+    (root / "data.json").write_text(json.dumps(rows))
+    return root / "data.json"
+
+
+def test_dataset_and_data_check_expand_by_image_size(anyres_tiny, tmp_path):
+    from minillava.data.check import check_data
+    from minillava.data.dataset import SupervisedDataset
+
+    _, processor = anyres_tiny
+    data = write_data(tmp_path)
+    dataset = SupervisedDataset(data, processor, tmp_path)
+    items = [dataset[i] for i in range(len(dataset))]
+    for shape, item in zip(SHAPES, items, strict=False):
+        assert item.encoded.input_ids.count(processor.image_token_id) == processor.anyres.num_tokens(SIZES[shape])
+        assert item.encoded.pixel_values.shape[0] == processor.anyres.num_crops(SIZES[shape])
+    report = check_data([data], tmp_path, processor)
+    assert report.ok and sorted(report.lengths) == sorted(len(it.encoded.input_ids) for it in items)
+    with pytest.raises(ValueError, match="feature cache"):
+        SupervisedDataset(data, processor, tmp_path, feature_cache=object())
 
 
 def test_trainer_runs_anyres(anyres_tiny, tmp_path):
@@ -216,20 +253,9 @@ def test_trainer_runs_anyres(anyres_tiny, tmp_path):
 
     model, processor = anyres_tiny
     model.save_pretrained(tmp_path / "start", processor)
-    shapes = ["tall", "wide", "square", "tiny"]
-    for i, shape in enumerate(shapes):
-        picture(SIZES[shape], seed=i).save(tmp_path / f"{shape}.png")
-
-    def turns(question: str, answer: str) -> list[dict]:
-        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-
-    rows = [
-        {"id": s, "image": f"{s}.png", "conversations": turns("<image>\nWhat is it?", f"a {s} one")} for s in shapes
-    ]
-    rows.append({"id": "text", "conversations": turns("hi", "hello")})
-    (tmp_path / "data.json").write_text(json.dumps(rows))
+    data = write_data(tmp_path)
     cfg = TrainConfig(
-        model=str(tmp_path / "start"), data=[str(tmp_path / "data.json")], image_root=str(tmp_path),
+        model=str(tmp_path / "start"), data=[str(data)], image_root=str(tmp_path),
         out=str(tmp_path / "run"), stage="align", batch_size=5, max_steps=4, lr=1e-2, num_workers=0,
         precision="fp32", progress=False, plot=False, warmup_ratio=0.0, scheduler="constant", seed=0,
         feature_cache=str(tmp_path / "cache"),  # ignored with AnyRes
