@@ -120,8 +120,10 @@ class MiniLlava(nn.Module):
             if vision_dir is not None
             else ImageTransform(vision.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.aspect)
         )
-        processor = Processor(tokenizer, transform, model.tokens_per_image, config.image_token, config.template)
-        processor.anyres = model.anyres_layout
+        processor = Processor(
+            tokenizer, transform, model.tokens_per_image, config.image_token, config.template,
+            anyres=model.anyres_layout,
+        )  # fmt: skip
         return model, processor
 
     @classmethod

@@ -150,8 +150,9 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     elif newline:
         raise ValueError(f"{path}: a 'llava' checkpoint with an image_newline weight (LLaVA-NeXT is 'llava_next')")
     model = MiniLlava(model_cfg, vision, projector, llm, anyres).eval()
-    processor = Processor(tokenizer, transform, model.tokens_per_image, image_token, model_cfg.template)
-    processor.anyres = model.anyres_layout
+    processor = Processor(
+        tokenizer, transform, model.tokens_per_image, image_token, model_cfg.template, anyres=model.anyres_layout
+    )
     return model, processor
 
 
