@@ -40,6 +40,7 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    from minillava.anyres import parse_pinpoints
     from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
     from minillava.model import MiniLlava
 
@@ -59,13 +60,15 @@ def cmd_build(args: argparse.Namespace) -> int:
         ),
         llm_source=args.llm,
         template=args.template,
-        aspect=args.aspect,
+        aspect=args.aspect or ("resize" if args.anyres else "pad"),
+        image_grid_pinpoints=parse_pinpoints(args.anyres) if args.anyres else None,
         fusion=args.fusion,
         xattn=XattnConfig(every=args.xattn_every),
     )
     model, processor = MiniLlava.build(cfg)
     model.save_pretrained(args.out, processor)
-    print(f"built {args.out}: {model.tokens_per_image} tokens per image, template {processor.template.name}")
+    tokens = f"{model.tokens_per_image} tokens per image" if model.anyres is None else "AnyRes: tokens by image size"
+    print(f"built {args.out}: {tokens}, template {processor.template.name}")
     return 0
 
 
@@ -101,7 +104,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, processor = minillava.load(args.model)
     export_hf_llava(model, processor, args.out)
-    print(f"exported {args.model} -> {args.out} (transformers LlavaForConditionalGeneration)")
+    kind = "LlavaForConditionalGeneration" if model.anyres is None else "LlavaNextForConditionalGeneration"
+    print(f"exported {args.model} -> {args.out} (transformers {kind})")
     return 0
 
 
@@ -122,7 +126,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "projector": model.config.projector.name,
         "fusion": model.config.fusion,
         "llm": type(model.llm).__name__,
-        "tokens_per_image": model.tokens_per_image,
+        "tokens_per_image": model.tokens_per_image,  # with AnyRes, of the base view
+        "anyres": None if model.anyres is None else model.anyres.layout.to_dict(),
         "image_token": f"{processor.image_token} (id {processor.image_token_id})",
         "template": processor.template.name,
         "max_length": processor.max_length,
@@ -150,12 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--template", default="auto")
-    p.add_argument("--aspect", default="pad", choices=["pad", "resize", "center_crop"])
+    p.add_argument("--aspect", default=None, choices=["pad", "resize", "center_crop"],
+                   help="default pad; with --anyres resize, LLaVA-NeXT's base view")  # fmt: skip
+    p.add_argument("--anyres", default=None, metavar="HxW,...",
+                   help="LLaVA-NeXT AnyRes grid pinpoints in px, multiples of the tower's input, e.g. "
+                        "672x336,336x672,672x672,1008x336,336x1008")  # fmt: skip
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="answer a prompt about one or more images")
-    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava dir")
+    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava / LlavaNext dir")
     p.add_argument("--image", action="append", help="image path (repeatable, in order)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -169,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a transformers LlavaForConditionalGeneration directory")
+    p = sub.add_parser("export", help="write a transformers Llava (or, with AnyRes, LlavaNext) directory")
     p.add_argument("--model", required=True)
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--out", required=True, type=Path)

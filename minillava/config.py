@@ -45,7 +45,10 @@ class ModelConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm_source: str = "builtin:smollm2-135m-instruct"
     template: str = "auto"  # "auto": the tokenizer's chat template if it has one, else vicuna_v1
-    aspect: str = "pad"  # pad | resize | center_crop
+    aspect: str = "pad"  # pad | resize | center_crop (with AnyRes: of the base view; LLaVA-NeXT's is resize)
+    # LLaVA-NeXT AnyRes: candidate canvases [height, width] in px, multiples of the tower's input size.
+    # None: one crop per image. Set: a base view plus tiles, their token count set by each image's size.
+    image_grid_pinpoints: list[list[int]] | None = None
     image_token: str = "<image>"
     image_token_id: int = -1  # set when the token is added to the tokenizer
     fusion: str = "splice"  # splice: N image embeddings in the text | xattn: one marker + gated cross-attention

@@ -80,9 +80,10 @@ def decode(
     device = model.device
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    pixels = batch["pixel_values"]
+    pixels, sizes = batch["pixel_values"], batch.get("image_sizes")  # sizes: AnyRes only
     pixels = None if pixels is None else pixels.to(device)
-    out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1)  # prefill: images spliced here only
+    sizes = None if sizes is None else sizes.to(device)
+    out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes)  # prefill: images here only
     position = positions_from_mask(mask)[:, -1:]  # (B, 1)
     stops = torch.tensor(stop_ids, device=device, dtype=torch.long)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)

@@ -1,6 +1,6 @@
 """What trains: `freeze(model, stage)` and LoRA on the LLM's linear layers (never the vision tower).
 
-- align:    projector only (vision and LLM frozen)
+- align:    projector only (vision and LLM frozen); "projector" includes AnyRes's image_newline throughout
 - instruct: projector + LLM; with LoRA, projector + LoRA adapters on the LLM's linear layers
 - tune_vision: additionally the vision tower (its own learning rate)
 - fusion xattn: the gated cross-attention blocks train with the projector (the resampler) in both stages,
@@ -120,6 +120,8 @@ def freeze(
     say = log_fn or log.info
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.anyres is not None:  # image_newline belongs to the bridge, like the projector
+        model.anyres.requires_grad_(True)
     if stage == "instruct":
         if lora is not None:
             if not has_lora(model):
@@ -154,7 +156,7 @@ def param_groups(model: MiniLlava, lr: float, projector_lr: float, vision_lr: fl
     each with their own lr; no decay on biases/norms."""
     groups = []
     parts = model.named_parts()
-    lrs = {"projector": projector_lr, "llm": lr, "vision": vision_lr, "xattn": projector_lr}
+    lrs = {"projector": projector_lr, "llm": lr, "vision": vision_lr, "xattn": projector_lr, "anyres": projector_lr}
     for name, group_lr in lrs.items():
         decay, no_decay = [], []
         for n, p in parts.get(name, []):
