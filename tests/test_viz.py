@@ -331,7 +331,7 @@ def test_cli_writes_perceiver_and_xattn_visualizations(build_perceiver, fusion, 
     heat = torch.tensor(data["heatmaps"])
     assert heat.shape == (g, 4, 4)
     if fusion == "xattn":
-        assert "of the residual norm" in printed
+        assert "xattn adds" in printed and "of |residual|" in printed
         numbers = data["xattn"]
         assert numbers["layers"] == [0, 1] and numbers["num_latents"] == 5 and numbers["gate"] == [0.0, 0.0]
         assert torch.tensor(numbers["latent_attention"]).shape == (g, 2, 2, 5)

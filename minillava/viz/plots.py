@@ -153,7 +153,7 @@ def headline(vis: Visualization, k: int | None = None) -> str:
     """What generated token k (None: all of them, on average) took from the image, in a few words."""
     att, pick = vis.attention, slice(None) if k is None else k
     if isinstance(att, XattnAttention):
-        return f"the image adds {float(att.relative_norm[pick].mean()):.1%} of the residual norm"
+        return f"xattn adds {float(att.relative_norm[pick].mean()):.1%} of |residual|"
     return f"{float(att.image_share[pick].mean()):.1%} of attention on the image"
 
 
