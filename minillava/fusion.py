@@ -51,18 +51,42 @@ class MaskedCrossAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, media: torch.Tensor, media_index: torch.Tensor
     ) -> torch.Tensor:  # (B, T, D), (B, M, L, Dm), (B, T) -> (B, T, D)
-        m, n_latents = media.shape[1:3]
-        q = self.to_q(self.norm(x))  # (B, T, H*Dh)
-        k, v = self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1)  # (B, M*L, H*Dh) each
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, *, Dh)
-        key_image = torch.arange(m, device=x.device).repeat_interleave(n_latents)  # (M*L,): the image of each key
-        sees = media_index[:, :, None] == key_image  # (B, T, M*L)
-        # A token before the first image would have no key at all: let it see every key (a finite softmax, no
-        # NaN in backward) and zero its output below, so it reads nothing.
-        no_media = media_index < 0  # (B, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=(sees | no_media[..., None])[:, None])
+        q, k, v = self.qkv(x, media)
+        sees, no_media = self.mask(media, media_index)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sees)
         out = out.transpose(1, 2).flatten(2).masked_fill(no_media[..., None], 0.0)  # (B, T, H*Dh)
         return self.to_out(out)  # bias-free: a zero row stays zero
+
+    def attention(
+        self, x: torch.Tensor, media: torch.Tensor, media_index: torch.Tensor
+    ) -> torch.Tensor:  # -> (B, H, T, M*L)
+        """The probabilities `forward` weighs the media values with, written out because the fused kernel never
+        materialises them; rows of tokens before the first image are 0, as those tokens read nothing. For
+        visualisation only."""
+        q, k, _ = self.qkv(x, media)
+        sees, no_media = self.mask(media, media_index)
+        scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~sees, -torch.inf)
+        return scores.softmax(-1).masked_fill(no_media[:, None, :, None], 0.0)
+
+    def qkv(
+        self, x: torch.Tensor, media: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q (B, H, T, Dh), k and v (B, H, M*L, Dh)
+        q = self.to_q(self.norm(x))  # (B, T, H*Dh)
+        k, v = self.to_kv(media.flatten(1, 2)).chunk(2, dim=-1)  # (B, M*L, H*Dh) each
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
+
+    @staticmethod
+    def mask(
+        media: torch.Tensor, media_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # attention mask (B, 1, T, M*L), no media (B, T)
+        """Each token sees the latents of its latest image only."""
+        m, n_latents = media.shape[1:3]
+        key_image = torch.arange(m, device=media.device).repeat_interleave(n_latents)  # (M*L,): the image of each key
+        sees = media_index[:, :, None] == key_image  # (B, T, M*L)
+        # A token before the first image would have no key at all: let it see every key (a finite softmax, no
+        # NaN in backward); the caller zeroes what it reads.
+        no_media = media_index < 0  # (B, T)
+        return (sees | no_media[..., None])[:, None], no_media
 
 
 class GatedCrossAttentionBlock(nn.Module):

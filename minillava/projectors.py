@@ -184,6 +184,23 @@ class PerceiverProjector(Projector):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, L, Dl)
         return self.linear(self.resampler(x))
 
+    def token_to_patch_weights(
+        self, grid: tuple[int, int], extra_tokens: int = 0, features: torch.Tensor | None = None
+    ) -> torch.Tensor:  # (L, R*C)
+        """Latent n's attention in the resampler's last layer, averaged over heads, over the patch keys only and
+        renormalised there: its keys on the latents (self-attention) and on kept CLS/register tokens sit nowhere
+        on the grid. The last layer is the one whose reading the latents hand on; earlier layers are left out."""
+        patches = grid[0] * grid[1]
+        if features is None or features.dim() != 3 or features.shape[:2] != (1, extra_tokens + patches):
+            got = None if features is None else tuple(features.shape)
+            raise ValueError(
+                f"perceiver: token_to_patch_weights needs one image's features (1, {extra_tokens + patches}, Dv), "
+                f"got {got}"
+            )
+        _, maps = self.resampler(features, return_attention=True)  # (depth, 1, H, L, P'+L)
+        on_patches = maps[-1, 0, :, :, extra_tokens : extra_tokens + patches].mean(0)  # (L, R*C)
+        return on_patches / on_patches.sum(-1, keepdim=True)
+
 
 def build_projector(name: str, vision_dim: int, llm_dim: int, grid: tuple[int, int], **options: object) -> Projector:
     """`grid` is the tower's (rows, cols) patch grid; projectors that reduce tokens need its geometry."""

@@ -36,12 +36,23 @@ class PerceiverAttention(nn.Module):
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
     def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:  # (I, P, D), (I, L, D) -> (I, L, D)
+        q, k, v = self.qkv(media, latents)
+        out = F.scaled_dot_product_attention(q, k, v)  # (I, H, L, Dh)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+    def attention(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:  # -> (I, H, L, P+L)
+        """The probabilities `forward` weighs the values with (keys: the P patches, then the L latents), written
+        out because the fused kernel never materialises them; for visualisation only."""
+        q, k, _ = self.qkv(media, latents)
+        return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1)
+
+    def qkv(
+        self, media: torch.Tensor, latents: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # q (I, H, L, Dh), k and v (I, H, P+L, Dh)
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = self.to_q(latents)  # (I, L, H*Dh)
         k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)  # (I, P+L, H*Dh) each
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (I, H, *, Dh)
-        out = F.scaled_dot_product_attention(q, k, v)  # (I, H, L, Dh)
-        return self.to_out(out.transpose(1, 2).flatten(2))
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
 
 
 class PerceiverResampler(nn.Module):
@@ -61,9 +72,17 @@ class PerceiverResampler(nn.Module):
     def num_latents(self) -> int:
         return self.latents.shape[0]
 
-    def forward(self, media: torch.Tensor) -> torch.Tensor:  # (I, P, D) -> (I, L, D)
+    def forward(
+        self, media: torch.Tensor, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # (I, P, D) -> (I, L, D)[, (depth, I, H, L, P+L)]
+        """The latents; with `return_attention`, also every layer's attention probabilities (latents over
+        [patches; latents]), computed on the side at the cost of one more q.k per layer."""
         latents = self.latents.expand(media.shape[0], -1, -1)
+        maps = []
         for attn, ff in self.layers:
+            if return_attention:
+                maps.append(attn.attention(media, latents))
             latents = attn(media, latents) + latents
             latents = ff(latents) + latents
-        return self.norm(latents)
+        latents = self.norm(latents)
+        return (latents, torch.stack(maps)) if return_attention else latents

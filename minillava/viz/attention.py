@@ -1,10 +1,17 @@
-"""Attention on image tokens, for each generated token, per layer and per head.
+"""Where each generated token looks in the image: per layer and per head, then back onto the patch grid.
 
-Greedy generation runs on the normal fast path. Then one eager-attention forward of the whole sequence
-(prompt + answer) with `output_attentions=True` gives every layer's attention probabilities; the row of
-the query that predicted generated token k (position T_prompt - 1 + k) says how much of its attention went
-to the image tokens. The projector's `token_to_patch_weights` spreads each image token's share back over
-the patches it was made from, which places that attention on the picture.
+Greedy generation runs on the normal fast path; then the whole sequence (prompt + answer) goes through the
+model once more to measure, at the query that predicted generated token k (position T_prompt - 1 + k):
+
+- splice (`fusion="splice"`): the image is a run of N tokens in the sequence. One eager-attention forward
+  with `output_attentions=True` gives every layer's attention probabilities; their mass on the image tokens
+  is the image share.
+- xattn (`fusion="xattn"`): the image is one marker token and gated cross-attention blocks read its
+  resampler latents. Each block's cross-attention probabilities over the latents, tanh of its gate, and the
+  size of what it adds relative to the residual stream it adds to, are recomputed from the block's input.
+
+Either way the projector's `token_to_patch_weights` spreads the attention on each image token (or latent) over
+the patches it came from (the Perceiver's own attention maps), which places it on the picture.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
 from minillava.generate import GenerationConfig, Generator, decode
@@ -23,17 +32,36 @@ from minillava.processor import Encoded, Processor
 
 
 @dataclass
+class SpliceAttention:
+    """The image is a run of tokens in the sequence; the LLM's own attention on them."""
+
+    mode: ClassVar[str] = "splice"
+    image_span: tuple[int, int]  # [start, end) of the image tokens in the sequence
+    attention_rows: torch.Tensor  # (L, H, G, T) eager attention probabilities of the query positions
+    image_share: torch.Tensor  # (G, L, H) attention mass on the image tokens
+
+
+@dataclass
+class XattnAttention:
+    """The image is one marker token; X gated cross-attention blocks read its Lat resampler latents."""
+
+    mode: ClassVar[str] = "xattn"
+    layers: list[int]  # the decoder layer each block sits in front of
+    latent_attention: torch.Tensor  # (G, X, H, Lat) cross-attention probabilities over the image's latents
+    gate: torch.Tensor  # (X,) tanh(attn_gate): the factor the block's cross-attention output is scaled by
+    relative_norm: torch.Tensor  # (G, X) |tanh(gate) * xattn(x)| / |x| at the query: how much the image adds
+
+
+@dataclass
 class Visualization:
     prompt: str
     answer: str  # the generated text, special tokens dropped
     tokens: list[str]  # each generated token as text, a final stop token included
     token_ids: list[int]
     input_ids: list[int]  # the whole sequence: prompt + generated tokens
-    image_span: tuple[int, int]  # [start, end) of the image tokens in input_ids
     query_positions: list[int]  # the position whose attention predicted each generated token
-    attention_rows: torch.Tensor  # (L, H, G, T) eager attention probabilities of those queries
-    image_share: torch.Tensor  # (G, L, H) attention mass on the image tokens
-    heatmaps: torch.Tensor  # (G, R, C) attention mass on each patch, mean over layers and heads
+    attention: SpliceAttention | XattnAttention
+    heatmaps: torch.Tensor  # (G, R, C) attention mass on each patch, mean over layers (blocks) and heads
     image: torch.Tensor  # (S, S, 3) in [0, 1]: the picture as the vision tower saw it (resized, padded)
     projector: str
 
@@ -83,6 +111,48 @@ def attention_rows(
     return torch.stack([a[0, :, queries].float().cpu() for a in out.attentions])
 
 
+@contextlib.contextmanager
+def block_inputs(blocks: nn.ModuleDict) -> Iterator[dict[str, tuple[torch.Tensor, ...]]]:
+    """The (x, media, media_index) each xattn block is called with during the forward run inside; filled by
+    forward pre-hooks that are removed on exit. The blocks' inputs exist only inside the LLM's forward, and
+    transformers' `output_hidden_states` records the wrapped decoder layer's input: the block's output."""
+    seen: dict[str, tuple[torch.Tensor, ...]] = {}
+
+    def recorder(name: str):
+        return lambda _module, args: seen.__setitem__(name, args)
+
+    handles = [block.register_forward_pre_hook(recorder(name)) for name, block in blocks.items()]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def xattn_attention(
+    model: MiniLlava, input_ids: torch.Tensor, latents: torch.Tensor, queries: list[int]
+) -> XattnAttention:  # (1, T), (1, Lat, D)
+    """One fast-attention forward of the whole sequence, then each block's cross-attention probabilities and
+    gated output at the query positions, recomputed explicitly from the input it had there."""
+    blocks = model.xattn
+    with block_inputs(blocks) as inputs:
+        model(input_ids, image_features=latents, return_logits=False)
+    probs, norms = [], []
+    for name, block in blocks.items():
+        x, media, media_index = inputs[name]  # (1, T, D), (1, 1, Lat, D), (1, T)
+        x, media_index = x[:, queries], media_index[:, queries]  # (1, G, D), (1, G)
+        probs.append(block.attn.attention(x, media, media_index)[0])  # (H, G, Lat): one image, Lat keys
+        added = block.attn(x, media, media_index) * block.attn_gate.tanh()  # (1, G, D)
+        norms.append((added.float().norm(dim=-1) / x.float().norm(dim=-1))[0])  # (G,)
+    return XattnAttention(
+        layers=[int(name) for name in blocks],
+        latent_attention=torch.stack(probs).permute(2, 0, 1, 3).float().cpu(),  # (G, X, H, Lat)
+        gate=torch.cat([block.attn_gate.tanh() for block in blocks.values()]).float().cpu(),
+        relative_norm=torch.stack(norms, 1).cpu(),  # (G, X)
+    )
+
+
 def visualize(
     model: MiniLlava,
     processor: Processor,
@@ -93,17 +163,25 @@ def visualize(
 ) -> Visualization:
     """Generate greedily about one image, then measure where each generated token's attention went."""
     encoded = Generator(model, processor).encode(prompt, [image], raw)
-    start, end = image_span(encoded.input_ids, processor.image_token_id)
+    xattn = model.config.fusion == "xattn"
+    span = None if xattn else image_span(encoded.input_ids, processor.image_token_id)  # fail before generating
     pixels = encoded.pixel_values.to(model.device)  # (1, 3, S, S)
     generated = greedy_tokens(model, processor, encoded, max_new_tokens)
     ids = encoded.input_ids + generated
     queries = list(range(len(encoded.input_ids) - 1, len(ids) - 1))
     with torch.inference_mode():
         features = model.vision(pixels).to(model.projector_dtype)  # (1, P, Dv)
-        weights = patch_weights(model, features)  # (N, R*C)
-        rows = attention_rows(model, torch.tensor([ids], device=model.device), model.projector(features), queries)
-    on_image = rows[..., start:end]  # (L, H, G, N)
-    heat = on_image.mean(dim=(0, 1)) @ weights  # (G, R*C)
+        weights = patch_weights(model, features)  # (N, R*C): N image tokens, or latents under xattn
+        tokens = model.projector(features)  # (1, N, D)
+        ids_t = torch.tensor([ids], device=model.device)
+        if xattn:
+            attention = xattn_attention(model, ids_t, tokens, queries)
+            on_tokens = attention.latent_attention.mean(dim=(1, 2))  # (G, Lat)
+        else:
+            rows = attention_rows(model, ids_t, tokens, queries)  # (L, H, G, T)
+            on_image = rows[..., span[0] : span[1]]  # (L, H, G, N)
+            attention = SpliceAttention(span, rows, on_image.sum(-1).permute(2, 0, 1))
+            on_tokens = on_image.mean(dim=(0, 1))  # (G, N)
     tokenizer = processor.tokenizer
     transform = processor.image_transform
     mean, std = torch.tensor(transform.mean), torch.tensor(transform.std)
@@ -113,11 +191,9 @@ def visualize(
         tokens=[tokenizer.decode([t]) for t in generated],
         token_ids=generated,
         input_ids=ids,
-        image_span=(start, end),
         query_positions=queries,
-        attention_rows=rows,
-        image_share=on_image.sum(-1).permute(2, 0, 1),  # (G, L, H)
-        heatmaps=heat.reshape(len(generated), *model.vision.patch_grid),
+        attention=attention,
+        heatmaps=(on_tokens @ weights).reshape(len(generated), *model.vision.patch_grid),
         image=(pixels[0].float().cpu().permute(1, 2, 0) * std + mean).clamp(0, 1),
         projector=model.projector.name,
     )
@@ -126,7 +202,7 @@ def visualize(
 def patch_weights(model: MiniLlava, features: torch.Tensor) -> torch.Tensor:  # (1, P, Dv) -> (N, R*C)
     grid, extra = model.vision.patch_grid, model.vision.extra_tokens
     weights = model.projector.token_to_patch_weights(grid, extra, features).float().cpu()
-    expected = (model.tokens_per_image, grid[0] * grid[1])
+    expected = (model.projector.num_tokens(grid, extra), grid[0] * grid[1])
     if tuple(weights.shape) != expected:
         raise ValueError(
             f"projector {model.projector.name}: token_to_patch_weights gave {tuple(weights.shape)}, expected {expected}"

@@ -10,8 +10,9 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser(
         "viz",
         help="where the LLM's attention goes: share on the image per token, layer and head, and heatmaps",
-        description="Generate greedily, then rerun the sequence once with eager attention and write attention.json, "
-        "image_share.png and heatmap_<k>.png (one per generated token) into --out.",
+        description="Generate greedily, then rerun the sequence once to measure attention and write attention.json, "
+        "a summary plot (image_share.png; xattn.png for --fusion xattn models) and heatmap_<k>.png (one per "
+        "generated token) into --out.",
     )
     p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava dir")
     p.add_argument("--image", required=True)
@@ -26,7 +27,7 @@ def add_commands(subparsers) -> None:
 def cmd_viz(args: argparse.Namespace) -> int:
     import minillava
     from minillava.viz import visualize, write_visualization
-    from minillava.viz.plots import check_out_dir
+    from minillava.viz.plots import check_out_dir, headline
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
@@ -36,6 +37,6 @@ def cmd_viz(args: argparse.Namespace) -> int:
         processor = processor.with_template(args.template)
     vis = visualize(model, processor, args.image, args.prompt, args.max_new_tokens, raw=args.template == "none")
     write_visualization(vis, args.out)
-    print(f"{args.out}: {len(vis.tokens)} tokens, {float(vis.image_share.mean()):.1%} of attention on the image")
+    print(f"{args.out}: {len(vis.tokens)} tokens, {headline(vis)}")
     print(f"answer: {vis.answer}")
     return 0
