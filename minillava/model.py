@@ -162,7 +162,10 @@ class MiniLlava(nn.Module):
             vision.patch_grid,
             **config.projector.options,
         )
-        projector.load_state_dict(load_file(directory / PROJECTOR_WEIGHTS), strict=True)
+        state = load_file(directory / PROJECTOR_WEIGHTS)
+        if "feature_mean" not in state:  # saved before projectors standardised their input: identity
+            state |= {"feature_mean": projector.feature_mean, "feature_std": projector.feature_std}
+        projector.load_state_dict(state, strict=True)
         if config.fusion == "xattn":
             add_xattn(llm, config.xattn)
             xattn_blocks(llm).load_state_dict(load_file(directory / XATTN_WEIGHTS), strict=True)

@@ -28,7 +28,43 @@ def register(name: str) -> Callable[[type[Projector]], type[Projector]]:
 
 
 class Projector(nn.Module):
+    """Every projector first standardises its input per feature channel, (x - mean) / std. The statistics are
+    identity (0, 1) until `set_feature_stats` fits them to a data set's vision features (the trainer's
+    `--standardize-features`). Why: a frozen tower's patch features share a large common component (DINOv2-S:
+    per-channel offsets up to 2.7 against 0.18 of between-image spread), so an MLP on the raw features sees
+    nearly the same input for every image and learns what differs between pictures slowly. Measured on the
+    demo's captions: standardised inputs cut the caption loss 6.9 -> 1.5 in 30 steps where raw ones reached
+    4.8, and it told the images apart (loss with the images shuffled: 3.5 against 1.5; raw: 5.0 against 4.8)."""
+
     name = "base"
+
+    def __init__(self, vision_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(vision_dim))  # (Dv,)
+        self.register_buffer("feature_std", torch.ones(vision_dim))  # (Dv,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, N, Dl)
+        return self.project(self.standardize(x))
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, P, Dv)
+        return (x - self.feature_mean.to(x.dtype)) / self.feature_std.to(x.dtype)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, N, Dl), standardised input
+        raise NotImplementedError
+
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Fit the input standardisation: per-channel mean and std (Dv,) of the vision features."""
+        if mean.shape != self.feature_mean.shape or std.shape != self.feature_std.shape:
+            raise ValueError(f"feature stats of shape {tuple(mean.shape)} for a {self.feature_mean.numel()}-wide input")
+        if not bool((std > 0).all()):
+            raise ValueError("feature stats: every channel's std must be > 0")
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+
+    @property
+    def standardizes(self) -> bool:
+        """Whether the input standardisation is fitted (not the identity)."""
+        return bool(self.feature_mean.any() or (self.feature_std != 1).any())
 
     def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
         """Tokens out for a (rows, cols) patch grid plus `extra_tokens` (CLS/registers kept)."""
@@ -55,25 +91,38 @@ class LinearProjector(Projector):
     """LLaVA-1.0: one linear map."""
 
     def __init__(self, vision_dim: int, llm_dim: int) -> None:
-        super().__init__()
+        super().__init__(vision_dim)
         self.linear = nn.Linear(vision_dim, llm_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, P, Dl)
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, P, Dl)
         return self.linear(x)
+
+
+class GeluMLP(nn.Module):
+    """Linear -> GELU -> Linear: LLaVA-1.5's projector body, also behind the poolers."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_out)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Din) -> (B, P, Dout)
+        return self.linear_2(self.act(self.linear_1(x)))
 
 
 @register("mlp2x_gelu")
 class MLPProjector(Projector):
-    """LLaVA-1.5: Linear -> GELU -> Linear."""
+    """LLaVA-1.5: Linear -> GELU -> Linear. The layers sit at the top level (not in a GeluMLP) so the weight
+    names are transformers Llava's `multi_modal_projector.linear_1/linear_2`."""
 
     def __init__(self, vision_dim: int, llm_dim: int) -> None:
-        super().__init__()
+        super().__init__(vision_dim)
         self.linear_1 = nn.Linear(vision_dim, llm_dim)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(llm_dim, llm_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, P, Dl)
-        return self.linear_2(self.act(self.linear_1(x)))
+    project = GeluMLP.forward  # (B, P, Dv) -> (B, P, Dl): the same three layers, by the same names
 
 
 @register("avgpool")
@@ -82,18 +131,18 @@ class AvgPoolProjector(Projector):
     idea): k = 2 turns a 16 x 16 grid into 64 tokens while keeping the grid's geometry."""
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: tuple[int, int], pool: int = 2) -> None:
-        super().__init__()
+        super().__init__(vision_dim)
         if grid[0] % pool or grid[1] % pool:
             raise ValueError(f"avgpool: patch grid {grid[0]}x{grid[1]} does not divide by pool size {pool}")
         self.grid, self.pool = tuple(grid), pool
-        self.mlp = MLPProjector(vision_dim, llm_dim)
+        self.mlp = GeluMLP(vision_dim, llm_dim)
 
     def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
         if extra_tokens:
             raise ValueError("avgpool pools the patch grid only: use select_feature='patch' (no CLS token)")
         return (grid[0] // self.pool) * (grid[1] // self.pool)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/k^2, Dl)
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/k^2, Dl)
         b, p, d = x.shape
         rows, cols = self.grid
         if p != rows * cols:
@@ -116,7 +165,7 @@ class PixelShuffleProjector(Projector):
     tokens that keep every feature, where avgpool averages them away."""
 
     def __init__(self, vision_dim: int, llm_dim: int, grid: tuple[int, int], factor: int = 2) -> None:
-        super().__init__()
+        super().__init__(vision_dim)
         if grid[0] % factor or grid[1] % factor:
             raise ValueError(f"pixel_shuffle: patch grid {grid[0]}x{grid[1]} does not divide by factor {factor}")
         self.grid, self.factor = tuple(grid), factor
@@ -127,7 +176,7 @@ class PixelShuffleProjector(Projector):
             raise ValueError("pixel_shuffle regroups the patch grid only: use select_feature='patch' (no CLS token)")
         return (grid[0] // self.factor) * (grid[1] // self.factor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/r^2, Dl)
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/r^2, Dl)
         return self.proj(self.shuffle(x))
 
     def shuffle(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/r^2, r*r*Dv)
@@ -174,14 +223,14 @@ class PerceiverProjector(Projector):
         dim_head: int = 64,
         ff_mult: int = 4,
     ) -> None:
-        super().__init__()
+        super().__init__(vision_dim)
         self.resampler = PerceiverResampler(vision_dim, depth, heads, dim_head, num_latents, ff_mult)
         self.linear = nn.Linear(vision_dim, llm_dim)
 
     def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
         return self.resampler.num_latents
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, L, Dl)
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, L, Dl)
         return self.linear(self.resampler(x))
 
     def token_to_patch_weights(
@@ -197,7 +246,7 @@ class PerceiverProjector(Projector):
                 f"perceiver: token_to_patch_weights needs one image's features (1, {extra_tokens + patches}, Dv), "
                 f"got {got}"
             )
-        _, maps = self.resampler(features, return_attention=True)  # (depth, 1, H, L, P'+L)
+        _, maps = self.resampler(self.standardize(features), return_attention=True)  # (depth, 1, H, L, P'+L)
         on_patches = maps[-1, 0, :, :, extra_tokens : extra_tokens + patches].mean(0)  # (L, R*C)
         return on_patches / on_patches.sum(-1, keepdim=True)
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from minillava.model import MiniLlava
 from minillava.projectors import PROJECTORS, build_projector
 
 
@@ -117,3 +118,49 @@ def test_pixel_shuffle_builds_saves_and_reloads_from_the_cli(asset_dir, tmp_path
     assert torch.equal(model.encode_images(pixels), again.encode_images(pixels))
     assert main([*argv, "--projector", "pixel_shuffle", "--select-feature", "cls_patch", "--out", str(out)]) == 1
     assert "pixel_shuffle regroups the patch grid only" in capsys.readouterr().err
+
+
+# ---- input standardisation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp2x_gelu", "avgpool", "pixel_shuffle", "perceiver"])
+def test_standardisation_is_identity_until_fitted_then_applies_to_the_input(name):
+    torch.manual_seed(0)
+    proj = build_projector(name, 8, 12, (4, 4))
+    x = torch.randn(2, 16, 8) * 3 + 5
+    assert not proj.standardizes
+    assert torch.equal(proj(x), proj.project(x))
+    mean, std = torch.rand(8), torch.rand(8) + 0.5
+    proj.set_feature_stats(mean, std)
+    assert proj.standardizes
+    assert torch.allclose(proj(x), proj.project((x - mean) / std), atol=1e-6)
+
+
+def test_feature_stats_refuse_bad_shapes_and_zero_std():
+    proj = build_projector("mlp2x_gelu", 8, 12, (4, 4))
+    with pytest.raises(ValueError, match="8-wide input"):
+        proj.set_feature_stats(torch.zeros(7), torch.ones(7))
+    with pytest.raises(ValueError, match="std must be > 0"):
+        proj.set_feature_stats(torch.zeros(8), torch.zeros(8))
+
+
+def test_feature_stats_survive_save_and_load(build_tiny, tmp_path):
+    model, processor = build_tiny()
+    dim = model.vision.hidden_size
+    model.projector.set_feature_stats(torch.linspace(-1, 1, dim), torch.linspace(0.5, 2, dim))
+    model.save_pretrained(tmp_path / "m", processor)
+    again, _ = MiniLlava.from_pretrained(tmp_path / "m")
+    assert torch.equal(again.projector.feature_mean, model.projector.feature_mean)
+    assert torch.equal(again.projector.feature_std, model.projector.feature_std)
+
+
+def test_projector_saved_without_stats_loads_as_identity(build_tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, processor = build_tiny()
+    model.save_pretrained(tmp_path / "m", processor)
+    path = tmp_path / "m" / "projector.safetensors"
+    state = {k: v for k, v in load_file(path).items() if not k.startswith("feature_")}
+    save_file(state, path)  # as written before projectors standardised their input
+    again, _ = MiniLlava.from_pretrained(tmp_path / "m")
+    assert not again.projector.standardizes

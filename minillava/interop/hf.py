@@ -168,6 +168,8 @@ def _load_modules(
     projector = MLPProjector(config.vision_config.hidden_size, config.text_config.hidden_size).to(dtype)
     parts = _split_checkpoint(_read_checkpoint(path), llm.base_model_prefix, path)
     _load_exact(vision_model, parts["vision"], "vision tower", path)
+    # Llava's projector reads raw features: minillava's input standardisation stays the identity
+    parts["projector"] |= {"feature_mean": projector.feature_mean, "feature_std": projector.feature_std}
     _load_exact(projector, parts["projector"], "projector", path)
     _load_exact(llm, parts["llm"], "language model", path)
     return vision_model, projector, llm, parts["anyres"]
@@ -489,9 +491,18 @@ def _llava_config(model: MiniLlava, llm: PreTrainedModel, strategy: str) -> Pret
     return config
 
 
+def folded_projector_state(projector: MLPProjector) -> dict[str, torch.Tensor]:
+    """Llava's projector has no input standardisation: fold it into the first linear map, exactly:
+    W (x - m) / s + b = (W / s) x + (b - (W / s) m)."""
+    weight = projector.linear_1.weight / projector.feature_std  # (Dl, Dv) / (Dv,)
+    bias = projector.linear_1.bias - weight @ projector.feature_mean
+    state = {k: v for k, v in projector.state_dict().items() if not k.startswith("feature_")}
+    return state | {"linear_1.weight": weight.detach(), "linear_1.bias": bias.detach()}
+
+
 def _llava_state_dict(model: MiniLlava, llm: PreTrainedModel) -> dict[str, torch.Tensor]:
     state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
-    state.update({f"model.multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()})
+    state.update({f"model.multi_modal_projector.{k}": v for k, v in folded_projector_state(model.projector).items()})
     if model.anyres is not None:
         state["model.image_newline"] = model.anyres.image_newline
     base = f"{llm.base_model_prefix}."

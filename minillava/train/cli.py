@@ -66,6 +66,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--warmup-ratio", type=float)
     g.add_argument("--max-grad-norm", type=float)
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    _bool_flag(
+        g,
+        "standardize-features",
+        "fit the projector's input standardisation to the data's vision features "
+        "before step 0 (for a fresh projector; learns far faster on DINOv2)",
+    )
+    g.add_argument("--feature-stats-images", type=int, help="images the standardisation is fitted on (256)")
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
     g.add_argument("--device")
@@ -173,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from minillava.cli import main as cli_main
 
     return cli_main(argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,6 +43,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = "all-linear"
     tune_vision: bool = False
+    # fit the projector's input standardisation to the first N images' features before step 0 (fresh projectors)
+    standardize_features: bool = False
+    feature_stats_images: int = 256
     # optimisation
     out: str = "runs/minillava"
     epochs: float = 1.0

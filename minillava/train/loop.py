@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,34 @@ def vision_features_for(batch: dict, model: MiniLlava, cache: FeatureCache | Non
     return torch.stack([f.to(device) for f in feats])
 
 
+def fit_feature_stats(model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
+                      device: torch.device, max_images: int, say: Callable[[str], None]) -> None:  # fmt: skip
+    """Fit the projector's input standardisation: per-channel mean and std of the frozen tower's features over
+    the first `max_images` images of the data, in file order (no randomness, so a resumed run refits the very
+    same numbers; the features land in the feature cache on the way)."""
+    with_images = [i for i, n in enumerate(dataset.modality_lengths()) if n > 0][:max_images]
+    total = total_sq = None
+    count, seen = 0, 0
+    for start in range(0, len(with_images), 32):
+        batch = collate([dataset[i] for i in with_images[start : start + 32]])
+        feats = vision_features_for(batch, model, cache, device, False, {"hits": 0, "misses": 0})
+        if feats is None:
+            continue
+        flat = feats.reshape(-1, feats.shape[-1]).double()  # (C*P, Dv)
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+        total_sq = flat.square().sum(0) if total_sq is None else total_sq + flat.square().sum(0)
+        count, seen = count + flat.shape[0], seen + feats.shape[0]
+    if not count:
+        raise ValueError("--standardize-features: the training data holds no images to fit the statistics on")
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt().clamp_min(1e-6)
+    model.projector.set_feature_stats(mean.float().to(device), std.float().to(device))
+    say(
+        f"projector input standardised: per-channel mean/std of {seen} image crops ({count:,} feature vectors); "
+        f"largest |mean| {mean.abs().max():.2f}, median std {std.median():.2f}"
+    )
+
+
 def autocast_ctx(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -315,6 +344,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             say(f"feature cache {cache.dir}: {len(cache)} images cached")
     dataset = SupervisedDataset(cfg.data, train_processor, cfg.image_root, cfg.data_format, cfg.on_bad_sample,
                                 cfg.truncate, cache)  # fmt: skip
+    if cfg.standardize_features and not model.projector.standardizes:
+        fit_feature_stats(model, dataset, Collator(train_processor), cache, device, cfg.feature_stats_images, say)
     sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
                                   cfg.seed, cfg.group_by_length)  # fmt: skip
     steps_per_epoch = sampler.steps_per_epoch()

@@ -320,3 +320,17 @@ def test_import_refusals(hf_llava, tmp_path, changes, message):
     directory = edited_copy(hf_llava[1]["current"], tmp_path / "bad", **changes)
     with pytest.raises(ValueError, match=message):
         load_hf_llava(directory)
+
+
+def test_export_folds_the_input_standardisation(build_tiny, tmp_path):
+    model, processor = build_tiny()
+    torch.manual_seed(4)
+    for p in model.projector.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    dim = model.vision.hidden_size
+    model.projector.set_feature_stats(torch.randn(dim), torch.rand(dim) + 0.5)
+    out = export_hf_llava(model.eval(), processor, tmp_path / "llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    assert_same_logits(model, hf, processor.collate(samples(processor)[:2], padding_side="left"))
+    again, _ = load_hf_llava(out)
+    assert not again.projector.standardizes  # folded into linear_1, so the import reads raw features

@@ -193,3 +193,29 @@ def test_unmerged_export_then_merge_lora_cli(pretrained, tmp_path, asset_dir):
     ids = torch.tensor([processor.encode(msgs).input_ids])
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_standardize_features_fits_the_first_images_stats_once(pretrained, tmp_path, asset_dir):
+    _, run, data, images = pretrained
+    model, processor = MiniLlava.from_pretrained(run / "model")
+    model.projector.set_feature_stats(torch.zeros(model.vision.hidden_size), torch.ones(model.vision.hidden_size))
+    model.save_pretrained(tmp_path / "start", processor)
+    cfg = config(tmp_path, asset_dir, data, images, model=str(tmp_path / "start"), stage="align", max_steps=2,
+                 standardize_features=True, feature_stats_images=3, lr=0.0, projector_lr=0.0)  # fmt: skip
+    lines = []
+    train_logged(cfg, lines)
+    pixels = processor.preprocess_images([images / n for n in ("red.png", "blue.png", "green.png")])
+    with torch.no_grad():
+        feats = model.vision(pixels).reshape(-1, model.vision.hidden_size).double()  # the data's first 3 images
+    fitted, _ = MiniLlava.from_pretrained(tmp_path / "run" / "model")
+    assert torch.allclose(fitted.projector.feature_mean.double(), feats.mean(0), atol=1e-5)
+    assert torch.allclose(fitted.projector.feature_std.double(), feats.std(0, unbiased=False), atol=1e-4)
+    assert any("standardised" in x and "3 image crops" in x for x in lines)
+    # a later stage keeps the fitted statistics instead of refitting them
+    cfg2 = config(tmp_path, asset_dir, data, images, model=str(tmp_path / "run" / "model"), stage="align",
+                  max_steps=1, standardize_features=True, feature_stats_images=1, out=str(tmp_path / "run2"))  # fmt: skip
+    lines2 = []
+    train_logged(cfg2, lines2)
+    again, _ = MiniLlava.from_pretrained(tmp_path / "run2" / "model")
+    assert torch.equal(again.projector.feature_mean, fitted.projector.feature_mean)
+    assert not any("standardised" in x for x in lines2)
