@@ -33,7 +33,7 @@ def build(vision: str, llm: str, projector: str = "mlp2x_gelu", **config: object
 
 
 def load(directory: str, dtype: str = "float32", device: str | None = None) -> tuple[MiniLlava, Processor]:
-    """Load a saved minillava directory (or a transformers Llava directory) onto `device` (default: CUDA if any)."""
+    """Load a minillava, transformers Llava or LlavaNext directory onto `device` (default: CUDA if any)."""
     from pathlib import Path
 
     from minillava.interop.hf import is_hf_llava_dir, load_hf_llava

@@ -9,7 +9,13 @@ import sys
 from pathlib import Path
 
 # Subcommand groups that live with their subsystems (each module exposes add_commands(subparsers)).
-PLUGINS = ("minillava.train.cli", "minillava.serve.cli", "minillava.demo.cli", "minillava.eval.cli")
+PLUGINS = (
+    "minillava.train.cli",
+    "minillava.serve.cli",
+    "minillava.demo.cli",
+    "minillava.eval.cli",
+    "minillava.viz.cli",
+)
 
 
 def _quiet_transformers() -> None:
@@ -19,8 +25,23 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """["num_latents=32", "name=x"] -> {"num_latents": 32, "name": "x"}: JSON values where they parse, else strings."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_build(args: argparse.Namespace) -> int:
-    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+    from minillava.anyres import parse_pinpoints
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
     from minillava.model import MiniLlava
 
     if args.vision_backend is None:
@@ -33,14 +54,21 @@ def cmd_build(args: argparse.Namespace) -> int:
             select_feature=args.select_feature,
             image_size=args.image_size,
         ),
-        projector=ProjectorConfig(name=args.projector),
+        projector=ProjectorConfig(
+            name=args.projector or ("perceiver" if args.fusion == "xattn" else "mlp2x_gelu"),
+            options=parse_options(args.projector_opt or []),
+        ),
         llm_source=args.llm,
         template=args.template,
-        aspect=args.aspect,
+        aspect=args.aspect or ("resize" if args.anyres else "pad"),
+        image_grid_pinpoints=parse_pinpoints(args.anyres) if args.anyres else None,
+        fusion=args.fusion,
+        xattn=XattnConfig(every=args.xattn_every),
     )
     model, processor = MiniLlava.build(cfg)
     model.save_pretrained(args.out, processor)
-    print(f"built {args.out}: {model.tokens_per_image} tokens per image, template {processor.template.name}")
+    tokens = f"{model.tokens_per_image} tokens per image" if model.anyres is None else "AnyRes: tokens by image size"
+    print(f"built {args.out}: {tokens}, template {processor.template.name}")
     return 0
 
 
@@ -76,7 +104,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, processor = minillava.load(args.model)
     export_hf_llava(model, processor, args.out)
-    print(f"exported {args.model} -> {args.out} (transformers LlavaForConditionalGeneration)")
+    kind = "LlavaForConditionalGeneration" if model.anyres is None else "LlavaNextForConditionalGeneration"
+    print(f"exported {args.model} -> {args.out} (transformers {kind})")
     return 0
 
 
@@ -95,8 +124,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             "patch_grid": list(model.vision.patch_grid),
         },
         "projector": model.config.projector.name,
+        "fusion": model.config.fusion,
         "llm": type(model.llm).__name__,
-        "tokens_per_image": model.tokens_per_image,
+        "tokens_per_image": model.tokens_per_image,  # with AnyRes, of the base view
+        "anyres": None if model.anyres is None else model.anyres.layout.to_dict(),
         "image_token": f"{processor.image_token} (id {processor.image_token_id})",
         "template": processor.template.name,
         "max_length": processor.max_length,
@@ -115,18 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="assemble an untrained model from a vision encoder and an LLM")
     p.add_argument("--vision", required=True, help="local dir, hub id, builtin:dinov2-small or torchvision:vit_b_16")
     p.add_argument("--llm", required=True, help="local dir, hub id or builtin:smollm2-135m-instruct")
-    p.add_argument("--projector", default="mlp2x_gelu")
+    p.add_argument("--projector", default=None, help="default: mlp2x_gelu; perceiver with --fusion xattn")
+    p.add_argument("--projector-opt", action="append", metavar="KEY=VALUE", help="projector option (repeatable)")
+    p.add_argument("--fusion", default="splice", choices=["splice", "xattn"], help="xattn: Flamingo cross-attention")
+    p.add_argument("--xattn-every", type=int, default=1, help="xattn: a block before every K-th decoder layer")
     p.add_argument("--vision-backend", default=None, choices=["hf", "torchvision"])
     p.add_argument("--select-layer", type=int, default=-2)
     p.add_argument("--select-feature", default="patch", choices=["patch", "cls_patch"])
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--template", default="auto")
-    p.add_argument("--aspect", default="pad", choices=["pad", "resize", "center_crop"])
+    p.add_argument("--aspect", default=None, choices=["pad", "resize", "center_crop"],
+                   help="default pad; with --anyres resize, LLaVA-NeXT's base view")  # fmt: skip
+    p.add_argument("--anyres", default=None, metavar="HxW,...",
+                   help="LLaVA-NeXT AnyRes grid pinpoints in px, multiples of the tower's input, e.g. "
+                        "672x336,336x672,672x672,1008x336,336x1008")  # fmt: skip
     p.add_argument("--out", required=True, type=Path)
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="answer a prompt about one or more images")
-    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava dir")
+    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava / LlavaNext dir")
     p.add_argument("--image", action="append", help="image path (repeatable, in order)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -140,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a transformers LlavaForConditionalGeneration directory")
+    p = sub.add_parser("export", help="write a transformers Llava (or, with AnyRes, LlavaNext) directory")
     p.add_argument("--model", required=True)
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--out", required=True, type=Path)

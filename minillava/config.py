@@ -30,14 +30,29 @@ class ProjectorConfig:
 
 
 @dataclass
+class XattnConfig:
+    """Flamingo fusion (`fusion="xattn"`): a gated cross-attention block before every `every`-th decoder layer."""
+
+    every: int = 1
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     llm_source: str = "builtin:smollm2-135m-instruct"
     template: str = "auto"  # "auto": the tokenizer's chat template if it has one, else vicuna_v1
-    aspect: str = "pad"  # pad | resize | center_crop
+    aspect: str = "pad"  # pad | resize | center_crop (with AnyRes: of the base view; LLaVA-NeXT's is resize)
+    # LLaVA-NeXT AnyRes: candidate canvases [height, width] in px, multiples of the tower's input size.
+    # None: one crop per image. Set: a base view plus tiles, their token count set by each image's size.
+    image_grid_pinpoints: list[list[int]] | None = None
     image_token: str = "<image>"
     image_token_id: int = -1  # set when the token is added to the tokenizer
+    fusion: str = "splice"  # splice: N image embeddings in the text | xattn: one marker + gated cross-attention
+    xattn: XattnConfig = field(default_factory=XattnConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +62,8 @@ class ModelConfig:
         d = dict(d)
         vision = VisionConfig(**d.pop("vision", {}))
         projector = ProjectorConfig(**d.pop("projector", {}))
-        return cls(vision=vision, projector=projector, **d)
+        xattn = XattnConfig(**d.pop("xattn", {}))
+        return cls(vision=vision, projector=projector, xattn=xattn, **d)
 
     def save(self, directory: str | Path) -> None:
         Path(directory, CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

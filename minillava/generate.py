@@ -1,4 +1,5 @@
-"""Generation: one prefill that splices the images, then KV-cached decoding one token at a time.
+"""Generation: one prefill that splices the images (xattn: encodes the media once), then KV-cached decoding
+one token at a time.
 
 Batches are left-padded so every row's next token sits in the last column; position ids count real
 tokens only, so each row decodes exactly as it would alone.
@@ -79,9 +80,10 @@ def decode(
     device = model.device
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    pixels = batch["pixel_values"]
+    pixels, sizes = batch["pixel_values"], batch.get("image_sizes")  # sizes: AnyRes only
     pixels = None if pixels is None else pixels.to(device)
-    out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1)  # prefill: images spliced here only
+    sizes = None if sizes is None else sizes.to(device)
+    out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes)  # prefill: images here only
     position = positions_from_mask(mask)[:, -1:]  # (B, 1)
     stops = torch.tensor(stop_ids, device=device, dtype=torch.long)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
@@ -98,7 +100,14 @@ def decode(
         generated = torch.cat([generated, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = model(token[:, None], mask, position_ids=position, past_key_values=out.past_key_values, use_cache=True)
+        out = model(
+            token[:, None],
+            mask,
+            position_ids=position,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+            media=out.media,
+        )
 
 
 class Generator:

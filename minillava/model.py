@@ -4,7 +4,14 @@
     input_ids    (B, T)       --embed--> (B, T, D)  --splice N-token runs at <image> slots--> (B, T, D)
     --LLM--> hidden (B, T, D) --lm_head at the positions we need--> logits
 
+With AnyRes (LLaVA-NeXT) an image is several crops and its token count depends on its size:
+
+    pixel_values (C, 3, H, W), image_sizes (I, 2) --tower, projector--> (C, P, D)
+    --AnyResPacker: per image, base view + unpadded tile map + a newline per row--> (sum_i N_i, D) --splice
+
 The LLM never knows it is looking at a picture: it reads N more embeddings in its input sequence.
+With `fusion="xattn"` (Flamingo) an image stays one marker token and gated cross-attention blocks in front
+of the decoder layers read its features instead (see fusion.py).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from minillava.anyres import AnyRes, AnyResPacker
 from minillava.config import ModelConfig
 from minillava.fileio import atomic_dir
+from minillava.fusion import XATTN_WEIGHTS, MediaState, add_xattn, arrange_media, bare_llm_state, xattn_blocks
 from minillava.images import ImageTransform
 from minillava.processor import IGNORE_INDEX, Processor
 from minillava.projectors import Projector, build_projector
@@ -31,6 +40,8 @@ from minillava.splice import splice_image_features
 from minillava.vision import VisionTower, load_vision_tower
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
+FUSIONS = ("splice", "xattn")
+ANYRES_WEIGHTS = "anyres.safetensors"
 
 
 @dataclass
@@ -38,6 +49,7 @@ class Output:
     loss: torch.Tensor | None = None  # mean next-token loss over supervised positions
     logits: torch.Tensor | None = None  # (B, T', V): all positions, or the last `logits_to_keep`
     past_key_values: object | None = None
+    media: MediaState | None = None  # xattn: what a cached continuation reads (pass it back with the cache)
     num_supervised: int = 0
 
 
@@ -52,18 +64,53 @@ def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def build_anyres(
+    config: ModelConfig, vision: VisionTower, projector: Projector, dim: int, dtype: torch.dtype
+) -> AnyResPacker | None:
+    """The AnyRes packer when the config has grid pinpoints; it lays each crop's tokens out on the patch grid."""
+    if not config.image_grid_pinpoints:
+        return None
+    rows, cols = vision.patch_grid
+    n = projector.num_tokens(vision.patch_grid, vision.extra_tokens)
+    if n != rows * cols:
+        raise ValueError(
+            f"AnyRes needs one token per patch of the {rows}x{cols} grid, but projector {config.projector.name!r} "
+            f"with select_feature {config.vision.select_feature!r} gives {n} per crop"
+        )
+    layout = AnyRes(tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints), vision.image_size, (rows, cols))
+    return AnyResPacker(layout, dim).to(dtype)
+
+
 class MiniLlava(nn.Module):
-    def __init__(self, config: ModelConfig, vision: VisionTower, projector: Projector, llm: PreTrainedModel) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        vision: VisionTower,
+        projector: Projector,
+        llm: PreTrainedModel,
+        anyres: AnyResPacker | None = None,
+    ) -> None:
         super().__init__()
+        if config.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {config.fusion!r}; use one of {', '.join(FUSIONS)}")
+        if config.fusion == "xattn" and config.image_grid_pinpoints:
+            raise ValueError("AnyRes (image_grid_pinpoints) works with fusion splice only, not xattn")
+        if config.fusion == "xattn" and not len(xattn_blocks(llm)):
+            raise ValueError("fusion xattn: the LLM has no cross-attention blocks (add them with add_xattn)")
         self.config = config
         self.vision = vision
         self.projector = projector
         self.llm = llm
+        self.anyres = anyres
 
     # ---- construction ---------------------------------------------------------------------------
     @classmethod
     def build(cls, config: ModelConfig, dtype: torch.dtype = torch.float32) -> tuple[MiniLlava, Processor]:
         """Assemble an untrained model (fresh projector) from a vision source and an LLM source."""
+        if config.fusion == "xattn" and config.projector.name != "perceiver":
+            raise ValueError(
+                f"fusion xattn reads Perceiver latents: use projector perceiver, not {config.projector.name!r}"
+            )
         vision_dir = None if config.vision.source.startswith("torchvision:") else resolve_source(config.vision.source)
         llm_dir = resolve_source(config.llm_source)
         tokenizer = AutoTokenizer.from_pretrained(llm_dir)
@@ -81,13 +128,19 @@ class MiniLlava(nn.Module):
             vision.patch_grid,
             **config.projector.options,
         ).to(dtype)
-        model = cls(config, vision, projector, llm)
+        if config.fusion == "xattn":
+            add_xattn(llm, config.xattn)
+        anyres = build_anyres(config, vision, projector, llm.get_input_embeddings().embedding_dim, dtype)
+        model = cls(config, vision, projector, llm, anyres)
         transform = (
             ImageTransform.from_dir(vision_dir, vision.image_size, config.aspect)
             if vision_dir is not None
             else ImageTransform(vision.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.aspect)
         )
-        processor = Processor(tokenizer, transform, model.tokens_per_image, config.image_token, config.template)
+        processor = Processor(
+            tokenizer, transform, model.tokens_per_image, config.image_token, config.template,
+            anyres=model.anyres_layout,
+        )  # fmt: skip
         return model, processor
 
     @classmethod
@@ -110,12 +163,23 @@ class MiniLlava(nn.Module):
             **config.projector.options,
         )
         projector.load_state_dict(load_file(directory / PROJECTOR_WEIGHTS), strict=True)
-        model = cls(config, vision, projector.to(dtype), llm)
+        if config.fusion == "xattn":
+            add_xattn(llm, config.xattn)
+            xattn_blocks(llm).load_state_dict(load_file(directory / XATTN_WEIGHTS), strict=True)
+        anyres = build_anyres(config, vision, projector, llm.get_input_embeddings().embedding_dim, dtype)
+        if anyres is not None:
+            anyres.load_state_dict(load_file(directory / ANYRES_WEIGHTS), strict=True)
+        model = cls(config, vision, projector.to(dtype), llm, anyres)
         processor = Processor.from_pretrained(directory)
         if processor.tokens_per_image != model.tokens_per_image:
             raise ValueError(
                 f"{directory}: processor expands an image to {processor.tokens_per_image} tokens but the model "
                 f"produces {model.tokens_per_image}"
+            )
+        if processor.anyres != model.anyres_layout:
+            raise ValueError(
+                f"{directory}: the processor's AnyRes layout {processor.anyres} differs from the model's "
+                f"{model.anyres_layout}"
             )
         return model.eval(), processor
 
@@ -126,14 +190,32 @@ class MiniLlava(nn.Module):
             self.vision.save_pretrained(tmp / "vision")
             transform = processor.image_transform
             (tmp / "vision" / "preprocessor_config.json").write_text(json.dumps(transform.to_hf_dict(), indent=2))
-            self.llm.save_pretrained(tmp / "llm")
             save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)
+            if self.config.fusion == "xattn":  # llm/ stays a plain transformers model; the blocks go beside it
+                self.llm.save_pretrained(tmp / "llm", state_dict=bare_llm_state(self.llm))
+                save_file({k: v.contiguous() for k, v in self.xattn.state_dict().items()}, tmp / XATTN_WEIGHTS)
+            else:
+                self.llm.save_pretrained(tmp / "llm")
+            if self.anyres is not None:
+                save_file({k: v.contiguous() for k, v in self.anyres.state_dict().items()}, tmp / ANYRES_WEIGHTS)
             processor.save_pretrained(tmp)
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property
     def tokens_per_image(self) -> int:
+        """Tokens of one crop: of each image, or with AnyRes, of its base view; 1 (a media marker) under xattn."""
+        if self.config.fusion == "xattn":
+            return 1  # a media marker: the features are cross-attended, not spliced
         return self.projector.num_tokens(self.vision.patch_grid, self.vision.extra_tokens)
+
+    @property
+    def xattn(self) -> nn.ModuleDict:
+        """The gated cross-attention blocks (they live inside the LLM), keyed by decoder layer; empty for splice."""
+        return xattn_blocks(self.llm) if self.config.fusion == "xattn" else nn.ModuleDict()
+
+    @property
+    def anyres_layout(self) -> AnyRes | None:
+        return None if self.anyres is None else self.anyres.layout
 
     @property
     def dtype(self) -> torch.dtype:
@@ -144,13 +226,23 @@ class MiniLlava(nn.Module):
         return self.llm.get_input_embeddings().weight.device
 
     # ---- forward --------------------------------------------------------------------------------
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D)
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """(I, 3, H, W) -> (I, N, D); with AnyRes (C crops, 3, H, W) and (I, 2) sizes -> (sum_i N_i, D)."""
         if self.vision.training or any(p.requires_grad for p in self.vision.parameters()):
             features = self.vision(pixel_values)
         else:
             with torch.no_grad():
                 features = self.vision(pixel_values)  # (I, P, Dv)
-        return self.projector(features.to(self.projector_dtype))
+        return self.project(features, image_sizes)
+
+    def project(self, features: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Vision features (C, P, Dv) -> image tokens (C, N, D), or with AnyRes, packed per image (sum_i N_i, D)."""
+        tokens = self.projector(features.to(self.projector_dtype))
+        if self.anyres is None:
+            return tokens
+        if image_sizes is None:
+            raise ValueError("an AnyRes model needs image_sizes, one (height, width) per image, with its pixels")
+        return self.anyres(tokens, image_sizes)
 
     @property
     def projector_dtype(self) -> torch.dtype:
@@ -161,12 +253,38 @@ class MiniLlava(nn.Module):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (B, T) -> (B, T, D)
         """Text embeddings with each image's N projected features written into its N placeholder slots."""
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, image_sizes)
         text = self.llm.get_input_embeddings()(input_ids)
         return splice_image_features(input_ids, text, image_features, self.config.image_token_id)
+
+    def xattn_media(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        state: MediaState | None,
+        continuation: bool,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:  # media (B, M, L, D), media_index (B, T)
+        """xattn: the media this call cross-attends to. A prefill encodes its images; a KV-cached continuation
+        reads its prefill's media, every new token attending to the latest image seen so far in its row."""
+        if not continuation:
+            if image_features is None and pixel_values is not None:
+                image_features = self.encode_images(pixel_values)
+            features = None if image_features is None else image_features.to(self.dtype)
+            return arrange_media(input_ids, features, self.config.image_token_id)
+        if state is None:
+            raise ValueError("fusion xattn: a cached continuation needs its prefill's media state (Output.media)")
+        if (
+            pixel_values is not None
+            or image_features is not None
+            or bool((input_ids == self.config.image_token_id).any())
+        ):
+            raise ValueError("fusion xattn: images go in the prefill, not in a cached continuation")
+        return state.media, state.last[:, None].expand_as(input_ids)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.llm.get_output_embeddings()(hidden)
@@ -185,12 +303,22 @@ class MiniLlava(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        media: MediaState | None = None,
+        image_sizes: torch.Tensor | None = None,  # (I, 2) (height, width) of each image, AnyRes only
     ) -> Output:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-        embeds = self.embed(input_ids, pixel_values, image_features)
+        layer_kwargs = {}
+        if self.config.fusion == "xattn":
+            embeds = self.llm.get_input_embeddings()(input_ids)  # the <image> marker is an ordinary token here
+            features, index = self.xattn_media(
+                input_ids, pixel_values, image_features, media, past_key_values is not None
+            )
+            layer_kwargs = {"media": features, "media_index": index}
+        else:
+            embeds = self.embed(input_ids, pixel_values, image_features, image_sizes)
         base = self.llm.base_model
         cache_kw = _cache_keyword(type(base))
         out = base(
@@ -199,9 +327,12 @@ class MiniLlava(nn.Module):
             position_ids=position_ids,
             use_cache=use_cache,
             **{cache_kw: past_key_values},
+            **layer_kwargs,  # the decoder layers receive these (see fusion.py)
         )
         hidden = out.last_hidden_state  # (B, T, D)
         result = Output(past_key_values=getattr(out, cache_kw, None) if use_cache else None)
+        if use_cache and layer_kwargs:
+            result.media = MediaState(features, index[:, -1])
         if labels is not None:
             result.loss, result.num_supervised = self.loss(hidden, labels)
         if return_logits:
@@ -221,10 +352,23 @@ class MiniLlava(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep]), n
 
     # ---- reporting ------------------------------------------------------------------------------
+    def named_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Parameters by part; under xattn the blocks inside the LLM are a part of their own, not the LLM's."""
+        in_xattn = {id(p) for p in self.xattn.parameters()}
+        parts = {
+            "vision": list(self.vision.named_parameters()),
+            "projector": list(self.projector.named_parameters()),
+            "llm": [(n, p) for n, p in self.llm.named_parameters() if id(p) not in in_xattn],
+        }
+        if in_xattn:
+            parts["xattn"] = list(self.xattn.named_parameters())
+        if self.anyres is not None:
+            parts["anyres"] = list(self.anyres.named_parameters())
+        return parts
+
     def parameter_counts(self) -> dict[str, dict[str, int]]:
         counts = {}
-        for name, module in (("vision", self.vision), ("projector", self.projector), ("llm", self.llm)):
-            params = list(module.parameters())
-            trainable = sum(p.numel() for p in params if p.requires_grad)
-            counts[name] = {"trainable": trainable, "frozen": sum(p.numel() for p in params) - trainable}
+        for name, named in self.named_parts().items():
+            trainable = sum(p.numel() for _, p in named if p.requires_grad)
+            counts[name] = {"trainable": trainable, "frozen": sum(p.numel() for _, p in named) - trainable}
         return counts

@@ -1,7 +1,8 @@
 """Processor: images + chat template + `<image>` expansion + labels, in one place.
 
 It is the single source of truth for how many tokens an image becomes (`tokens_per_image`, asked of the
-vision tower and projector); the model only checks that count and scatters features into the slots.
+vision tower and projector; with AnyRes, `anyres.num_tokens` of each image's size); the model only checks
+that count and scatters features into the slots.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
+from minillava.anyres import AnyRes, Size
 from minillava.images import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from minillava.templates import Message, Segment, Template, get_template
 
@@ -26,10 +29,13 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    pixel_values: torch.Tensor | None  # (num_images, 3, H, W)
+    pixel_values: torch.Tensor | None  # (num_images, 3, H, W); AnyRes: (num_crops, 3, H, W), base view + tiles
+    image_sizes: torch.Tensor | None = None  # AnyRes: (num_images, 2) (height, width) as decoded
 
     @property
     def num_images(self) -> int:
+        if self.image_sizes is not None:
+            return self.image_sizes.shape[0]
         return 0 if self.pixel_values is None else self.pixel_values.shape[0]
 
 
@@ -43,10 +49,12 @@ class Processor:
         template: str = "auto",
         max_length: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        anyres: AnyRes | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.image_transform = image_transform
-        self.tokens_per_image = tokens_per_image
+        self.tokens_per_image = tokens_per_image  # with AnyRes: of the base view only
+        self.anyres = anyres
         self.image_token = image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -69,17 +77,39 @@ class Processor:
             template,
             self.max_length,
             self.max_pixels,
+            self.anyres,
         )
 
     # ---- images ---------------------------------------------------------------------------------
     def preprocess_images(self, images: list[ImageInput]) -> torch.Tensor | None:
+        return self.pixels([load_image(im, max_pixels=self.max_pixels) for im in images])
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """Decoded images -> (num_crops, 3, H, W): one crop each, or with AnyRes, each base view then its tiles."""
         if not images:
             return None
-        return torch.stack([self.image_transform(load_image(im, max_pixels=self.max_pixels)) for im in images])
+        if self.anyres is None:
+            return torch.stack([self.image_transform(im) for im in images])
+        # A tile is already H x W, so the transform only normalises it.
+        return torch.stack([self.image_transform(c) for im in images for c in (im, *self.anyres.cut_tiles(im))])
+
+    def image_tokens(self, size: Size | None) -> int:
+        """Placeholders for one image of (height, width): fixed, or with AnyRes, set by the size."""
+        if self.anyres is None:
+            return self.tokens_per_image
+        if size is None:
+            raise ValueError("AnyRes expands each <image> by its image's size, but there are more markers than images")
+        return self.anyres.num_tokens(size)
 
     # ---- text -----------------------------------------------------------------------------------
-    def tokenize_segments(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
-        """Tokenize each segment on its own and concatenate: labels come from the same pieces as ids."""
+    def tokenize_segments(
+        self, segments: list[Segment], image_sizes: list[Size] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Tokenize each segment on its own and concatenate: labels come from the same pieces as ids.
+
+        `image_sizes` ((height, width) per image, in order) are needed with AnyRes only.
+        """
+        sizes = iter(image_sizes or [])
         bos = self.tokenizer.bos_token
         template_has_bos = bool(bos) and bool(segments) and segments[0].text.startswith(bos)
         ids: list[int] = [] if template_has_bos else list(self.bos_ids)
@@ -87,8 +117,9 @@ class Processor:
         for seg in segments:
             for k, piece in enumerate(seg.text.split(self.image_token)):
                 if k > 0:  # an <image> stood here: N placeholder ids, never supervised
-                    ids += [self.image_token_id] * self.tokens_per_image
-                    labels += [IGNORE_INDEX] * self.tokens_per_image
+                    n = self.image_tokens(next(sizes, None))
+                    ids += [self.image_token_id] * n
+                    labels += [IGNORE_INDEX] * n
                 if piece:
                     piece_ids = self.tokenizer(piece, add_special_tokens=False).input_ids
                     ids += piece_ids
@@ -104,16 +135,19 @@ class Processor:
     ) -> Encoded:
         """A conversation (with `<image>` markers in its text) -> ids, labels and pixels."""
         segments = self.template.render(messages, add_generation_prompt)
-        return self._finish(*self.tokenize_segments(segments), images or [], truncate)
+        return self._finish(segments, images or [], truncate)
 
     def encode_raw(self, text: str, images: list[ImageInput] | None = None) -> Encoded:
         """A verbatim prompt (no chat template); each `<image>` is still expanded."""
-        return self._finish(*self.tokenize_segments([Segment(text)]), images or [], truncate=False)
+        return self._finish([Segment(text)], images or [], truncate=False)
 
-    def _finish(self, ids: list[int], labels: list[int], images: list[ImageInput], truncate: bool) -> Encoded:
-        n_marked = ids.count(self.image_token_id) // self.tokens_per_image
+    def _finish(self, segments: list[Segment], images: list[ImageInput], truncate: bool) -> Encoded:
+        n_marked = sum(seg.text.count(self.image_token) for seg in segments)
         if n_marked != len(images):
             raise ValueError(f"the text has {n_marked} <image> markers but {len(images)} images were given")
+        decoded = [load_image(im, max_pixels=self.max_pixels) for im in images]
+        sizes = [(im.height, im.width) for im in decoded]
+        ids, labels = self.tokenize_segments(segments, sizes)
         if len(ids) > self.max_length:
             last_image_end = max((i + 1 for i, t in enumerate(ids) if t == self.image_token_id), default=0)
             if not truncate or last_image_end > self.max_length:
@@ -122,7 +156,11 @@ class Processor:
                     + (" and truncation would cut an image's tokens" if last_image_end > self.max_length else "")
                 )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
-        return Encoded(ids, labels, self.preprocess_images(images))
+        return Encoded(ids, labels, self.pixels(decoded), self.size_tensor(sizes))
+
+    def size_tensor(self, sizes: list[Size]) -> torch.Tensor | None:
+        """(num_images, 2) sizes for the model, which needs them only to lay out AnyRes tiles."""
+        return torch.tensor(sizes, dtype=torch.long) if self.anyres is not None and sizes else None
 
     def prompt(
         self, text: str, images: list[ImageInput] | None = None, history: list[Message] | None = None
@@ -148,11 +186,13 @@ class Processor:
             labels[row, cols] = torch.tensor(s.labels)
             mask[row, cols] = 1
         pixels = [s.pixel_values for s in samples if s.pixel_values is not None]
+        sizes = [s.image_sizes for s in samples if s.image_sizes is not None]
         return {
             "input_ids": ids,
             "attention_mask": mask,
             "labels": labels,
-            "pixel_values": torch.cat(pixels) if pixels else None,
+            "pixel_values": torch.cat(pixels) if pixels else None,  # crops of all samples, packed in reading order
+            "image_sizes": torch.cat(sizes) if sizes else None,  # AnyRes: (num_images, 2), says whose crops are whose
         }
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -166,6 +206,7 @@ class Processor:
             "template": self.template_name,
             "max_length": self.max_length,
             "max_pixels": self.max_pixels,
+            "anyres": None if self.anyres is None else self.anyres.to_dict(),
         }
         (directory / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
@@ -186,6 +227,7 @@ class Processor:
             cfg["template"],
             cfg["max_length"],
             cfg["max_pixels"],
+            AnyRes.from_dict(cfg["anyres"]) if cfg.get("anyres") else None,
         )
 
 

@@ -12,12 +12,12 @@ import torch
 def splice_image_features(
     input_ids: torch.Tensor,  # (B, T)
     text_embeds: torch.Tensor,  # (B, T, D)
-    image_features: torch.Tensor | None,  # (num_images, N, D), in reading order over the batch
+    image_features: torch.Tensor | None,  # (num_images, N, D), or (sum_i N_i, D) for AnyRes; in reading order
     image_token_id: int,
 ) -> torch.Tensor:  # (B, T, D)
     slots = input_ids == image_token_id  # (B, T)
     n_slots = int(slots.sum())
-    n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+    n_features = 0 if image_features is None else image_features[..., 0].numel()
     if n_slots != n_features:
         raise ValueError(
             f"image tokens and image features do not match: {n_slots} placeholder tokens in the text, "

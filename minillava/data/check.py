@@ -89,7 +89,7 @@ def check_data(
         raise OSError(f"{root}: image root is not a directory")
     image_status: dict[Path, str | None] = {}
     tokenizer_view = SupervisedDataset.__new__(SupervisedDataset)  # reuse its tokenise-and-check step
-    tokenizer_view.processor, tokenizer_view.truncate = processor, False
+    tokenizer_view.processor, tokenizer_view.truncate, tokenizer_view.image_root = processor, False, root
 
     def fail(where: str, reason: str) -> None:
         report.errors.append(f"{where}: {reason}")

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from minillava.data.formats import BadSampleError, Record, load_records
-from minillava.images import ImageError
+from minillava.images import ImageError, load_image
 from minillava.processor import IGNORE_INDEX, Encoded, Processor
 
 BAD_SAMPLE_POLICIES = ("error", "skip")
@@ -63,6 +64,8 @@ class SupervisedDataset(Dataset):
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
+        if feature_cache is not None and processor.anyres is not None:
+            raise ValueError("the feature cache holds one crop per image; AnyRes images have a varying number")
         files = [files] if isinstance(files, (str, Path)) else list(files)
         if not files:
             raise ValueError("no data files given")
@@ -83,7 +86,7 @@ class SupervisedDataset(Dataset):
     # ---- cheap per-sample facts for the sampler (no tokenising, no image decoding) ---------------
     def modality_lengths(self) -> list[int]:
         """LLaVA's `modality_lengths`: estimated token length, negative for text-only samples."""
-        per_image = self.processor.tokens_per_image
+        per_image = self.processor.tokens_per_image  # AnyRes: the base view only; an estimate is enough to group
         out = []
         for r in self.records:
             n = sum(len(m["content"]) for m in r.messages) // 4 + len(r.images) * per_image + 1
@@ -91,14 +94,21 @@ class SupervisedDataset(Dataset):
         return out
 
     # ---- one sample ----------------------------------------------------------------------------
-    def tokenize(self, rec: Record) -> tuple[list[int], list[int]]:
-        """Ids and labels of a record after `<image>` expansion; raises BadSampleError."""
+    def tokenize(self, rec: Record, images: list[Image.Image] | None = None) -> tuple[list[int], list[int]]:
+        """Ids and labels of a record after `<image>` expansion; raises BadSampleError.
+
+        With AnyRes the expansion depends on each image's size, so the images are decoded (or given, decoded).
+        """
         p = self.processor
+        sizes = None
+        if p.anyres is not None:
+            sizes = [(im.height, im.width) for im in (self.decode(rec) if images is None else images)]
         try:
-            ids, labels = p.tokenize_segments(p.template.render(rec.messages, False))
+            ids, labels = p.tokenize_segments(p.template.render(rec.messages, False), sizes)
         except ValueError as e:
             raise self._bad(rec, f"cannot apply the chat template: {e}") from None
-        if ids.count(p.image_token_id) != len(rec.images) * p.tokens_per_image:
+        expected = len(rec.images) * p.tokens_per_image if sizes is None else sum(map(p.image_tokens, sizes))
+        if ids.count(p.image_token_id) != expected:
             raise self._bad(rec, "the text's image placeholders do not match its images (a literal image token?)")
         if len(ids) > p.max_length:
             last_image_end = max((i + 1 for i, t in enumerate(ids) if t == p.image_token_id), default=0)
@@ -116,10 +126,22 @@ class SupervisedDataset(Dataset):
     def _bad(self, rec: Record, reason: str) -> BadSampleError:
         return BadSampleError(f"bad sample {rec.where()}: {reason}")
 
+    def decode(self, rec: Record) -> list[Image.Image]:
+        try:
+            return [load_image(resolve_image(self.image_root, name), max_pixels=self.processor.max_pixels)
+                    for name in rec.images]  # fmt: skip
+        except ImageError as e:
+            raise self._bad(rec, str(e)) from None
+
     def load(self, index: int) -> Item:
         rec = self.records[index]
         if rec.error:
             raise self._bad(rec, rec.error)
+        if self.processor.anyres is not None:  # token counts need each image's size: decode first (no cache)
+            p, images = self.processor, self.decode(rec)
+            ids, labels = self.tokenize(rec, images)
+            sizes = p.size_tensor([(im.height, im.width) for im in images])
+            return Item(index, rec.id, Encoded(ids, labels, p.pixels(images), sizes), features=[None] * len(images))
         ids, labels = self.tokenize(rec)
         paths = [resolve_image(self.image_root, name) for name in rec.images]
         keys, features, to_decode = [], [], []

@@ -215,15 +215,19 @@ class MiniLlavaLMMS(_Base):  # type: ignore[misc,valid-type]
     def _score_chunk(self, chunk: list) -> list[tuple[float, bool]]:
         from minillava.processor import Encoded
 
-        full = [Encoded(enc.input_ids + cont, enc.input_ids + cont, enc.pixel_values) for _, enc, cont in chunk]
+        full = [
+            Encoded(enc.input_ids + cont, enc.input_ids + cont, enc.pixel_values, enc.image_sizes)
+            for _, enc, cont in chunk
+        ]
         batch = self.processor.collate(full, padding_side="left")  # every continuation ends in the last column
         keep = max(len(cont) for _, _, cont in chunk) + 1
-        pixels = batch["pixel_values"]
+        pixels, sizes = batch["pixel_values"], batch["image_sizes"]
         out = self._model(
             batch["input_ids"].to(self.device),
             batch["attention_mask"].to(self.device),
             None if pixels is None else pixels.to(self.device),
             logits_to_keep=keep,
+            image_sizes=None if sizes is None else sizes.to(self.device),
         )
         logits = out.logits.float()  # (B, keep, V): position t predicts token t + 1
         logprobs = logits.log_softmax(-1)

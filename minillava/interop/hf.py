@@ -1,4 +1,5 @@
-"""Read and write transformers `LlavaForConditionalGeneration` directories (the llava-hf layout).
+"""Read and write transformers `LlavaForConditionalGeneration` and `LlavaNextForConditionalGeneration`
+directories (the llava-hf layout).
 
 Import reads the safetensors shards and maps their keys onto minillava's three parts, so a 7B checkpoint is
 never built twice (once as a Llava, once as a MiniLlava). Export writes the current key layout
@@ -8,6 +9,9 @@ for models transformers' Llava computes identically; anything else raises `Expor
 Feature selection is the same on both sides: `hidden_states[layer]` of the encoder, then Llava's "default"
 strategy drops exactly one leading token (the CLS) and "full" keeps them all; minillava's "patch" drops all
 prefix tokens and "cls_patch" keeps them.
+
+LLaVA-NeXT is the same model plus AnyRes: `image_grid_pinpoints` and the learned `image_newline`, which map
+onto minillava's `AnyResPacker`; its image processor squashes the base view to the tower's size ("resize").
 """
 
 from __future__ import annotations
@@ -24,27 +28,36 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from minillava.anyres import AnyRes
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
 from minillava.fileio import atomic_dir
 from minillava.images import ImageTransform
-from minillava.model import MiniLlava
+from minillava.model import MiniLlava, build_anyres
 from minillava.processor import Processor
 from minillava.projectors import MLPProjector
 from minillava.vision import HF_TOWERS, HFVisionTower
 
 LLAVA_MODEL_TYPE = "llava"
+LLAVA_NEXT_MODEL_TYPE = "llava_next"  # LLaVA-NeXT: Llava + AnyRes
 # Vision configs whose encoder transformers' Llava builds with AutoModel exactly as minillava does; a full
 # CLIP/SigLIP config (text tower included) would make Llava build the whole dual encoder.
 LLAVA_VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "dinov2")
 # Checkpoint prefix -> minillava part. The current layout nests everything but the head under `model.`;
 # the older one keeps the full causal LM under `language_model.`.
+# LLaVA-NeXT's `image_newline` is a bare parameter: its entry is the whole key.
 CURRENT_LAYOUT = {
     "model.vision_tower.": "vision",
     "model.multi_modal_projector.": "projector",
     "model.language_model.": "llm_base",
     "lm_head.": "llm_head",
+    "model.image_newline": "anyres",
 }
-OLDER_LAYOUT = {"vision_tower.": "vision", "multi_modal_projector.": "projector", "language_model.": "llm"}
+OLDER_LAYOUT = {
+    "vision_tower.": "vision",
+    "multi_modal_projector.": "projector",
+    "language_model.": "llm",
+    "image_newline": "anyres",
+}
 ADAPTER_MARKERS = ("lora_", ".base_layer.", "modules_to_save", "original_module")
 
 
@@ -56,10 +69,10 @@ class ExportError(ValueError):
 
 
 def is_hf_llava_dir(path: str | Path) -> bool:
-    """A directory whose config.json says model_type "llava"."""
+    """A directory whose config.json says model_type "llava" or "llava_next"."""
     config = Path(path) / "config.json"
     try:
-        return json.loads(config.read_text()).get("model_type") == LLAVA_MODEL_TYPE
+        return json.loads(config.read_text()).get("model_type") in (LLAVA_MODEL_TYPE, LLAVA_NEXT_MODEL_TYPE)
     except (OSError, ValueError, AttributeError):  # missing, unreadable, not JSON, or not a JSON object
         return False
 
@@ -102,11 +115,12 @@ def _load_exact(module: nn.Module, state: dict[str, torch.Tensor], what: str, so
 
 
 def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[MiniLlava, Processor]:
-    """Load a transformers Llava directory as a MiniLlava and its Processor, without building a Llava."""
+    """Load a transformers Llava or LlavaNext directory as a MiniLlava and its Processor, without building one."""
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != LLAVA_MODEL_TYPE:
-        raise ValueError(f"{path}: model_type is {config.model_type!r}, not 'llava'")
+    if config.model_type not in (LLAVA_MODEL_TYPE, LLAVA_NEXT_MODEL_TYPE):
+        raise ValueError(f"{path}: model_type is {config.model_type!r}, not 'llava' or 'llava_next'")
+    next_ = config.model_type == LLAVA_NEXT_MODEL_TYPE
     _check_projector_config(config, path)
     select_layer = _select_layer(config, path)
     # Everything cheap is checked before the (possibly many-GB) weights are read.
@@ -114,9 +128,10 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     image_cfg = _image_processor_config(path)
     image_token = image_cfg.get("image_token") or "<image>"
     _check_image_token(tokenizer, image_token, config.image_token_id, path)
-    transform = _image_transform(image_cfg, config.vision_config.image_size, path)
+    transform = (_next_image_transform if next_ else _image_transform)(image_cfg, config.vision_config.image_size, path)
+    pinpoints = _pinpoints(config, image_cfg, path) if next_ else None
 
-    vision_model, projector, llm = _load_modules(config, path, dtype)
+    vision_model, projector, llm, newline = _load_modules(config, path, dtype)
     vision = HFVisionTower(VisionConfig(source=str(path), select_layer=select_layer), vision_model)
     # The strategy's meaning depends on the encoder's prefix tokens, known once the tower exists.
     vision.config.select_feature = _select_feature(config.vision_feature_select_strategy, vision.prefix_tokens, path)
@@ -124,16 +139,30 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     model_cfg = ModelConfig(
         vision=vision.config, projector=ProjectorConfig(name="mlp2x_gelu"), llm_source=str(path),
         template=_pick_template(tokenizer), aspect=transform.aspect, image_token=image_token,
-        image_token_id=config.image_token_id,
+        image_token_id=config.image_token_id, image_grid_pinpoints=pinpoints,
     )  # fmt: skip
-    model = MiniLlava(model_cfg, vision, projector, llm).eval()
-    return model, Processor(tokenizer, transform, model.tokens_per_image, image_token, model_cfg.template)
+    try:
+        anyres = build_anyres(model_cfg, vision, projector, config.text_config.hidden_size, dtype)
+    except ValueError as e:  # e.g. "full" with a CLS encoder: transformers' LlavaNext cannot lay that out either
+        raise ValueError(f"{path}: {e}") from None
+    if anyres is not None:
+        _load_exact(anyres, newline, "image_newline", path)
+    elif newline:
+        raise ValueError(f"{path}: a 'llava' checkpoint with an image_newline weight (LLaVA-NeXT is 'llava_next')")
+    model = MiniLlava(model_cfg, vision, projector, llm, anyres).eval()
+    processor = Processor(
+        tokenizer, transform, model.tokens_per_image, image_token, model_cfg.template, anyres=model.anyres_layout
+    )
+    return model, processor
 
 
 def _load_modules(
     config: PretrainedConfig, path: Path, dtype: torch.dtype
-) -> tuple[PreTrainedModel, MLPProjector, PreTrainedModel]:
-    """Build the vision encoder, projector and causal LM empty, then fill them strictly from the shards."""
+) -> tuple[PreTrainedModel, MLPProjector, PreTrainedModel, dict[str, torch.Tensor]]:
+    """Build the vision encoder, projector and causal LM empty, then fill them strictly from the shards.
+
+    The checkpoint's `image_newline` (LLaVA-NeXT), if any, comes back as a state dict for the AnyRes packer.
+    """
     vision_model = _empty_vision_model(config.vision_config, path, dtype)
     llm = _empty_llm(config, dtype)
     projector = MLPProjector(config.vision_config.hidden_size, config.text_config.hidden_size).to(dtype)
@@ -141,7 +170,7 @@ def _load_modules(
     _load_exact(vision_model, parts["vision"], "vision tower", path)
     _load_exact(projector, parts["projector"], "projector", path)
     _load_exact(llm, parts["llm"], "language model", path)
-    return vision_model, projector, llm
+    return vision_model, projector, llm, parts["anyres"]
 
 
 def _check_projector_config(config: PretrainedConfig, path: Path) -> None:
@@ -222,7 +251,7 @@ def _split_checkpoint(
     """Checkpoint keys -> {"vision", "projector", "llm"} state dicts, from either key layout."""
     current = any(k.startswith(("model.", "lm_head.")) for k in state)
     layout = CURRENT_LAYOUT if current else OLDER_LAYOUT
-    parts: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "projector": {}, "llm": {}}
+    parts: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "projector": {}, "llm": {}, "anyres": {}}
     for key, tensor in state.items():
         prefix = next((p for p in layout if key.startswith(p)), None)
         if prefix is None:
@@ -234,6 +263,8 @@ def _split_checkpoint(
             part, rest = "llm", f"{llm_prefix}.{rest}"
         elif part == "llm_head":
             part, rest = "llm", f"lm_head.{rest}"
+        elif part == "anyres":
+            rest = f"image_newline{rest}"
         parts[part][rest] = tensor
     return parts
 
@@ -293,6 +324,30 @@ def _image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> ImageT
     return ImageTransform(side, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect)
 
 
+def _next_image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> ImageTransform:
+    """LlavaNextImageProcessor squashes the base view to `size` and cuts tiles of `crop_size`; both must be the
+    tower's input, as in every LLaVA-NeXT checkpoint (minillava uses one side for both)."""
+    side = _side(cfg.get("size", image_size), path, "size")
+    crop = _side(cfg.get("crop_size", side), path, "crop_size")
+    if side != image_size or crop != image_size:
+        raise ValueError(
+            f"{path}: the image processor makes {side}px base views and {crop}px tiles but the vision tower takes "
+            f"{image_size}px"
+        )
+    return ImageTransform(side, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), "resize")
+
+
+def _pinpoints(config: PretrainedConfig, image_cfg: dict[str, Any], path: Path) -> list[list[int]]:
+    """The model's grid pinpoints; the image processor must cut images for the same ones."""
+    pinpoints = [list(p) for p in config.image_grid_pinpoints]
+    processor = [list(p) for p in image_cfg.get("image_grid_pinpoints", pinpoints)]
+    if processor != pinpoints:
+        raise ValueError(
+            f"{path}: the image processor's image_grid_pinpoints {processor} differ from config.json's {pinpoints}"
+        )
+    return pinpoints
+
+
 def _pick_template(tokenizer: Any) -> str:
     """The tokenizer's chat template if it renders plain-string contents, else vicuna_v1.
 
@@ -313,9 +368,13 @@ def _pick_template(tokenizer: Any) -> str:
 
 
 def export_hf_llava(model: MiniLlava, processor: Processor, out_dir: str | Path) -> Path:
-    """Write a `LlavaForConditionalGeneration` + `LlavaProcessor` directory atomically, or raise ExportError."""
+    """Write a `LlavaForConditionalGeneration` + `LlavaProcessor` directory atomically, or raise ExportError.
+
+    An AnyRes model becomes a `LlavaNextForConditionalGeneration` + `LlavaNextProcessor` directory.
+    """
     strategy, extra_tokens = _export_feature_strategy(model)
     _check_export_projector(model)
+    _check_export_anyres(model, processor)
     llm = _merged_llm(model.llm)
     _check_export_llm(llm)
     config = _llava_config(model, llm, strategy)
@@ -367,6 +426,14 @@ def _check_export_projector(model: MiniLlava) -> None:
         )
 
 
+def _check_export_anyres(model: MiniLlava, processor: Processor) -> None:
+    if model.anyres is not None and processor.image_transform.aspect != "resize":
+        raise ExportError(
+            f"the AnyRes base view uses aspect {processor.image_transform.aspect!r}; transformers' LlavaNext "
+            "squashes it to the tower's size (aspect 'resize')"
+        )
+
+
 def _merged_llm(llm: PreTrainedModel) -> PreTrainedModel:
     """The LLM with any peft adapters merged into its weights, on a copy so the caller's model keeps training."""
     try:
@@ -402,9 +469,10 @@ def _check_export_llm(llm: PreTrainedModel) -> None:
 
 
 def _llava_config(model: MiniLlava, llm: PreTrainedModel, strategy: str) -> PretrainedConfig:
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, LlavaNextConfig
 
-    config = LlavaConfig(
+    anyres = {} if model.anyres is None else {"image_grid_pinpoints": [list(p) for p in model.anyres.layout.pinpoints]}
+    config = (LlavaNextConfig if anyres else LlavaConfig)(
         vision_config=copy.deepcopy(model.vision.model.config),
         text_config=copy.deepcopy(llm.config),
         image_token_index=model.config.image_token_id,
@@ -414,8 +482,9 @@ def _llava_config(model: MiniLlava, llm: PreTrainedModel, strategy: str) -> Pret
         vision_feature_layer=model.config.vision.select_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+        **anyres,
     )
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config.architectures = ["LlavaNextForConditionalGeneration" if anyres else "LlavaForConditionalGeneration"]
     config.dtype = model.dtype
     return config
 
@@ -423,6 +492,8 @@ def _llava_config(model: MiniLlava, llm: PreTrainedModel, strategy: str) -> Pret
 def _llava_state_dict(model: MiniLlava, llm: PreTrainedModel) -> dict[str, torch.Tensor]:
     state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
     state.update({f"model.multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()})
+    if model.anyres is not None:
+        state["model.image_newline"] = model.anyres.image_newline
     base = f"{llm.base_model_prefix}."
     aliases = _aliases(llm)
     written: set[str] = set()
@@ -448,8 +519,9 @@ def _save_weights(state: dict[str, torch.Tensor], directory: Path) -> None:
     save_torch_state_dict(state, directory, metadata={"format": "pt"})
 
 
-def _image_processor_dict(transform: ImageTransform) -> dict[str, Any]:
-    """ImageTransform -> a CLIPImageProcessor / LlavaImageProcessor config that preprocesses the same way."""
+def _image_processor_dict(transform: ImageTransform, anyres: AnyRes | None) -> dict[str, Any]:
+    """ImageTransform -> a CLIPImageProcessor / LlavaImageProcessor / LlavaNextImageProcessor config that
+    preprocesses the same way."""
     side = transform.size
     cfg: dict[str, Any] = {
         "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True, "resample": 3,
@@ -457,7 +529,10 @@ def _image_processor_dict(transform: ImageTransform) -> dict[str, Any]:
         "image_mean": list(transform.mean), "image_std": list(transform.std),
         "size": {"shortest_edge": side}, "do_center_crop": True, "crop_size": {"height": side, "width": side},
     }  # fmt: skip
-    if transform.aspect == "resize":
+    if anyres is not None:  # base view squashed to `size`, tiles of `crop_size`; do_pad pads the crop count only
+        pinpoints = [list(p) for p in anyres.pinpoints]
+        cfg.update(image_processor_type="LlavaNextImageProcessor", do_pad=True, image_grid_pinpoints=pinpoints)
+    elif transform.aspect == "resize":
         cfg.update(size={"height": side, "width": side}, do_center_crop=False)
         del cfg["crop_size"]
     elif transform.aspect == "pad":  # LlavaImageProcessor pads to a square of the mean colour, as minillava does
@@ -466,15 +541,15 @@ def _image_processor_dict(transform: ImageTransform) -> dict[str, Any]:
 
 
 def _save_processor(model: MiniLlava, processor: Processor, strategy: str, extra_tokens: int, directory: Path) -> None:
-    """Tokenizer and image processor always; a LlavaProcessor on top when this transformers can build one."""
+    """Tokenizer and image processor always; a Llava(Next)Processor on top when this transformers can build one."""
     processor.tokenizer.save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(
-        json.dumps(_image_processor_dict(processor.image_transform), indent=2) + "\n"
+        json.dumps(_image_processor_dict(processor.image_transform, processor.anyres), indent=2) + "\n"
     )
     try:
-        from transformers import AutoImageProcessor, LlavaProcessor
+        from transformers import AutoImageProcessor, LlavaNextProcessor, LlavaProcessor
 
-        llava_processor = LlavaProcessor(
+        llava_processor = (LlavaProcessor if processor.anyres is None else LlavaNextProcessor)(
             image_processor=AutoImageProcessor.from_pretrained(directory),
             tokenizer=processor.tokenizer,
             patch_size=model.vision.model.config.patch_size,
@@ -487,6 +562,4 @@ def _save_processor(model: MiniLlava, processor: Processor, strategy: str, extra
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
         # The tokenizer and preprocessor_config.json are already written: AutoTokenizer, AutoImageProcessor
         # and the model still load; only the one-call LlavaProcessor is missing.
-        warnings.warn(f"wrote no LlavaProcessor config ({type(e).__name__}: {e})", stacklevel=2)
-
-
+        warnings.warn(f"wrote no Llava(Next)Processor config ({type(e).__name__}: {e})", stacklevel=2)

@@ -129,7 +129,7 @@ def run_data_check(args: argparse.Namespace) -> int:
         base = Processor.from_pretrained(args.model)
         template = args.template or ("plain" if args.stage == "align" else base.template_name)
         processor = Processor(base.tokenizer, base.image_transform, base.tokens_per_image, base.image_token, template,
-                              args.max_length or base.max_length, base.max_pixels)  # fmt: skip
+                              args.max_length or base.max_length, base.max_pixels, base.anyres)  # fmt: skip
     report = check_data(args.files, args.image_root, processor, args.data_format, decode_images=not args.no_decode)
     print(report.format(args.max_errors))
     return 0 if report.ok else 1

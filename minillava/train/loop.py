@@ -164,7 +164,7 @@ class TrainStep(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-        vision_features: torch.Tensor | None, pixel_values: torch.Tensor | None,
+        vision_features: torch.Tensor | None, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         m = self.model
         keep_graph = torch.zeros((), device=input_ids.device)
@@ -176,11 +176,15 @@ class TrainStep(nn.Module):
                 dummy = torch.zeros(1, 3, size, size, device=input_ids.device, dtype=m.projector_dtype)
                 keep_graph = keep_graph + m.vision(dummy).sum() * 0.0
         if vision_features is not None:
-            image_features = m.projector(vision_features.to(m.projector_dtype))
+            image_features = m.project(vision_features, image_sizes)
         else:
             image_features = None
-            dummy = torch.zeros(0, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
+            rows, cols = m.vision.patch_grid  # zero images of the tower's shape: every projector takes it
+            patches = rows * cols + m.vision.extra_tokens
+            dummy = torch.zeros(0, patches, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
             keep_graph = keep_graph + m.projector(dummy).sum()
+            if m.anyres is not None:
+                keep_graph = keep_graph + m.anyres.image_newline.sum() * 0.0
         out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False)
         return out.loss + keep_graph
 
@@ -212,10 +216,13 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -
 # ---- batches -----------------------------------------------------------------------------------
 def vision_features_for(batch: dict, model: MiniLlava, cache: FeatureCache | None, device: torch.device,
                         tune_vision: bool, stats: dict) -> torch.Tensor | None:  # fmt: skip
-    """(I, P, Dv) features of the batch's images, from the cache or from the frozen tower (then cached)."""
+    """(C, P, Dv) features of the batch's image crops, from the cache or from the frozen tower (then cached)."""
     feats: list[torch.Tensor | None] = batch.get("features") or []
     if not feats or tune_vision:
         return None
+    if cache is None:  # also AnyRes, whose images have several crops each
+        with torch.no_grad():
+            return model.vision(batch["pixel_values"].to(device))
     missing = [i for i, f in enumerate(feats) if f is None]
     stats["hits"] += len(feats) - len(missing)
     stats["misses"] += len(missing)
@@ -281,6 +288,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     train_processor = Processor(
         processor.tokenizer, processor.image_transform, processor.tokens_per_image, processor.image_token,
         cfg.resolved_template(processor.template_name), cfg.max_length or processor.max_length, processor.max_pixels,
+        processor.anyres,
     )  # fmt: skip
     if cfg.qlora:
         quantize_llm_4bit(model)
@@ -317,6 +325,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if cfg.feature_cache:
         if cfg.tune_vision:
             say("--feature-cache is ignored with --tune-vision (the tower's features change as it trains)")
+        elif model.anyres is not None:
+            say("--feature-cache is ignored with AnyRes (each image has its own number of crops)")
         else:
             feature_dtype = next(model.vision.parameters()).dtype
             cache = FeatureCache(cfg.feature_cache, namespace_for(model.vision, processor.image_transform,
@@ -415,10 +425,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                 with strategy.grad_sync(step_module, sync=j == len(micro) - 1):
                     vf = vision_features_for(b, model, cache, device, cfg.tune_vision, cache_stats)
                     pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
+                    sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
                     n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                     with autocast_ctx(cfg.precision, device):
                         loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
-                                           b["labels"].to(device), vf, pv)  # fmt: skip
+                                           b["labels"].to(device), vf, pv, sizes)  # fmt: skip
                     scaled = loss * (n * d.world / max(n_global, 1))
                     (scaler.scale(scaled) if scaler else scaled).backward()
                     loss_sum += loss.detach().double().cpu() * n

@@ -1,8 +1,10 @@
 """What trains: `freeze(model, stage)` and LoRA on the LLM's linear layers (never the vision tower).
 
-- align:    projector only (vision and LLM frozen)
+- align:    projector only (vision and LLM frozen); "projector" includes AnyRes's image_newline throughout
 - instruct: projector + LLM; with LoRA, projector + LoRA adapters on the LLM's linear layers
 - tune_vision: additionally the vision tower (its own learning rate)
+- fusion xattn: the gated cross-attention blocks train with the projector (the resampler) in both stages,
+  fully (never through LoRA) and at the projector's learning rate
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minillava.fusion import xattn_blocks
 from minillava.model import MiniLlava
 
 log = logging.getLogger("minillava.train")
@@ -35,11 +38,12 @@ class LoraSettings:
 
 
 def llm_linear_names(llm: nn.Module, targets: list[str] | str = "all-linear") -> list[str]:
-    """Full names of the LLM's nn.Linear layers to adapt: all of them except the output head."""
+    """Full names of the LLM's nn.Linear layers to adapt: all of them except the output head and xattn blocks."""
     head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    xattn = {id(m) for m in xattn_blocks(llm).modules()}  # new weights: they train fully, never through LoRA
     names = []
     for name, module in llm.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
+        if not isinstance(module, nn.Linear) or module is head or id(module) in xattn:
             continue
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             names.append(name)
@@ -116,6 +120,8 @@ def freeze(
     say = log_fn or log.info
     model.requires_grad_(False)
     model.projector.requires_grad_(True)
+    if model.anyres is not None:  # image_newline belongs to the bridge, like the projector
+        model.anyres.requires_grad_(True)
     if stage == "instruct":
         if lora is not None:
             if not has_lora(model):
@@ -124,6 +130,7 @@ def freeze(
                 p.requires_grad_("lora_" in n)
         else:
             model.llm.requires_grad_(True)
+    model.xattn.requires_grad_(True)
     if tune_vision:
         model.vision.requires_grad_(True)
     model.train()
@@ -132,7 +139,8 @@ def freeze(
     counts = model.parameter_counts()
     trainable = sum(c["trainable"] for c in counts.values())
     total = trainable + sum(c["frozen"] for c in counts.values())
-    what = {"align": "projector", "instruct": "projector + LLM" + (" (LoRA adapters)" if lora else "")}[stage]
+    what = "projector" + (" + xattn blocks" if len(model.xattn) else "")
+    what += {"align": "", "instruct": " + LLM" + (" (LoRA adapters)" if lora else "")}[stage]
     say(f"stage {stage}: training {what}" + (" + vision tower" if tune_vision else ""))
     for name, c in counts.items():
         state = "trains" if c["trainable"] else "frozen"
@@ -144,13 +152,14 @@ def freeze(
 
 
 def param_groups(model: MiniLlava, lr: float, projector_lr: float, vision_lr: float, weight_decay: float) -> list[dict]:
-    """Optimizer groups: projector, LLM (full or LoRA) and vision each with their own lr; no decay on biases/norms."""
+    """Optimizer groups: projector, LLM (full or LoRA), vision and xattn blocks (new weights, like the projector)
+    each with their own lr; no decay on biases/norms."""
     groups = []
-    for name, module, group_lr in (
-        ("projector", model.projector, projector_lr), ("llm", model.llm, lr), ("vision", model.vision, vision_lr)
-    ):  # fmt: skip
+    parts = model.named_parts()
+    lrs = {"projector": projector_lr, "llm": lr, "vision": vision_lr, "xattn": projector_lr, "anyres": projector_lr}
+    for name, group_lr in lrs.items():
         decay, no_decay = [], []
-        for n, p in module.named_parameters():
+        for n, p in parts.get(name, []):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
         for params, wd in ((decay, weight_decay), (no_decay, 0.0)):
