@@ -154,6 +154,22 @@ def quantize_llm_4bit(model: MiniLlava) -> None:
             setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, q)
 
 
+def dequantize_llm_4bit(model: MiniLlava) -> None:
+    """QLoRA export: each 4-bit layer back to an nn.Linear of its dequantized float32 weights, so that LoRA
+    merges into it and the output is an ordinary checkpoint (the 4-bit layout has no place in it)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.llm.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.data.float(), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, plain)
+
+
 class TrainStep(nn.Module):
     """projector (+ vision when it trains) + LLM loss, in one forward so DDP sees every trainable part."""
 
@@ -241,7 +257,7 @@ def empty_batch(pad_id: int) -> dict[str, Any]:
     (the other ranks wait for its gradients) and adds zero to the loss and the gradients."""
     ids = torch.full((1, 1), pad_id)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
-            "pixel_values": None, "features": [], "num_samples": 0}  # fmt: skip
+            "pixel_values": None, "image_sizes": None, "features": [], "num_samples": 0}  # fmt: skip
 
 
 def autocast_ctx(precision: str, device: torch.device):
@@ -509,6 +525,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     summary["checkpoint"] = str(save(state["step"]))
     strategy.gather_model(step_module, d.main)
     if d.main:
+        if cfg.qlora:
+            dequantize_llm_4bit(model)
         model_dir = export(model, processor, lora, out / MODEL_DIR, merge=cfg.merge_lora)
         summary["model"] = str(model_dir)
         metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "losses"}})
