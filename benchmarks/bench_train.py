@@ -1,11 +1,14 @@
-"""Training step time: minillava vs transformers' LlavaForConditionalGeneration, same run, same machine.
+"""Training step time: minillava vs transformers' LlavaForConditionalGeneration, same run, same device.
 
 Bench shapes (../shared/BENCHMARK.md): CLIP ViT-B/16 (224 px, 196 patch tokens, layer -2, CLS dropped),
 SmolLM2-135M-shaped Llama, mlp2x_gelu projector, batch 4 x (196 image + 64 text tokens), labels on the last
 32 text tokens. Stage 1: projector trains. Stage 2: projector + LLM. Random weights, no downloads.
+On a GPU (--device cuda) both run there, timed with CUDA synchronisation; the peer also in bf16 (weights
+cast, and autocast), ours in its default precision (auto: bf16 where the hardware has bf16 units).
 
-    python benchmarks/bench_train.py            # bench shapes, best of 3 after a warm-up
-    python benchmarks/bench_train.py --quick    # small shapes, 1 repetition: a smoke test
+    python benchmarks/bench_train.py                          # bench shapes, best of 3 after a warm-up
+    python benchmarks/bench_train.py --device cuda --out train-cuda.json
+    python benchmarks/bench_train.py --shapes quick           # small shapes, 1 repetition: a smoke test
 
 Prints one JSON object.
 """
@@ -13,8 +16,6 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import best_of  # noqa: E402
+from common import best_of, machine, matmul_peak, peak_memory, write_json  # noqa: E402
 
 from minillava.config import ModelConfig, VisionConfig
 from minillava.model import MiniLlava
@@ -41,42 +42,49 @@ from minillava.train.stages import freeze, param_groups
 from minillava.vision import HFVisionTower
 
 IGNORE = -100
+SHAPES = {
+    "quick": dict(v_image=224, v_patch=16, v_hidden=128, v_layers=2, v_heads=4, v_mlp=256, l_hidden=96, l_layers=2,
+                  l_heads=3, l_kv=1, l_mlp=256, vocab=4096, batch=2, text=32, sup=16),
+    "bench": dict(v_image=224, v_patch=16, v_hidden=768, v_layers=12, v_heads=12, v_mlp=3072, l_hidden=576,
+                  l_layers=30, l_heads=9, l_kv=3, l_mlp=1536, vocab=49152, batch=4, text=64, sup=32),
+    # LLaVA-1.5's CLIP ViT-L/14-336 (576 patch tokens) + a SmolLM2-1.7B-shaped Llama: a GPU-sized step
+    "large": dict(v_image=336, v_patch=14, v_hidden=1024, v_layers=24, v_heads=16, v_mlp=4096, l_hidden=2048,
+                  l_layers=24, l_heads=32, l_kv=32, l_mlp=8192, vocab=49152, batch=8, text=128, sup=64),
+}  # fmt: skip
 
 
-def shapes(quick: bool) -> dict:
-    if quick:
-        return dict(v_hidden=128, v_layers=2, v_heads=4, v_mlp=256, l_hidden=96, l_layers=2, l_heads=3, l_kv=1,
-                    l_mlp=256, vocab=4096, batch=2, text=32, sup=16)  # fmt: skip
-    return dict(v_hidden=768, v_layers=12, v_heads=12, v_mlp=3072, l_hidden=576, l_layers=30, l_heads=9, l_kv=3,
-                l_mlp=1536, vocab=49152, batch=4, text=64, sup=32)  # fmt: skip
+def image_tokens(s: dict) -> int:
+    return (s["v_image"] // s["v_patch"]) ** 2
 
 
 def configs(s: dict) -> tuple[CLIPVisionConfig, LlamaConfig]:
     vc = CLIPVisionConfig(hidden_size=s["v_hidden"], num_hidden_layers=s["v_layers"], num_attention_heads=s["v_heads"],
-                          intermediate_size=s["v_mlp"], image_size=224, patch_size=16)  # fmt: skip
+                          intermediate_size=s["v_mlp"], image_size=s["v_image"], patch_size=s["v_patch"])  # fmt: skip
     lc = LlamaConfig(hidden_size=s["l_hidden"], num_hidden_layers=s["l_layers"], num_attention_heads=s["l_heads"],
                      num_key_value_heads=s["l_kv"], intermediate_size=s["l_mlp"], vocab_size=s["vocab"],
                      tie_word_embeddings=True, max_position_embeddings=2048)  # fmt: skip
     return vc, lc
 
 
-def batch(s: dict, image_id: int) -> dict:
+def batch(s: dict, image_id: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     text = torch.randint(0, s["vocab"] - 2, (s["batch"], s["text"]), generator=g)
-    ids = torch.cat([torch.full((s["batch"], 196), image_id), text], dim=1)
+    ids = torch.cat([torch.full((s["batch"], image_tokens(s)), image_id), text], dim=1)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -s["sup"] :] = ids[:, -s["sup"] :]
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "pixel_values": torch.randn(s["batch"], 3, 224, 224, generator=g)}  # fmt: skip
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+         "pixel_values": torch.randn(s["batch"], 3, s["v_image"], s["v_image"], generator=g)}  # fmt: skip
+    return {k: v.to(device) for k, v in b.items()}
 
 
 # ---- the peer ----------------------------------------------------------------------------------
-def peer_step_time(s: dict, stage: int, mode: str, reps: int) -> float:
+def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.device) -> float:
     vc, lc = configs(s)
     torch.manual_seed(0)
     cfg = LlavaConfig(vision_config=vc, text_config=lc, image_token_index=s["vocab"] - 1, vision_feature_layer=-2,
                       vision_feature_select_strategy="default", projector_hidden_act="gelu")  # fmt: skip
-    model = LlavaForConditionalGeneration(cfg)
+    with device:  # initialised where it runs (a GPU-sized model is slow to initialise on the CPU)
+        model = LlavaForConditionalGeneration(cfg)
     if mode == "bf16_weights":
         model = model.to(torch.bfloat16)
     model.requires_grad_(False)
@@ -86,80 +94,84 @@ def peer_step_time(s: dict, stage: int, mode: str, reps: int) -> float:
         model.lm_head.requires_grad_(True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    b = batch(s, s["vocab"] - 1)
+    b = batch(s, s["vocab"] - 1, device)
     if mode == "bf16_weights":
         b["pixel_values"] = b["pixel_values"].to(torch.bfloat16)
 
     def step():
-        ctx = torch.autocast("cpu", torch.bfloat16) if mode == "autocast" else torch.autocast("cpu", enabled=False)
-        with ctx:
+        with torch.autocast(device.type, torch.bfloat16, enabled=mode == "autocast"):
             loss = model(**b).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return best_of(step, reps)
+    return best_of(step, reps, device)
 
 
 # ---- ours --------------------------------------------------------------------------------------
-def ours(s: dict, stage: int, reps: int, cached: bool = False, precision: str = "bf16") -> tuple[float, MiniLlava]:
+def build_ours(s: dict, stage: int, precision: str, device: torch.device) -> MiniLlava:
+    """Our defaults for a stage: frozen parts stored in bf16 in bf16 runs (fewer bytes per step)."""
     vc, lc = configs(s)
     torch.manual_seed(0)
-    vision = HFVisionTower(VisionConfig(source="bench", select_layer=-2), CLIPVisionModel(vc))
-    llm = LlamaForCausalLM(lc)
-    side = vc.image_size // vc.patch_size
-    projector = build_projector("mlp2x_gelu", vc.hidden_size, lc.hidden_size, grid=(side, side))
+    with device:
+        vision = HFVisionTower(VisionConfig(source="bench", select_layer=-2), CLIPVisionModel(vc))
+        llm = LlamaForCausalLM(lc)
+        side = vc.image_size // vc.patch_size
+        projector = build_projector("mlp2x_gelu", vc.hidden_size, lc.hidden_size, grid=(side, side))
     mc = ModelConfig(vision=VisionConfig(source="bench"), llm_source="bench", image_token_id=s["vocab"] - 1)
     model = MiniLlava(mc, vision, projector, llm)
-    cfg = TrainConfig(vision="v", llm="l", data=["x"], stage="align" if stage == 1 else "instruct", frozen_bf16=True)
-    freeze(model, cfg.stage, log_fn=lambda _: None)
-    if precision == "bf16":  # our defaults where bf16 is fast: frozen parts in bf16, autocast, fused AdamW
+    freeze(model, "align" if stage == 1 else "instruct", log_fn=lambda _: None)
+    if precision == "bf16":
         model.vision.to(torch.bfloat16)
         if stage == 1:
             model.llm.to(torch.bfloat16)
-    opt = make_optimizer(param_groups(model, 1e-5, 1e-5, 0.0, 0.0), cfg, torch.device("cpu"))
+    return model
+
+
+def ours(s: dict, stage: int, reps: int, device: torch.device, cached: bool = False,
+         precision: str = "bf16") -> tuple[float, MiniLlava]:  # fmt: skip
+    model = build_ours(s, stage, precision, device)
+    cfg = TrainConfig(vision="v", llm="l", data=["x"], stage="align" if stage == 1 else "instruct")
+    opt = make_optimizer(param_groups(model, 1e-5, 1e-5, 0.0, 0.0), cfg, device)
     step_module = TrainStep(model, tune_vision=False)
-    b = batch(s, s["vocab"] - 1)
+    b = batch(s, s["vocab"] - 1, device)
     with torch.no_grad():
         cache = model.vision(b["pixel_values"]) if cached else None
 
     def step():
         with torch.no_grad():
             feats = cache if cached else model.vision(b["pixel_values"])
-        with autocast_ctx(precision, torch.device("cpu")):
-            loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None)
+        with autocast_ctx(precision, device):
+            loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None, None)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return best_of(step, reps), model
+    return best_of(step, reps, device), model
 
 
-def matmul_peak(quick: bool, dtype: torch.dtype) -> float:
-    n = 1024 if quick else 2048
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    t = best_of(lambda: a @ b, 3)
-    return 2 * n**3 / t
-
-
-def stage2_flops(s: dict, model: MiniLlava) -> float:
-    """Model FLOPs of one stage-2 step: LLM fwd+bwd (6 N T + attention), head at supervised positions,
-    projector fwd+bwd, frozen vision forward (2 N per token)."""
-    T = s["batch"] * (196 + s["text"])
+def step_flops(s: dict, model: MiniLlava, stage: int) -> float:
+    """Model FLOPs of one step: LLM fwd + bwd (stage 2: 6 N per token; stage 1: 4 N, no weight gradients),
+    attention, the head at supervised positions, projector fwd + bwd, frozen vision forward (2 N per token)."""
+    per_sample = image_tokens(s) + s["text"]
+    tokens = s["batch"] * per_sample
     emb = s["vocab"] * s["l_hidden"]
     n_llm = sum(p.numel() for p in model.llm.parameters()) - emb
-    attn = 6 * 2 * s["l_layers"] * s["batch"] * (196 + s["text"]) ** 2 * s["l_hidden"]
-    head = 6 * emb * s["batch"] * s["sup"]
-    proj = 6 * sum(p.numel() for p in model.projector.parameters()) * s["batch"] * 196
-    vision = 2 * sum(p.numel() for p in model.vision.parameters()) * s["batch"] * 197
-    return 6 * n_llm * T + attn + head + proj + vision
+    k = 6 if stage == 2 else 4
+    attn = 6 * 2 * s["l_layers"] * s["batch"] * per_sample**2 * s["l_hidden"]
+    head = k * emb * s["batch"] * s["sup"]
+    proj = 6 * sum(p.numel() for p in model.projector.parameters()) * s["batch"] * image_tokens(s)
+    vision = 2 * sum(p.numel() for p in model.vision.parameters()) * s["batch"] * (image_tokens(s) + 1)
+    return k * n_llm * tokens + attn + head + proj + vision
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes, 1 repetition (smoke test)")
+    ap.add_argument("--shapes", choices=list(SHAPES), default="bench", help="quick: small shapes, a smoke test")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: peer and ours both run there")
+    ap.add_argument("--out", help="also write the JSON here (atomically)")
     ap.add_argument(
         "--precision",
         choices=["auto", "bf16", "fp32"],
@@ -167,33 +179,35 @@ def main() -> None:
         help="ours: auto = bf16 where bf16 matmuls run on hardware units, else fp32",
     )
     args = ap.parse_args()
-    fast = fast_bfloat16("cpu")
+    device = torch.device(args.device)
+    fast = fast_bfloat16(device)
     precision = ("bf16" if fast else "fp32") if args.precision == "auto" else args.precision
     peer_modes = ("fp32", "bf16_weights", "autocast") if precision == "bf16" else ("fp32",)
     if args.threads:
         torch.set_num_threads(args.threads)
-    reps = args.reps or (1 if args.quick else 3)
-    s = shapes(args.quick)
-    r: dict = {"shapes": "quick" if args.quick else "bench", "reps": reps, "threads": torch.get_num_threads(),
-               "bf16_hardware": fast, "ours_precision": precision}  # fmt: skip
-    r["ours_stage1_step_s"], _ = ours(s, 1, reps, precision=precision)
-    r["ours_stage1_cached_step_s"], _ = ours(s, 1, reps, cached=True, precision=precision)
-    r["ours_stage2_step_s"], model = ours(s, 2, reps, precision=precision)
+    reps = args.reps or (1 if args.shapes == "quick" else 3)
+    s = SHAPES[args.shapes]
+    r: dict = {"bench": "train", **machine(device), "shapes": args.shapes, "reps": reps, "ours_precision": precision}
+    r["ours_stage1_step_s"], _ = ours(s, 1, reps, device, precision=precision)
+    r["ours_stage1_cached_step_s"], _ = ours(s, 1, reps, device, cached=True, precision=precision)
+    r["ours_stage2_step_s"], model = ours(s, 2, reps, device, precision=precision)
     for mode in peer_modes:
-        r[f"peer_{mode}_stage1_step_s"] = peer_step_time(s, 1, mode, reps)
-        r[f"peer_{mode}_stage2_step_s"] = peer_step_time(s, 2, mode, reps)
+        r[f"peer_{mode}_stage1_step_s"] = peer_step_time(s, 1, mode, reps, device)
+        r[f"peer_{mode}_stage2_step_s"] = peer_step_time(s, 2, mode, reps, device)
     for mode in peer_modes:
         for st in (1, 2):
             r[f"speedup_stage{st}_vs_peer_{mode}"] = r[f"peer_{mode}_stage{st}_step_s"] / r[f"ours_stage{st}_step_s"]
     r["stage1_speedup_warm_cache"] = r["ours_stage1_step_s"] / r["ours_stage1_cached_step_s"]
-    peak = matmul_peak(args.quick, torch.bfloat16 if precision == "bf16" else torch.float32)
-    flops = stage2_flops(s, model)
+    peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device, 1024 if args.shapes == "quick"
+                       else None)  # fmt: skip
+    flops = step_flops(s, model, 2)
     r[f"{precision}_matmul_peak_gflops"] = peak / 1e9
     r["stage2_model_gflop"] = flops / 1e9
     r["mfu_stage2"] = flops / r["ours_stage2_step_s"] / peak  # against the peak of the precision we run in
-    r["mfu_stage2_peer_fp32"] = flops / r["peer_fp32_stage2_step_s"] / peak
-    r["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, indent=1))
+    for mode in peer_modes:
+        r[f"mfu_stage2_peer_{mode}"] = flops / r[f"peer_{mode}_stage2_step_s"] / peak
+    r |= peak_memory(device)
+    write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmarks: the bench shapes (../shared/BENCHMARK.md), timing, the machine's peak."""
+"""Shared pieces of the benchmarks: the bench shapes (../shared/BENCHMARK.md), timing (CUDA-synchronised on a
+GPU), the machine's matmul peak, memory, JSON output."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import tempfile
 import time
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from minillava.runtime import fast_bfloat16
 
 IMAGE_TOKENS = 196  # CLIP ViT-B/16 at 224 px, CLS dropped
 VOCAB = 49_152
@@ -54,26 +58,65 @@ def save_bench_tokenizer(directory: Path) -> None:
     tok.save_pretrained(directory)
 
 
-def best_of(fn: Callable[[], object], repeats: int = 3) -> float:
+def sync(device: torch.device | str = "cpu") -> None:
+    """Wait for the GPU's queued kernels, so wall time measures the work and not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(fn: Callable[[], object], repeats: int = 3, device: torch.device | str = "cpu") -> float:
     """Warm up once, then the best wall time of `repeats` runs (these machines are noisy)."""
     fn()
     times = []
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t)
     return min(times)
 
 
-def bf16_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Measured bf16 matmul throughput of this machine, FLOP/s."""
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    return 2 * n**3 / best_of(lambda: a @ b, repeats)
+def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int | None = None) -> float:
+    """Measured matmul throughput of this machine in `dtype`, FLOP/s (an 8192^3 product on a GPU)."""
+    n = n or (8192 if torch.device(device).type == "cuda" else 2048)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / best_of(lambda: a @ b, 5, device)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def machine(device: torch.device | str) -> dict[str, object]:
+    """What ran the benchmark: the GPU's name and peak allocated memory, or the CPU's bf16 support."""
+    device = torch.device(device)
+    info: dict[str, object] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    info["bf16_hardware"] = fast_bfloat16(device)
+    return info
+
+
+def peak_memory(device: torch.device | str) -> dict[str, float]:
+    out = {"peak_rss_mb": round(peak_rss_mb())}
+    if torch.device(device).type == "cuda":
+        out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    return out
+
+
+def write_json(result: dict, path: str | None) -> None:
+    """Print the result; with a path, also write it there atomically (temp file, then rename)."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+        os.replace(tmp, target)
 
 
 def workdir() -> Path:

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from minillava.train.config import FIELDS
+from minillava.train.config import FIELDS, STRATEGIES
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -76,6 +76,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
     g.add_argument("--device")
+    g.add_argument(
+        "--strategy",
+        choices=list(STRATEGIES),
+        help="multi-process: ddp, fsdp-full-shard or fsdp-shard-grad-op (auto: the accelerate config's)",
+    )
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("checkpoints and records")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (and always at the end)")

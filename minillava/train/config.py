@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("align", "instruct")
+STRATEGIES = ("auto", "ddp", "fsdp-full-shard", "fsdp-shard-grad-op")  # see strategy.py
 STAGE_DEFAULTS = {  # LLaVA-1.5's published hyperparameters
     "align": {"lr": 1e-3, "template": "plain"},
     "instruct": {"lr": 2e-5},
@@ -65,6 +66,7 @@ class TrainConfig:
     frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16 (bf16 runs only)
     grad_checkpointing: bool = False
     device: str = "auto"
+    strategy: str = "auto"  # auto (what `accelerate launch` asked for, else ddp) | ddp | fsdp-full-shard | ...
     seed: int = 0
     # checkpoints and records
     save_every: int | None = None
@@ -98,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
         for name in ("batch_size", "grad_accum", "keep_last", "log_every"):

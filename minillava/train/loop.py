@@ -4,9 +4,10 @@
     -> for each step: grad_accum micro-batches (token-weighted loss), clip, step, log, checkpoint
     -> final checkpoint, export a self-contained model directory (LoRA merged), curve PNG, summary.
 
-The same code runs in one process or under `torchrun` (DDP; gloo on CPU, NCCL on GPUs). The loss of a
-step is the mean over every supervised token of the global batch, whatever the split over micro-batches
-and ranks, so 2 processes x batch 2 give the loss of 1 process x batch 4.
+The same code runs in one process or under `torchrun` / `accelerate launch` (DDP or FSDP2, see
+strategy.py; gloo on CPU, NCCL on GPUs). The loss of a step is the mean over every supervised token of the
+global batch, whatever the split over micro-batches and ranks, so 2 processes x batch 2 give the loss of
+1 process x batch 4.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ from minillava.train.stages import (
     merge_lora,
     param_groups,
     save_adapter,
-    trainable_state,
 )
+from minillava.train.strategy import clip_grad_norm, make_strategy, resolve_strategy
 
 log = logging.getLogger("minillava.train")
 MODEL_DIR = "model"
@@ -62,7 +63,11 @@ class Dist:
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():  # NCCL for CUDA tensors; gloo for the CPU scalars of `sum`/`gather`
+                torch.cuda.set_device(self.local_rank)
+                dist.init_process_group("cuda:nccl,cpu:gloo")
+            else:
+                dist.init_process_group("gloo")
             self.owns_group = True
 
     @property
@@ -98,6 +103,8 @@ def pick_device(name: str, d: Dist) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    if device.type == "cuda" and device.index is None:  # one GPU per rank
+        device = torch.device(f"cuda:{d.local_rank}")
     return device
 
 
@@ -146,6 +153,22 @@ def quantize_llm_4bit(model: MiniLlava) -> None:
                 q.bias = nn.Parameter(module.bias.data, requires_grad=False)
             parent_name, _, child = name.rpartition(".")
             setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, q)
+
+
+def dequantize_llm_4bit(model: MiniLlava) -> None:
+    """QLoRA export: each 4-bit layer back to an nn.Linear of its dequantized float32 weights, so that LoRA
+    merges into it and the output is an ordinary checkpoint (the 4-bit layout has no place in it)."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.llm.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.weight = nn.Parameter(weight, requires_grad=False)
+            if module.bias is not None:
+                plain.bias = nn.Parameter(module.bias.data.float(), requires_grad=False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, plain)
 
 
 class TrainStep(nn.Module):
@@ -258,6 +281,14 @@ def fit_feature_stats(model: MiniLlava, dataset: SupervisedDataset, collate: Col
     )
 
 
+def empty_batch(pad_id: int) -> dict[str, Any]:
+    """One token, nothing supervised: a rank whose samples were all skipped still runs forward and backward
+    (the other ranks wait for its gradients) and adds zero to the loss and the gradients."""
+    ids = torch.full((1, 1), pad_id)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, IGNORE_INDEX),
+            "pixel_values": None, "image_sizes": None, "features": [], "num_samples": 0}  # fmt: skip
+
+
 def autocast_ctx(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -280,6 +311,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     out = Path(cfg.out).expanduser()
     device = pick_device(cfg.device, d)
     check_qlora(cfg, device)
+    strategy = make_strategy(resolve_strategy(cfg.strategy, os.environ), d.world, device)
+    if strategy.name != "ddp" and (cfg.qlora or cfg.precision == "fp16"):
+        raise ValueError(f"--strategy {strategy.name} supports neither --qlora nor fp16: use ddp, or bf16")
+    say(f"{d.world} process(es), strategy {strategy.name}")
     if cfg.precision == "auto":
         cfg.precision = "bf16" if fast_bfloat16(device) else "fp32"
         say(f"precision auto -> {cfg.precision} on {device}")
@@ -351,30 +386,27 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     steps_per_epoch = sampler.steps_per_epoch()
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = round(cfg.warmup_ratio * total_steps)
+    step_module = strategy.wrap(TrainStep(model, cfg.tune_vision), model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
-    optimizer = make_optimizer(groups, cfg, device)
+    optimizer = make_optimizer(groups, cfg, device)  # after wrapping: FSDP replaces parameters by shards
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        strategy.load_optimizer_state(step_module, optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
     say(f"{len(dataset)} samples, global batch {sampler.global_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x "
         f"{d.world} ranks), {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}")  # fmt: skip
 
-    step_module: nn.Module = TrainStep(model, cfg.tune_vision)
-    if d.world > 1:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None
-        )
     metrics = MetricsWriter(out / "metrics.jsonl", state["step"] if resume_state else None, cfg.tensorboard) \
         if d.main else None  # fmt: skip
     if d.main:
         cfg.save(out / "train_config.json")
         if resume_state is None:
             metrics.write({"event": "start", "step": 0, "config": cfg.to_dict(), "trainable": freeze_info["trainable"],
-                           "total_params": freeze_info["total"], "world_size": d.world})  # fmt: skip
+                           "total_params": freeze_info["total"], "world_size": d.world,
+                           "strategy": strategy.name})  # fmt: skip
         else:
             metrics.write({"event": "resume", "step": state["step"], "from": str(resume_dir)})
     if resume_state is not None:
@@ -384,12 +416,14 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         if cache is not None:
             cache.flush()
         path = None
+        weights = strategy.trainable_state(model)  # collectives under FSDP: every rank takes part
+        optimizer_state = strategy.optimizer_state(step_module, optimizer)
         if d.main:
-            st = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            st = {**state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                   "rng": ckpt.rng_state(), "lora": asdict(lora) if lora else None}  # fmt: skip
             if scaler is not None:
                 st["scaler"] = scaler.state_dict()
-            path = ckpt.save_checkpoint(out, step, trainable_state(model), st, cfg.to_dict(), cfg.keep_last)
+            path = ckpt.save_checkpoint(out, step, weights, st, cfg.to_dict(), cfg.keep_last)
         d.barrier()
         return path
 
@@ -400,6 +434,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         progress = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.stage}", unit="step", file=sys.stderr,
                         dynamic_ncols=True)  # fmt: skip
     cache_stats = {"hits": 0, "misses": 0}
+    pad_id = train_processor.tokenizer.pad_token_id or 0
     losses: list[float] = []
     last_ckpt = ckpt.latest_checkpoint(out)
     t_start = time.perf_counter()
@@ -430,13 +465,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
             samples = sum(b["num_samples"] for b in micro)
             for j, b in enumerate(micro):
-                if not b["num_samples"] and d.world == 1:
-                    continue
-                sync = j == len(micro) - 1 or d.world == 1
-                ctx = contextlib.nullcontext() if sync else step_module.no_sync()
-                with ctx:
-                    if not b["num_samples"]:  # DDP rank whose micro-batch was all skipped: still join in
-                        raise RuntimeError("a rank got an empty micro-batch; use --on-bad-sample error with DDP")
+                if not b["num_samples"]:
+                    if d.world == 1:
+                        continue
+                    b = empty_batch(pad_id)
+                with strategy.grad_sync(step_module, sync=j == len(micro) - 1):
                     vf = vision_features_for(b, model, cache, device, cfg.tune_vision, cache_stats)
                     pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
                     sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
@@ -463,7 +496,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             grad_norm = None
             if cfg.max_grad_norm:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
@@ -521,7 +554,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if cache is not None:
         cache.flush()
     summary["checkpoint"] = str(save(state["step"]))
+    strategy.gather_model(step_module, d.main)
     if d.main:
+        if cfg.qlora:
+            dequantize_llm_4bit(model)
         model_dir = export(model, processor, lora, out / MODEL_DIR, merge=cfg.merge_lora)
         summary["model"] = str(model_dir)
         metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "losses"}})
@@ -537,7 +573,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
 def export(model: MiniLlava, processor: Processor, lora: LoraSettings | None, directory: Path, merge: bool) -> Path:
     """A self-contained model directory that `MiniLlava.from_pretrained` loads as it is."""
-    model = model.to("cpu")
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):  # FSDP: gathered to CPU
+        model = model.to("cpu")
     if lora is not None and merge:
         merge_lora(model)
         model.save_pretrained(directory, processor)

@@ -213,7 +213,7 @@ def test_standardize_features_fits_the_first_images_stats_once(pretrained, tmp_p
     assert any("standardised" in x and "3 image crops" in x for x in lines)
     # a later stage keeps the fitted statistics instead of refitting them
     cfg2 = config(tmp_path, asset_dir, data, images, model=str(tmp_path / "run" / "model"), stage="align",
-                  max_steps=1, standardize_features=True, feature_stats_images=1, out=str(tmp_path / "run2"))  # fmt: skip
+                  max_steps=1, standardize_features=True, out=str(tmp_path / "run2"))  # fmt: skip
     lines2 = []
     train_logged(cfg2, lines2)
     again, _ = MiniLlava.from_pretrained(tmp_path / "run2" / "model")

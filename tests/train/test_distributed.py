@@ -1,0 +1,161 @@
+"""Multi-process training on CPU (gloo): FSDP2 through the accelerate configs, resume, skipped samples under DDP.
+
+Each test launches 2 real processes and compares their per-step losses with one process on the same global
+batch (1 x 4 against 2 ranks x 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import config, write_images, write_llava
+
+from minillava.train.config import TrainConfig
+from minillava.train.loop import train
+from minillava.train.strategy import resolve_strategy
+
+ROOT = Path(__file__).parents[2]
+ACCELERATE = ROOT / "configs" / "accelerate"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _cli_args(cfg: TrainConfig) -> list[str]:
+    """The options that differ from the defaults, as `minillava train` flags."""
+    args = ["train", "--data", *cfg.data]
+    defaults = TrainConfig().to_dict()
+    for key, value in cfg.to_dict().items():
+        if key == "data" or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _launch(prefix: list[str], cfg) -> None:
+    cmd = [*prefix, "-m", "minillava.train.cli", *_cli_args(cfg)]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr.decode()[-4000:]
+
+
+def _torchrun(cfg) -> None:
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port())],
+            cfg)  # fmt: skip
+
+
+def _losses(run: Path) -> dict[int, float]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in recs if r["event"] == "step"}
+
+
+def _mixed_data(tmp: Path) -> tuple[Path, Path]:
+    """6 image + 2 text-only samples: one global batch of 4 gives a rank only text (no hang)."""
+    names = write_images(tmp / "images")
+    path = write_llava(tmp / "d.json", names)
+    rows = json.loads(path.read_text())
+    img = [r for r in rows if "image" in r]
+    text = [r for r in rows if "image" not in r]
+    path.write_text(json.dumps(img + [{**r, "id": r["id"] + "-b"} for r in img[:2]] + text +
+                               [{**text[0], "id": "text-2"}]))  # fmt: skip
+    return path, tmp / "images"
+
+
+@pytest.mark.parametrize(
+    "name, expected", [("fsdp-full-shard", "fsdp-full-shard"), ("fsdp-shard-grad-op", "fsdp-shard-grad-op"),
+                       ("multi-gpu", "ddp")],
+)  # fmt: skip
+def test_accelerate_configs_pick_the_strategy(tmp_path, name, expected):
+    """The environment `accelerate launch --config_file` really sets, read by `--strategy auto`."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed: `pip install accelerate`")
+    probe = tmp_path / "env.py"
+    probe.write_text("import json, os; print(json.dumps(dict(os.environ)))")
+    cmd = ["accelerate", "launch", "--config_file", str(ACCELERATE / f"{name}.yaml"), "--num_processes", "1",
+           str(probe)]  # fmt: skip
+    run = subprocess.run(cmd, env=_env(), capture_output=True, timeout=120, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    env = json.loads(run.stdout.strip().splitlines()[-1])
+    assert resolve_strategy("auto", env) == expected
+
+
+def test_strategy_env_errors():
+    with pytest.raises(ValueError, match="DeepSpeed launches are not supported"):
+        resolve_strategy("auto", {"ACCELERATE_USE_DEEPSPEED": "true"})
+    with pytest.raises(ValueError, match="offload"):
+        resolve_strategy("auto", {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
+    with pytest.raises(ValueError, match="NO_SHARD"):
+        resolve_strategy("auto", {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"})
+    fsdp1 = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}  # an FSDP1-style config
+    assert resolve_strategy("auto", fsdp1) == "fsdp-shard-grad-op"
+    assert resolve_strategy("ddp", fsdp1) == "ddp"  # the flag wins over the launcher
+
+
+def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, asset_dir):
+    """LoRA (frozen and trainable parameters in one FSDP unit, tied embeddings) through the FULL_SHARD
+    accelerate config: same losses as one process, same exported (merged) weights; then an FSDP
+    SHARD_GRAD_OP run resumes from its step-2 checkpoint (sharded optimizer state) and redoes steps 3-4."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed: `pip install accelerate`")
+    path, images = _mixed_data(tmp_path)
+    common = dict(stage="instruct", lora=True, lora_dropout=0.0, lr=1e-2, projector_lr=1e-2, max_steps=4)
+    one = train(config(tmp_path / "one", asset_dir, path, images, batch_size=4, **common))
+    fsdp = config(tmp_path / "fsdp", asset_dir, path, images, batch_size=2, save_every=2, **common)
+    _launch(["accelerate", "launch", "--config_file", str(ACCELERATE / "fsdp-full-shard.yaml"), "--num_processes",
+             "2", "--main_process_port", str(_port())], fsdp)  # fmt: skip
+    records = [json.loads(x) for x in (Path(fsdp.out) / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["strategy"] == "fsdp-full-shard" and records[0]["world_size"] == 2
+    got = _losses(Path(fsdp.out))
+    assert got == pytest.approx(dict(enumerate(one["losses"], 1)), rel=1e-5)
+    assert got[4] < got[1]  # it trains
+    for part in ("projector.safetensors", "llm/model.safetensors"):
+        a, b = load_file(Path(one["model"]) / part), load_file(Path(fsdp.out) / "model" / part)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=f"{part}: {k}")
+
+    resumed = config(tmp_path / "resumed", asset_dir, path, images, batch_size=2, strategy="fsdp-shard-grad-op",
+                     resume=str(Path(fsdp.out) / "checkpoints" / "step-00000002"), **common)  # fmt: skip
+    _torchrun(resumed)  # step 4's loss depends on the restored Adam moments
+    assert _losses(Path(resumed.out)) == pytest.approx({3: one["losses"][2], 4: one["losses"][3]}, rel=1e-5)
+
+
+def test_ddp_rank_whose_samples_are_all_skipped_joins(tmp_path, asset_dir):
+    """`--on-bad-sample skip` with 2 ranks: the two longest samples (rank 0's half of the length-sorted global
+    batch) have missing images; rank 0 joins with a zero-weight micro-batch and the loss is that of one
+    process over the same 4 samples (2 skipped)."""
+    names = write_images(tmp_path / "images")
+    good = [{"id": f"ok-{c}", "image": names[c], "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a red square"}]}
+        for c in ("red", "blue")]  # fmt: skip
+    long_answer = "a red square on the left of a blue circle " * 3
+    bad = [{"id": f"ghost-{i}", "image": f"missing-{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": long_answer}]}
+        for i in range(2)]  # fmt: skip
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(good + bad))
+    common = dict(stage="instruct", lr=1e-2, max_steps=2, on_bad_sample="skip")
+    one = train(config(tmp_path / "one", asset_dir, path, tmp_path / "images", batch_size=4, **common))
+    assert one["skipped"] == 4  # 2 per step
+    ddp = config(tmp_path / "two", asset_dir, path, tmp_path / "images", batch_size=2, **common)
+    _torchrun(ddp)
+    got = _losses(Path(ddp.out))
+    assert got == pytest.approx(dict(enumerate(one["losses"], 1)), rel=1e-5)
+    summary = json.loads((Path(ddp.out) / "summary.json").read_text())
+    assert sorted(s["id"] for s in summary["skipped_samples"]) == ["ghost-0", "ghost-0", "ghost-1", "ghost-1"]
