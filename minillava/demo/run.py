@@ -11,7 +11,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,11 @@ class DemoConfig:
     out: str = "minillava-demo"
     quick: bool = False
     image_size: int = 112  # DINOv2 patches are 14 px: an 8 x 8 grid
-    pool: int = 2  # avgpool 2 x 2: 16 tokens per image
+    projector: str = "avgpool"
+    projector_options: dict[str, Any] = field(default_factory=lambda: {"pool": 2})  # 2 x 2: 16 tokens per image
+    fusion: str = "splice"  # or "xattn" (with projector perceiver)
+    xattn_every: int = 6
+    anyres: list[list[int]] | None = None  # AnyRes canvases [[h, w], ...]; tiles are image_size square
     # Sized for the 10-minute budget on 2 CPU cores without bf16 units (~60 GFLOP/s float32: ~150 tokens/s
     # through forward + backward of the 135M LLM); a machine with AMX or a GPU can afford far more steps.
     n_train: int = 600  # synthetic training images (several questions each)
@@ -35,6 +39,8 @@ class DemoConfig:
     n_fashion_test: int = 80
     align_steps: int = 60  # cheap (image + a short caption): where the projector learns what it sees
     instruct_steps: int = 24
+    fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
+    feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
     batch_size: int = 16
     eval_batch_size: int = 32
     seed: int = 0
@@ -48,7 +54,7 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
     from minillava.model import MiniLlava
 
     out = Path(cfg.out)
@@ -58,10 +64,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     data = out / "data"
     files = synthetic.generate(data, cfg.n_train, cfg.n_test, cfg.n_combo, cfg.image_size, cfg.seed)
-    with_fashion = fashion.available()
+    with_fashion = cfg.fashion and fashion.available()
     if with_fashion:
         files |= fashion.generate(data, cfg.n_fashion_train, cfg.n_fashion_test, cfg.image_size, cfg.seed)
-    else:
+    elif cfg.fashion:
         log.warning("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): skipping its questions")
     captions = write_captions(data, files)
     timings["data_s"] = time.perf_counter() - t0
@@ -69,16 +75,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = time.perf_counter()
     base_cfg = ModelConfig(
         vision=VisionConfig(source="builtin:dinov2-small", image_size=cfg.image_size),
-        projector=ProjectorConfig(name="avgpool", options={"pool": cfg.pool}),
+        projector=ProjectorConfig(name=cfg.projector, options=dict(cfg.projector_options)),
         llm_source="builtin:smollm2-135m-instruct",
         template="chatml",  # SmolLM2's own template adds a 20-token system prompt to every sample
+        fusion=cfg.fusion,
+        xattn=XattnConfig(every=cfg.xattn_every),
+        image_grid_pinpoints=cfg.anyres,
+        aspect="resize" if cfg.anyres else "pad",
     )
     model, processor = MiniLlava.build(base_cfg)
     model.save_pretrained(out / "base", processor)
     del model
     timings["build_s"] = time.perf_counter() - t
 
-    cache = str(out / "feature_cache")
+    cache = cfg.feature_cache or str(out / "feature_cache")
     t = time.perf_counter()
     align = train_stage(cfg, out / "runs" / "align", model=out / "base", data=[captions], stage="align",
                         steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.2)  # fmt: skip
