@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from minillava.demo.run import DemoConfig, run_demo  # noqa: E402
 
-# name -> DemoConfig overrides. Image size 112 px = an 8 x 8 DINOv2 grid (64 patches); AnyRes uses 56 px tiles
-# (4 x 4 patches) on a 112 x 112 canvas, so its tokens per image (base + 4 tiles + row newlines) stay comparable.
+# name -> DemoConfig overrides. Pictures are 112 px = an 8 x 8 DINOv2 grid (64 patches); AnyRes reads them as a
+# 56 px base view plus 56 px tiles (4 x 4 patches each) of a 112 x 112 canvas: 16 + 64 tokens + 8 row newlines.
 VARIANTS: dict[str, dict] = {
     "linear": {"projector": "linear", "projector_options": {}},
     "mlp2x_gelu": {"projector": "mlp2x_gelu", "projector_options": {}},
@@ -35,7 +35,7 @@ VARIANTS: dict[str, dict] = {
     "perceiver": {"projector": "perceiver", "projector_options": {"num_latents": 16, "depth": 2, "heads": 6}},
     "xattn": {"projector": "perceiver", "projector_options": {"num_latents": 16, "depth": 2, "heads": 6},
               "fusion": "xattn", "xattn_every": 6},  # fmt: skip
-    "anyres": {"projector": "mlp2x_gelu", "projector_options": {}, "image_size": 56,
+    "anyres": {"projector": "mlp2x_gelu", "projector_options": {}, "tower_size": 56,
                "anyres": [[56, 112], [112, 56], [112, 112]]},  # fmt: skip
 }
 
@@ -83,7 +83,7 @@ def image_tokens(model_dir: Path, data: Path) -> float:
 
 def run_variant(name: str, base: DemoConfig, out: Path) -> dict:
     cfg = replace(base, out=str(out / name), **VARIANTS[name])
-    if cfg.image_size == base.image_size:
+    if not cfg.anyres:  # the same pictures at the same tower size: one cache for all (AnyRes runs uncached)
         cfg.feature_cache = str(out / f"feature_cache_{cfg.image_size}")
     t = time.perf_counter()
     report = run_demo(cfg)
@@ -165,7 +165,8 @@ def main() -> None:
         sys.exit(f"ablation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     budget = {"n_train": args.n_train, "align_steps": args.align_steps, "instruct_steps": args.instruct_steps,
               "batch_size": args.batch_size, "n_test": args.n_test, "n_combo": args.n_combo}  # fmt: skip
-    base = DemoConfig(fashion=False, eval_batch_size=16, **budget)
+    # the word-space warm start needs spliced tokens (not xattn, not AnyRes): off for all, so all get one recipe
+    base = DemoConfig(fashion=False, eval_batch_size=16, word_warmup_steps=0, **budget)
     out = Path(args.out)
     results = []
     for name in names:

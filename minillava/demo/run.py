@@ -29,7 +29,8 @@ class DemoConfig:
     projector_options: dict[str, Any] = field(default_factory=lambda: {"pool": 2})  # 2 x 2: 16 tokens per image
     fusion: str = "splice"  # or "xattn" (with projector perceiver)
     xattn_every: int = 6
-    anyres: list[list[int]] | None = None  # AnyRes canvases [[h, w], ...]; tiles are image_size square
+    anyres: list[list[int]] | None = None  # AnyRes canvases [[h, w], ...]; tiles are tower_size square
+    tower_size: int | None = None  # the vision tower's input size; None: image_size (pictures are image_size)
     # Sized for the 10-minute budget on 2 CPU cores without bf16 units (~60 GFLOP/s float32: ~150 tokens/s
     # through forward + backward of the 135M LLM); a machine with AMX or a GPU can afford far more steps.
     n_train: int = 600  # synthetic training images (several questions each)
@@ -37,7 +38,8 @@ class DemoConfig:
     n_combo: int = 30  # held-out images, colour-shape pairs never seen in training
     n_fashion_train: int = 400
     n_fashion_test: int = 80
-    align_steps: int = 60  # cheap (image + a short caption): where the projector learns what it sees
+    word_warmup_steps: int = 300  # projector-only steps in the LLM's word space, no LLM forward (seconds)
+    align_steps: int = 40  # cheap (image + a short caption): where the projector learns what it sees
     instruct_steps: int = 24
     fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
     feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
@@ -49,7 +51,7 @@ class DemoConfig:
         if self.quick:  # a smoke run: the same pipeline, minutes -> about one minute
             self.n_train, self.n_test, self.n_combo = 48, 8, 8
             self.n_fashion_train, self.n_fashion_test = 32, 8
-            self.align_steps, self.instruct_steps = 3, 4
+            self.align_steps, self.instruct_steps, self.word_warmup_steps = 3, 4, 30
             self.batch_size = 8
 
 
@@ -74,7 +76,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     base_cfg = ModelConfig(
-        vision=VisionConfig(source="builtin:dinov2-small", image_size=cfg.image_size),
+        vision=VisionConfig(source="builtin:dinov2-small", image_size=cfg.tower_size or cfg.image_size),
         projector=ProjectorConfig(name=cfg.projector, options=dict(cfg.projector_options)),
         llm_source="builtin:smollm2-135m-instruct",
         template="chatml",  # SmolLM2's own template adds a 20-token system prompt to every sample
@@ -91,7 +93,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cache = cfg.feature_cache or str(out / "feature_cache")
     t = time.perf_counter()
     align = train_stage(cfg, out / "runs" / "align", model=out / "base", data=[captions], stage="align",
-                        steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.2)  # fmt: skip
+                        steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.1, fresh_projector=True)  # fmt: skip
     timings["align_s"] = time.perf_counter() - t
     t = time.perf_counter()
     instruct_data = [files["train"]] + ([files["fashion_train"]] if with_fashion else [])
@@ -133,7 +135,8 @@ def write_captions(data: Path, files: dict[str, Path]) -> Path:
 
 
 def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage: str, steps: int, lr: float,
-                cache: str, lora: bool = False, warmup: float = 0.05) -> dict[str, Any]:  # fmt: skip
+                cache: str, lora: bool = False, warmup: float = 0.05,
+                fresh_projector: bool = False) -> dict[str, Any]:  # fmt: skip
     from minillava.train import train
     from minillava.train.config import TrainConfig
 
@@ -143,6 +146,8 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         projector_lr=lr if stage == "align" else 3e-4,
         lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
+        # a fresh projector first learns to speak in the LLM's word space (seconds), then the LLM steps refine it
+        standardize_features=fresh_projector, word_warmup_steps=cfg.word_warmup_steps if fresh_projector else 0,
     )  # fmt: skip
     summary = train(tc)
     summary["out"] = str(out)

@@ -73,6 +73,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
         "before step 0 (for a fresh projector; learns far faster on DINOv2)",
     )
     g.add_argument("--feature-stats-images", type=int, help="images the standardisation is fitted on (256)")
+    g.add_argument("--word-warmup-steps", type=int, help="pre-align a fresh projector with the LLM's word "
+                   "embeddings for N cheap steps before step 0 (no LLM forward; see docs/training.md)")
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
     g.add_argument("--device")

@@ -47,6 +47,8 @@ class TrainConfig:
     # fit the projector's input standardisation to the first N images' features before step 0 (fresh projectors)
     standardize_features: bool = False
     feature_stats_images: int = 256
+    # pre-align a fresh projector with the LLM's word embeddings for N steps before step 0 (no LLM forward)
+    word_warmup_steps: int = 0
     # optimisation
     out: str = "runs/minillava"
     epochs: float = 1.0

@@ -50,6 +50,7 @@ from minillava.train.stages import (
     save_adapter,
 )
 from minillava.train.strategy import clip_grad_norm, make_strategy, resolve_strategy
+from minillava.train.warmstart import word_space_warmstart
 
 log = logging.getLogger("minillava.train")
 MODEL_DIR = "model"
@@ -381,6 +382,12 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                                 cfg.truncate, cache)  # fmt: skip
     if cfg.standardize_features and not model.projector.standardizes:
         fit_feature_stats(model, dataset, Collator(train_processor), cache, device, cfg.feature_stats_images, say)
+    warmstart = None
+    if cfg.word_warmup_steps and resume_dir is None:  # a resumed run's projector comes from its checkpoint
+        if model.config.fusion != "splice" or model.anyres is not None:
+            raise ValueError("--word-warmup-steps needs spliced image tokens, one crop per image (no xattn, no AnyRes)")
+        warmstart = word_space_warmstart(model, dataset, Collator(train_processor), cache, device,
+                                         cfg.word_warmup_steps, cfg.resolved_projector_lr(), cfg.seed, say)  # fmt: skip
     sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
                                   cfg.seed, cfg.group_by_length)  # fmt: skip
     steps_per_epoch = sampler.steps_per_epoch()
@@ -546,6 +553,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         "tokens_per_s": tokens_run / max(elapsed, 1e-9), "samples_per_s": samples_run / max(elapsed, 1e-9),
         "final_loss": losses[-1] if losses else None, "losses": losses, "skipped": len(all_skipped),
         "skipped_samples": all_skipped, "feature_cache": cache_stats if cache is not None else None,
+        "word_warmup": warmstart,
         "trainable": freeze_info["trainable"], "total_params": freeze_info["total"], "out": str(out),
     }  # fmt: skip
     if halted:

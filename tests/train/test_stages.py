@@ -219,3 +219,51 @@ def test_standardize_features_fits_the_first_images_stats_once(pretrained, tmp_p
     again, _ = MiniLlava.from_pretrained(tmp_path / "run2" / "model")
     assert torch.equal(again.projector.feature_mean, fitted.projector.feature_mean)
     assert not any("standardised" in x for x in lines2)
+
+
+def test_word_warmup_moves_image_tokens_towards_their_answer_words(pretrained, tmp_path, asset_dir):
+    from minillava.data.dataset import Collator, SupervisedDataset
+    from minillava.train.warmstart import word_space_warmstart
+
+    _, run, data, images = pretrained
+    model, processor = MiniLlava.from_pretrained(run / "model")
+    torch.manual_seed(0)
+    for m in model.projector.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.reset_parameters()
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    dataset = SupervisedDataset([str(data)], processor, str(images))
+    collate = Collator(processor)
+
+    def margin():  # mean cosine to each image's own answer words minus to the other images' words
+        from minillava.train.warmstart import collect
+
+        special = set(processor.tokenizer.all_special_ids) | {processor.image_token_id}
+        feats, words = collect(model, dataset, collate, None, torch.device("cpu"), 8, special)
+        table = torch.nn.functional.normalize(model.llm.get_input_embeddings().weight.detach(), dim=-1)
+        with torch.no_grad():
+            tokens = torch.nn.functional.normalize(model.projector(feats), dim=-1)  # (I, N, D)
+        out = []
+        for i, own in enumerate(words):
+            others = set().union(*(w for j, w in enumerate(words) if j != i)) - own
+            best = (tokens[i] @ table.T).amax(0)  # (V,) best token per word
+            out.append(best[sorted(own)].mean() - best[sorted(others)].mean())
+        return float(torch.stack(out).mean())
+
+    before = margin()
+    lines = []
+    stats = word_space_warmstart(model, dataset, collate, None, torch.device("cpu"), 150, 3e-3, 0, lines.append)
+    after = margin()
+    assert stats["final_loss"] < stats["first_loss"] and stats["images"] == 4  # the 4 single-image samples
+    assert after > before + 0.1, (before, after)
+    assert "no LLM forward" in lines[0]
+
+
+def test_word_warmup_runs_in_the_trainer(pretrained, tmp_path, asset_dir):
+    _, run, data, images = pretrained
+    cfg = config(tmp_path, asset_dir, data, images, model=str(run / "model"), stage="align", max_steps=1,
+                 word_warmup_steps=5, standardize_features=True)  # fmt: skip
+    lines = []
+    summary = train_logged(cfg, lines)
+    assert summary["word_warmup"]["images"] == 4 and any("word-space warm start: 5 projector steps" in x for x in lines)
