@@ -282,3 +282,11 @@ def test_cli_build_anyres_and_info(asset_dir, tmp_path, capsys):
     assert json.loads((out / "minillava.json").read_text())["aspect"] == "resize"  # LLaVA-NeXT's base view
     assert main([*args, "--anyres", "40x64", "--out", str(tmp_path / "bad")]) == 1
     assert "pinpoint 40x64 is not a positive multiple" in capsys.readouterr().err
+
+
+def test_viz_refuses_anyres_before_generating(anyres_tiny):
+    from minillava.viz.attention import visualize
+
+    model, processor = anyres_tiny
+    with pytest.raises(ValueError, match="does not support AnyRes"):
+        visualize(model, processor, picture((40, 72)), "What is it?")

@@ -162,6 +162,8 @@ def visualize(
     raw: bool = False,
 ) -> Visualization:
     """Generate greedily about one image, then measure where each generated token's attention went."""
+    if model.anyres is not None:  # tiles + base view + row newlines: no single patch grid to draw back on
+        raise ValueError("viz does not support AnyRes models yet (several crops per image); use a single-crop model")
     encoded = Generator(model, processor).encode(prompt, [image], raw)
     xattn = model.config.fusion == "xattn"
     span = None if xattn else image_span(encoded.input_ids, processor.image_token_id)  # fail before generating
