@@ -361,6 +361,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             model.vision.to(torch.bfloat16)
         if cfg.stage == "align":
             model.llm.to(torch.bfloat16)
+            model.xattn.float()  # the cross-attention blocks live inside the LLM but train: float32 masters
     model.to(device)
     if cfg.grad_checkpointing and cfg.stage == "instruct":
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
