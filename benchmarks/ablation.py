@@ -169,8 +169,13 @@ def main() -> None:
     base = DemoConfig(fashion=False, eval_batch_size=16, word_warmup_steps=0, **budget)
     out = Path(args.out)
     results = []
-    for name in names:
-        results.append(run_variant(name, base, out))
+    for name in names:  # each variant's result is kept in OUT/NAME/result.json: a rerun picks up where it stopped
+        done = out / name / "result.json"
+        if done.exists() and json.loads(done.read_text()).get("budget") == budget:
+            results.append(json.loads(done.read_text())["result"])
+        else:
+            results.append(run_variant(name, base, out))
+            done.write_text(json.dumps({"budget": budget, "result": results[-1]}))
         print(json.dumps(results[-1]), flush=True)
     docs = Path(args.docs)
     (docs / "benchmarks").mkdir(parents=True, exist_ok=True)
