@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -254,6 +254,21 @@ def vision_features_for(batch: dict, model: MiniLlava, cache: FeatureCache | Non
     return torch.stack([f.to(device) for f in feats])
 
 
+def frozen_features(
+    model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
+    device: torch.device, indices: list[int], chunk: int = 32,
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:  # fmt: skip
+    """(batch, its vision features (C, P, Dv)) for the given samples, `chunk` at a time, from the feature cache
+    or the frozen tower (then cached): what the steps before training (statistics, warm start) read."""
+    for start in range(0, len(indices), chunk):
+        batch = collate([dataset[i] for i in indices[start : start + chunk]])
+        if not batch["num_samples"]:
+            continue
+        feats = vision_features_for(batch, model, cache, device, False, {"hits": 0, "misses": 0})
+        if feats is not None:
+            yield batch, feats
+
+
 def fit_feature_stats(model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
                       device: torch.device, max_images: int, say: Callable[[str], None]) -> None:  # fmt: skip
     """Fit the projector's input standardisation: per-channel mean and std of the frozen tower's features over
@@ -262,11 +277,7 @@ def fit_feature_stats(model: MiniLlava, dataset: SupervisedDataset, collate: Col
     with_images = [i for i, n in enumerate(dataset.modality_lengths()) if n > 0][:max_images]
     total = total_sq = None
     count, seen = 0, 0
-    for start in range(0, len(with_images), 32):
-        batch = collate([dataset[i] for i in with_images[start : start + 32]])
-        feats = vision_features_for(batch, model, cache, device, False, {"hits": 0, "misses": 0})
-        if feats is None:
-            continue
+    for _, feats in frozen_features(model, dataset, collate, cache, device, with_images):
         flat = feats.reshape(-1, feats.shape[-1]).double()  # (C*P, Dv)
         total = flat.sum(0) if total is None else total + flat.sum(0)
         total_sq = flat.square().sum(0) if total_sq is None else total_sq + flat.square().sum(0)

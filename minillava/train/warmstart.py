@@ -38,16 +38,12 @@ def collect(
     device: torch.device, max_images: int, special_ids: set[int],
 ) -> tuple[torch.Tensor, list[set[int]]]:  # fmt: skip
     """Features (I, P, Dv) of the first `max_images` single-image samples, and each one's answer tokens."""
-    from minillava.train.loop import vision_features_for
+    from minillava.train.loop import frozen_features
 
     feats, words = [], []
     # one image per sample: with several, which answer words belong to which image is unknown
     chosen = [i for i, r in enumerate(dataset.records) if len(r.images) == 1][:max_images]
-    for start in range(0, len(chosen), 32):
-        batch = collate([dataset[i] for i in chosen[start : start + 32]])
-        if not batch["num_samples"]:
-            continue
-        f = vision_features_for(batch, model, cache, device, False, {"hits": 0, "misses": 0})  # (B, P, Dv)
+    for batch, f in frozen_features(model, dataset, collate, cache, device, chosen):  # f: (B, P, Dv)
         feats.append(f.float())
         for labels in batch["labels"]:
             words.append({int(t) for t in labels[labels != IGNORE_INDEX]} - special_ids)
