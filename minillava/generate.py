@@ -3,6 +3,10 @@ one token at a time.
 
 Batches are left-padded so every row's next token sits in the last column; position ids count real
 tokens only, so each row decodes exactly as it would alone.
+
+A small LLM decodes launch-bound on a GPU: hundreds of tiny kernels per token, each waiting on Python. On
+CUDA the decode steps therefore run on a transformers StaticCache (fixed shapes, written in place) and are
+captured once as a CUDA graph that is replayed for every later token: one launch per token.
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    StaticCache,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from minillava.images import ImageInput
 from minillava.model import MiniLlava, positions_from_mask
@@ -27,6 +37,8 @@ class GenerationConfig:
     top_k: int = 0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # user stop strings, cut from the returned text
+    # decode steps as a replayed CUDA graph over a static KV cache; None: on for fusion splice on CUDA, else off
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -68,6 +80,66 @@ def _sampler(cfg: GenerationConfig, device: torch.device):
     return pick
 
 
+def use_cuda_graphs(model: MiniLlava, cfg: GenerationConfig) -> bool:
+    """Resolve `cfg.cuda_graphs`. Graphs need CUDA and fusion splice: an xattn continuation checks its input
+    for image markers on the host, which a captured step cannot do."""
+    if cfg.cuda_graphs is None:
+        return model.device.type == "cuda" and model.config.fusion == "splice"
+    if cfg.cuda_graphs and (model.device.type != "cuda" or model.config.fusion != "splice"):
+        raise ValueError(f"cuda_graphs needs a CUDA model with fusion splice, not {model.device} {model.config.fusion}")
+    return cfg.cuda_graphs
+
+
+class StaticStep:
+    """One decode step on a StaticCache, with fixed-shape inputs (token, position, full-length mask) written in
+    place: the same step runs eagerly or, on CUDA, as a captured graph that is replayed for each later token.
+
+    The cache keeps its own write position on the device and advances it in place, so a replay writes the next
+    slot. The mask covers all `max_cache_len` slots: zeros on the left padding and on the slots not yet filled.
+    """
+
+    WARMUP = 2  # eager steps before the capture (PyTorch's recipe: warm up on a side stream first)
+
+    def __init__(self, model: MiniLlava, cache: StaticCache, mask: torch.Tensor, graph: bool) -> None:
+        self.model, self.cache, self.mask = model, cache, mask
+        self.token = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=mask.device)
+        self.position = torch.zeros_like(self.token)
+        self.use_graph, self.steps = graph, 0
+        self.side = torch.cuda.Stream(mask.device) if graph else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None  # the graph's output, rewritten by each replay
+
+    def forward(self) -> torch.Tensor:  # (B, V)
+        # no images in a decode step; the model skips the splice's host-side slot count while capturing
+        out = self.model(self.token, self.mask, position_ids=self.position, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
+        """Feed `token` (B,) at rotary `position` (B, 1) into cache slot `slot`; the next logits (B, V)."""
+        self.token.copy_(token[:, None])
+        self.position.copy_(position)
+        self.mask[:, slot] = 1
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        if not self.use_graph:
+            return self.forward()
+        self.steps += 1
+        if self.steps <= self.WARMUP:  # real decode steps, run on a side stream as warm-up
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
+                logits = self.forward()
+            torch.cuda.current_stream().wait_stream(self.side)
+            return logits
+        self.graph = torch.cuda.CUDAGraph()
+        # capture records the kernels without running them (nor advancing the cache); the replay runs this step.
+        # thread_local: a server may run CUDA work on other threads meanwhile
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = self.forward()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()
 def decode(
     model: MiniLlava,
@@ -75,31 +147,55 @@ def decode(
     cfg: GenerationConfig,
     stop_ids: list[int],
     pad_id: int,
+    static_cache: bool | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (next token per row (B,), finished-before-this-step mask (B,)) until all rows stop."""
+    """Yield (next token per row (B,), finished-before-this-step mask (B,)) until all rows stop.
+
+    The prefill splices the images; the steps after it run on a DynamicCache, or on a StaticCache that the
+    prefill fills too (`static_cache`; None: when CUDA graphs are on, which need it; tests run it on the CPU).
+    """
     device = model.device
+    graphs = use_cuda_graphs(model, cfg)
+    static = graphs if static_cache is None else static_cache
+    if graphs and not static:
+        raise ValueError("cuda_graphs need the static cache")
+    if static and model.config.fusion != "splice":
+        raise ValueError("the static-cache decode supports fusion splice only")
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
     pixels, sizes = batch["pixel_values"], batch.get("image_sizes")  # sizes: AnyRes only
     pixels = None if pixels is None else pixels.to(device)
     sizes = None if sizes is None else sizes.to(device)
-    out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes)  # prefill: images here only
+    rows, prompt_len = ids.shape
+    if static:  # sized for the prompt and every new token; the prefill fills its first prompt_len slots
+        cache = StaticCache(config=model.llm.config, max_cache_len=prompt_len + cfg.max_new_tokens)
+        full_mask = torch.zeros(rows, prompt_len + cfg.max_new_tokens, dtype=mask.dtype, device=device)
+        full_mask[:, :prompt_len] = mask
+        out = model(ids, full_mask, pixels, position_ids=positions_from_mask(mask), past_key_values=cache,
+                    use_cache=True, logits_to_keep=1, image_sizes=sizes)  # fmt: skip
+        step = StaticStep(model, cache, full_mask, graphs)
+    else:
+        out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes)  # prefill: images here only
+    logits = out.logits[:, -1]
     position = positions_from_mask(mask)[:, -1:]  # (B, 1)
     stops = torch.tensor(stop_ids, device=device, dtype=torch.long)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
     pick = _sampler(cfg, device)
     generated = ids
-    for _ in range(cfg.max_new_tokens):
-        logits = out.logits[:, -1].float()
+    for i in range(cfg.max_new_tokens):
+        logits = logits.float()
         logits[:, model.config.image_token_id] = -float("inf")  # an image slot is never a valid output
         token = torch.where(finished, torch.full_like(finished, pad_id, dtype=torch.long), pick(generated, logits))
         yield token, finished.clone()
         finished |= torch.isin(token, stops)
-        if bool(finished.all()):
+        if bool(finished.all()) or i == cfg.max_new_tokens - 1:  # done: no step for a token nobody reads
             return
         generated = torch.cat([generated, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
+        if static:
+            logits = step(token, position, prompt_len + i)
+            continue
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         out = model(
             token[:, None],
             mask,
@@ -108,6 +204,7 @@ def decode(
             use_cache=True,
             media=out.media,
         )
+        logits = out.logits[:, -1]
 
 
 class Generator:

@@ -262,6 +262,10 @@ class MiniLlava(nn.Module):
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, image_sizes)
         text = self.llm.get_input_embeddings()(input_ids)
+        if image_features is None and text.is_cuda and torch.cuda.is_current_stream_capturing():
+            # a CUDA-graph decode step (generate.py): the splice's slot count would read back to the host, which
+            # capture forbids, and a generated token is never <image> (decode masks that logit)
+            return text
         return splice_image_features(input_ids, text, image_features, self.config.image_token_id)
 
     def xattn_media(

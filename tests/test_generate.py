@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from PIL import Image
+from tiny_models import louden
 
 from minillava.generate import GenerationConfig, Generator, decode, stop_token_ids
 from minillava.runtime import parse_dtype
@@ -12,10 +13,11 @@ BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
 GREEDY = GenerationConfig(max_new_tokens=12)
 
 
-def raw_tokens(gen, samples, cfg=GREEDY):
+def raw_tokens(gen, samples, cfg=GREEDY, static_cache=None):
     """Greedy token ids per row, without stop handling, for exact comparisons."""
     batch = gen.processor.collate(samples, padding_side="left")
-    steps = [t for t, _ in decode(gen.model, batch, cfg, stop_ids=[], pad_id=gen.processor.pad_token_id)]
+    pad = gen.processor.pad_token_id
+    steps = [t for t, _ in decode(gen.model, batch, cfg, stop_ids=[], pad_id=pad, static_cache=static_cache)]
     return torch.stack(steps, 1)
 
 
@@ -118,3 +120,45 @@ def test_precision_rules():
         parse_dtype("int8")
     with pytest.raises(ValueError):
         GenerationConfig(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("llm", ["llama", "qwen2", "opt"])
+def test_static_cache_decode_equals_dynamic_cache_decode(build_tiny, llm):
+    """The StaticCache step (what a CUDA graph replays) run eagerly: same tokens as the DynamicCache path,
+    alone and in a left-padded batch of rows of different lengths, with and without images."""
+    model, p = build_tiny(llm=llm)
+    louden(model)  # answers that depend on the prompt and image
+    gen = Generator(model, p)
+    samples = [
+        p.prompt("What is in the picture? describe it in detail", [RED]),
+        p.prompt("hi", [BLUE]),
+        p.prompt("no image here, just text"),
+        p.prompt("<image> compare <image>", [RED, BLUE]),
+    ]
+    dynamic = raw_tokens(gen, samples, static_cache=False)
+    assert torch.equal(raw_tokens(gen, samples, static_cache=True), dynamic)
+    assert len({tuple(r) for r in dynamic.tolist()}) > 1  # the rows differ: the check can fail
+    for i in (0, 2):
+        assert torch.equal(raw_tokens(gen, [samples[i]], static_cache=True)[0], dynamic[i]), f"row {i}"
+
+
+def test_static_cache_decode_stops_streams_and_samples(tiny):
+    model, p = tiny
+    gen = Generator(model, p)
+    s = [p.prompt("hi", [RED])]
+    sampled = GenerationConfig(max_new_tokens=10, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    assert torch.equal(raw_tokens(gen, s, sampled, static_cache=True), raw_tokens(gen, s, sampled, static_cache=False))
+    batch = p.collate(s, padding_side="left")
+    first = int(raw_tokens(gen, s, GenerationConfig(max_new_tokens=1))[0, 0])
+    steps = list(decode(model, batch, GenerationConfig(max_new_tokens=10), [first], p.pad_token_id, static_cache=True))
+    assert len(steps) == 1 and int(steps[0][0][0]) == first  # a stop id ends the decode
+
+
+def test_cuda_graphs_off_on_the_cpu(tiny):
+    model, p = tiny
+    batch = p.collate([p.prompt("hi")], padding_side="left")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA model"):
+        next(decode(model, batch, GenerationConfig(max_new_tokens=2, cuda_graphs=True), [], p.pad_token_id))
+    auto = [t for t, _ in decode(model, batch, GenerationConfig(max_new_tokens=4), [], p.pad_token_id)]
+    off = GenerationConfig(max_new_tokens=4, cuda_graphs=False)
+    assert torch.equal(torch.stack(auto), torch.stack([t for t, _ in decode(model, batch, off, [], p.pad_token_id)]))

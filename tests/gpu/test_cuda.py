@@ -1,6 +1,7 @@
 """Device checks on a CUDA GPU, run by `bash benchmarks/gpu_check.sh`; collected everywhere, skipped without CUDA.
 
-Tiny random models: CUDA forward and greedy generation equal the CPU's; bf16 autocast and fp16 + GradScaler
+Tiny random models: CUDA forward and greedy generation equal the CPU's; the CUDA-graph decode equals the eager
+one; bf16 autocast and fp16 + GradScaler
 training lower the loss; QLoRA (bitsandbytes 4-bit) trains and exports a loadable model; the feature cache
 hits on CUDA and changes nothing.
 """
@@ -20,6 +21,7 @@ from tiny_models import louden
 sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from train_helpers import config, write_images, write_llava  # noqa: E402
 
+from minillava import generate as generate_module  # noqa: E402
 from minillava.generate import GenerationConfig, decode  # noqa: E402
 from minillava.model import MiniLlava  # noqa: E402
 from minillava.train.loop import train  # noqa: E402
@@ -51,8 +53,9 @@ def _on(batch: dict, device: str) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _greedy(model: MiniLlava, batch: dict, pad_id: int) -> torch.Tensor:
-    steps = decode(model, batch, GenerationConfig(max_new_tokens=12), stop_ids=[], pad_id=pad_id)
+def _greedy(model: MiniLlava, batch: dict, pad_id: int, cuda_graphs=None, static_cache=None) -> torch.Tensor:
+    cfg = GenerationConfig(max_new_tokens=12, cuda_graphs=cuda_graphs)
+    steps = decode(model, batch, cfg, stop_ids=[], pad_id=pad_id, static_cache=static_cache)
     return torch.stack([t.cpu() for t, _ in steps], 1)
 
 
@@ -67,6 +70,35 @@ def test_forward_and_greedy_generation_match_the_cpu(build_tiny, no_tf32):
         ref, got = model(**batch).logits, cuda(**_on(batch, DEVICE)).logits
     torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(_greedy(cuda, batch, processor.pad_token_id), _greedy(model, batch, processor.pad_token_id))
+
+
+class CountingGraph(torch.cuda.CUDAGraph):
+    replays = 0
+
+    def replay(self):
+        CountingGraph.replays += 1
+        super().replay()
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_decode(build_tiny, no_tf32, monkeypatch, rows, dtype):
+    model, processor = build_tiny()
+    louden(model)
+    model = model.to(DEVICE, dtype)
+    samples = [processor.prompt("What is in the picture? describe it", [RED]), processor.prompt("hi", [BLUE]),
+               processor.prompt("no image"), processor.prompt("<image> vs <image>", [RED, BLUE])]  # fmt: skip
+    batch = processor.collate(samples[:rows], padding_side="left")  # left-padded rows of different lengths
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CountingGraph)
+    CountingGraph.replays = 0
+    graphed = _greedy(model, batch, processor.pad_token_id)  # auto: graphs on CUDA
+    assert CountingGraph.replays == 12 - 1 - generate_module.StaticStep.WARMUP  # the steps after the warm-up
+    static_eager = _greedy(model, batch, processor.pad_token_id, cuda_graphs=False, static_cache=True)
+    assert torch.equal(graphed, static_eager)  # the very same kernels, replayed
+    if dtype == torch.float32:  # other attention lengths: equal tokens, not equal bits, so float32 only
+        assert torch.equal(graphed, _greedy(model, batch, processor.pad_token_id, cuda_graphs=False))
+    if rows > 1:
+        assert len({tuple(r) for r in graphed.tolist()}) > 1  # rows answer differently: the check can fail
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16: autocast + GradScaler
