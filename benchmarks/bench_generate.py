@@ -3,7 +3,8 @@
 Both hold the very same random weights (the peer is saved and imported into minillava). One image + 16
 prompt tokens, 32 new tokens, greedy, batch 1 and 4; peer and ours on the same device (CUDA-synchronised
 timing on a GPU). bf16 variants: weights cast to bfloat16 (both), and the peer's float32 weights under
-autocast. Prints one JSON object (and writes it to --out).
+autocast. On CUDA ours decodes through a replayed CUDA graph (the default there); `ours_bf16_eager` times the
+eager decode steps as well, to show what the graph gains. Prints one JSON object (and writes it to --out).
 
     python benchmarks/bench_generate.py [--repeats 3] [--threads N] [--device cuda] [--out FILE.json]
 """
@@ -53,8 +54,8 @@ def peer_generate(peer, inputs, autocast: bool = False) -> torch.Tensor:
     return out[:, inputs["input_ids"].shape[1] :]
 
 
-def ours_generate(model, inputs) -> torch.Tensor:
-    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS)
+def ours_generate(model, inputs, cuda_graphs: bool | None = None) -> torch.Tensor:
+    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS, cuda_graphs=cuda_graphs)  # None: graphs on CUDA
     batch = {**inputs, "labels": None}
     return torch.stack([t for t, _ in decode(model, batch, cfg, stop_ids=[], pad_id=0)], 1)
 
@@ -85,10 +86,11 @@ def main() -> None:
     peer16 = copy.deepcopy(peer).to(torch.bfloat16) if with_bf16 else None
     result: dict[str, object] = {"bench": "generate", **machine(device), "repeats": args.repeats,
                                  "prompt_tokens": IMAGE_TOKENS + PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-                                 "bf16_timed": with_bf16}  # fmt: skip
+                                 "bf16_timed": with_bf16, "cuda_graphs": device.type == "cuda"}  # fmt: skip
     for b in (1, 4):
         inputs = make_inputs(b, device)
-        same = torch.equal(peer_generate(peer, inputs), ours_generate(ours32, inputs))
+        peer_tokens = peer_generate(peer, inputs)
+        same = torch.equal(peer_tokens, ours_generate(ours32, inputs))
         runs = {
             "peer_fp32": lambda inputs=inputs: peer_generate(peer, inputs),
             "ours_fp32": lambda inputs=inputs: ours_generate(ours32, inputs),
@@ -99,15 +101,24 @@ def main() -> None:
                 "peer_autocast": lambda inputs=inputs: peer_generate(peer, inputs, autocast=True),
                 "ours_bf16": lambda inputs=inputs: ours_generate(ours16, inputs),
             }
+            if device.type == "cuda":  # the same decode without the graph
+                runs["ours_bf16_eager"] = lambda inputs=inputs: ours_generate(ours16, inputs, cuda_graphs=False)
         tps = {k: b * NEW_TOKENS / best_of(fn, args.repeats, device) for k, fn in runs.items()}
         for k, v in tps.items():
             result[f"gen_b{b}_tok_per_s_{k}"] = round(v, 2)
         result[f"gen_b{b}_same_greedy_tokens_fp32"] = same
+        if device.type == "cuda":
+            eager = ours_generate(ours32, inputs, cuda_graphs=False)
+            result[f"gen_b{b}_same_greedy_tokens_fp32_eager"] = torch.equal(peer_tokens, eager)
         result[f"gen_b{b}_ratio_ours_fp32_vs_peer_fp32"] = round(tps["ours_fp32"] / tps["peer_fp32"], 3)
         if with_bf16:
             for peer_kind in ("fp32", "bf16", "autocast"):
                 result[f"gen_b{b}_ratio_ours_bf16_vs_peer_{peer_kind}"] = round(
                     tps["ours_bf16"] / tps[f"peer_{peer_kind}"], 3
+                )
+            if "ours_bf16_eager" in tps:
+                result[f"gen_b{b}_ratio_ours_bf16_graphs_vs_eager"] = round(
+                    tps["ours_bf16"] / tps["ours_bf16_eager"], 3
                 )
     result |= peak_memory(device)
     write_json(result, args.out)
