@@ -22,6 +22,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.cache_utils import StaticLayer
 
 from minillava.images import ImageInput
 from minillava.model import MiniLlava, positions_from_mask
@@ -169,6 +170,12 @@ def decode(
     rows, prompt_len = ids.shape
     if static:  # sized for the prompt and every new token; the prefill fills its first prompt_len slots
         cache = StaticCache(config=model.llm.config, max_cache_len=prompt_len + cfg.max_new_tokens)
+        if not all(type(layer) is StaticLayer for layer in cache.layers):
+            # sliding-window layers keep their fill count on the host, which a graph replay would not advance
+            if cfg.cuda_graphs or static_cache:
+                raise ValueError("the static-cache decode needs full-attention layers only (no sliding window)")
+            static = graphs = False
+    if static:
         full_mask = torch.zeros(rows, prompt_len + cfg.max_new_tokens, dtype=mask.dtype, device=device)
         full_mask[:, :prompt_len] = mask
         out = model(ids, full_mask, pixels, position_ids=positions_from_mask(mask), past_key_values=cache,

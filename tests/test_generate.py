@@ -162,3 +162,12 @@ def test_cuda_graphs_off_on_the_cpu(tiny):
     auto = [t for t, _ in decode(model, batch, GenerationConfig(max_new_tokens=4), [], p.pad_token_id)]
     off = GenerationConfig(max_new_tokens=4, cuda_graphs=False)
     assert torch.equal(torch.stack(auto), torch.stack([t for t, _ in decode(model, batch, off, [], p.pad_token_id)]))
+
+
+def test_static_cache_refuses_sliding_window_layers(build_tiny):
+    model, p = build_tiny(llm="qwen2")
+    text = model.llm.config
+    text.use_sliding_window, text.sliding_window, text.layer_types = True, 4, ["full_attention", "sliding_attention"]
+    batch = p.collate([p.prompt("hi")], padding_side="left")
+    with pytest.raises(ValueError, match="no sliding window"):
+        next(decode(model, batch, GREEDY, [], p.pad_token_id, static_cache=True))
