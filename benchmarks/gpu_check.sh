@@ -7,8 +7,8 @@
 #   4. benchmarks/bench_train.py --device cuda      (stage 1 / stage 2 step time vs the peer, MFU)
 #   5. benchmarks/gpu_check.py                      (bench + large shapes in bf16: step time, tokens/s, memory, MFU)
 #   6. one JSON summary (also $OUT/summary.json)
-# A failing step is reported and the next one runs. Run from anywhere:
-#   OUT=/some/dir bash benchmarks/gpu_check.sh
+# A failing step is reported and the next one runs. Run from anywhere (SKIP: step names to leave out):
+#   OUT=/some/dir [SKIP="bench-train gpu-check"] bash benchmarks/gpu_check.sh
 # minillava needs no install (PYTHONPATH); wheels in .whl/ (e.g. bitsandbytes) are installed to /tmp/site first.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +26,7 @@ fi
 step() {  # step NAME SECONDS CMD...: run with a time limit, log, record status and duration
     local name=$1 limit=$2 status
     shift 2
+    case " ${SKIP:-} " in *" $name "*) echo "=== $name: skipped (SKIP)"; return ;; esac
     echo "=== $name (limit ${limit}s): $*"
     local t0=$SECONDS
     if timeout "$limit" "$@"; then status=ok; else status="FAILED($?)"; fi
