@@ -75,6 +75,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--feature-stats-images", type=int, help="images the standardisation is fitted on (256)")
     g.add_argument("--word-warmup-steps", type=int, help="pre-align a fresh projector with the LLM's word "
                    "embeddings for N cheap steps before step 0 (no LLM forward; see docs/training.md)")
+    g.add_argument("--word-warmup-objective", choices=["words", "caption"], help="warm start: the answer words "
+                   "anywhere in the image tokens (words, any projector) or spelled in order (caption, perceiver)")
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
     g.add_argument("--device")

@@ -49,6 +49,7 @@ class TrainConfig:
     feature_stats_images: int = 256
     # pre-align a fresh projector with the LLM's word embeddings for N steps before step 0 (no LLM forward)
     word_warmup_steps: int = 0
+    word_warmup_objective: str = "words"  # words | caption (see warmstart.py)
     # optimisation
     out: str = "runs/minillava"
     epochs: float = 1.0
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.scheduler not in ("cosine", "linear", "constant"):
             raise ValueError(f"scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        if self.word_warmup_objective not in ("words", "caption"):
+            raise ValueError(f"word_warmup_objective must be words or caption, got {self.word_warmup_objective!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.on_bad_sample not in ("error", "skip"):

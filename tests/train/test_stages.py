@@ -246,7 +246,8 @@ def test_word_warmup_moves_image_tokens_towards_their_answer_words(pretrained, t
             tokens = torch.nn.functional.normalize(model.projector(feats), dim=-1)  # (I, N, D)
         out = []
         for i, own in enumerate(words):
-            others = set().union(*(w for j, w in enumerate(words) if j != i)) - own
+            own = set(own)
+            others = set().union(*(set(w) for j, w in enumerate(words) if j != i)) - own
             best = (tokens[i] @ table.T).amax(0)  # (V,) best token per word
             out.append(best[sorted(own)].mean() - best[sorted(others)].mean())
         return float(torch.stack(out).mean())
@@ -260,10 +261,47 @@ def test_word_warmup_moves_image_tokens_towards_their_answer_words(pretrained, t
     assert "no LLM forward" in lines[0]
 
 
+def test_caption_warmup_makes_image_tokens_spell_the_caption(pretrained):
+    from minillava.data.dataset import Collator, SupervisedDataset
+    from minillava.projectors import build_projector
+    from minillava.train.warmstart import caption_targets, collect, word_space_warmstart
+
+    _, run, data, images = pretrained
+    model, processor = MiniLlava.from_pretrained(run / "model")
+    torch.manual_seed(0)
+    vision_dim, llm_dim = model.projector.feature_mean.shape[0], model.llm.get_input_embeddings().weight.shape[1]
+    model.projector = build_projector("perceiver", vision_dim, llm_dim, model.vision.patch_grid, num_latents=12,
+                                      depth=1, heads=2, dim_head=16)  # fmt: skip
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    dataset = SupervisedDataset([str(data)], processor, str(images))
+    collate = Collator(processor)
+    special = set(processor.tokenizer.all_special_ids) | {processor.image_token_id}
+    feats, answers = collect(model, dataset, collate, None, torch.device("cpu"), 8, special)
+    full_stop = processor.tokenizer.convert_tokens_to_ids(".")
+    vocab = sorted({t for a in answers for t in a} | {full_stop})
+    targets = caption_targets(answers, vocab, full_stop, 12)  # (4, 12) columns of vocab
+    assert [vocab[j] for j in targets[2, : len(answers[2])]] == answers[2][:12]  # in order, then full stops
+    table = torch.nn.functional.normalize(model.llm.get_input_embeddings().weight.detach()[vocab], dim=-1)
+
+    def spelled():  # each image token's nearest caption word, as vocabulary columns (I, N)
+        with torch.no_grad():
+            return (torch.nn.functional.normalize(model.projector(feats), dim=-1) @ table.T).argmax(-1)
+
+    assert (spelled() == targets).float().mean() < 0.5
+    lines = []
+    stats = word_space_warmstart(model, dataset, collate, None, torch.device("cpu"), 200, 3e-3, 0, lines.append,
+                                 objective="caption")  # fmt: skip
+    assert stats["objective"] == "caption" and "(caption)" in lines[0]
+    assert torch.equal(spelled(), targets), (spelled(), targets)
+    with pytest.raises(ValueError, match="unknown objective"):
+        word_space_warmstart(model, dataset, collate, None, torch.device("cpu"), 1, 1e-3, 0, print, objective="bag")
+
+
 def test_word_warmup_runs_in_the_trainer(pretrained, tmp_path, asset_dir):
     _, run, data, images = pretrained
     cfg = config(tmp_path, asset_dir, data, images, model=str(run / "model"), stage="align", max_steps=1,
                  word_warmup_steps=5, standardize_features=True)  # fmt: skip
     lines = []
     summary = train_logged(cfg, lines)
-    assert summary["word_warmup"]["images"] == 4 and any("word-space warm start: 5 projector steps" in x for x in lines)
+    assert summary["word_warmup"]["images"] == 4 and any("word-space warm start (words): 5 projector steps" in x for x in lines)
