@@ -84,6 +84,7 @@ def format_report(report: dict[str, Any], predictions: list[dict], n_examples: i
         lines.append(f"    USER: {p['question'].splitlines()[0]}")
         lines.append(f"    MODEL: {p['prediction']}   (truth: {p.get('answer')})")
     t = report["timings"]
-    lines.append(f"\ntotal {t['total_s']:.0f} s (align {t['align_s']:.0f} s, instruct {t['instruct_s']:.0f} s, "
-                 f"eval {t['eval_s']:.0f} s); model in {report['model']}")  # fmt: skip
+    align = f"align {t['align_s']:.0f} s, " if report.get("align") else ""
+    lines.append(f"\ntotal {t['total_s']:.0f} s ({align}instruct {t['instruct_s']:.0f} s, eval {t['eval_s']:.0f} s); "
+                 f"model in {report['model']}")  # fmt: skip
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""`minillava demo`: build a real VLM from the built-ins, train it in two stages on CPU, and evaluate it.
+"""`minillava demo`: build a real VLM from the built-ins, train it on CPU, and evaluate it.
 
-built-ins (DINOv2-S + SmolLM2-135M-Instruct) -> base model (avgpool projector: 8x8 patches -> 16 tokens)
--> stage 1 align (projector only, captions) -> stage 2 instruct (LoRA + projector, conversations)
+built-ins (DINOv2-S + SmolLM2-135M-Instruct) -> base model (perceiver projector: 8x8 patches -> 12 tokens)
+-> word-space warm start (projector only, no LLM: the 12 tokens learn to spell each image's answers)
+-> instruct (LoRA + projector, conversations; single-stage, as Prismatic found sufficient)
 -> held-out evaluation -> report.json, predictions.jsonl, loss_curve.png, heldout_grid.png
+`align_steps > 0` puts LLaVA's stage 1 (projector only, captions) in front, and the warm start moves there.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ class DemoConfig:
     out: str = "minillava-demo"
     quick: bool = False
     image_size: int = 112  # DINOv2 patches are 14 px: an 8 x 8 grid
-    projector: str = "avgpool"
-    projector_options: dict[str, Any] = field(default_factory=lambda: {"pool": 2})  # 2 x 2: 16 tokens per image
+    projector: str = "perceiver"
+    # 12 latents, each reading the whole image: enough slots to spell a caption (see word_warmup_objective)
+    projector_options: dict[str, Any] = field(
+        default_factory=lambda: {"num_latents": 12, "heads": 4, "dim_head": 32, "ff_mult": 2}
+    )
     fusion: str = "splice"  # or "xattn" (with projector perceiver)
     xattn_every: int = 6
     anyres: list[list[int]] | None = None  # AnyRes canvases [[h, w], ...]; tiles are tower_size square
@@ -38,9 +43,10 @@ class DemoConfig:
     n_combo: int = 30  # held-out images, colour-shape pairs never seen in training
     n_fashion_train: int = 400
     n_fashion_test: int = 80
-    word_warmup_steps: int = 300  # projector-only steps in the LLM's word space, no LLM forward (seconds)
-    align_steps: int = 40  # cheap (image + a short caption): where the projector learns what it sees
-    instruct_steps: int = 24
+    word_warmup_steps: int = 200  # projector-only steps in the LLM's word space, no LLM forward (seconds)
+    word_warmup_objective: str = "caption"  # image tokens spell the caption: the LLM reads the image like a prompt
+    align_steps: int = 0  # 0: single-stage (Prismatic): the instruct run warms up the fresh projector itself
+    instruct_steps: int = 36
     fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
     feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
     batch_size: int = 16
@@ -52,7 +58,7 @@ class DemoConfig:
         if self.quick:  # a smoke run: the same pipeline, minutes -> about one minute
             self.n_train, self.n_test, self.n_combo = 48, 8, 8
             self.n_fashion_train, self.n_fashion_test = 32, 8
-            self.align_steps, self.instruct_steps, self.word_warmup_steps = 3, 4, 30
+            self.instruct_steps, self.word_warmup_steps = 4, 30
             self.batch_size = 8
 
 
@@ -93,13 +99,18 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     cache = cfg.feature_cache or str(out / "feature_cache")
     t = time.perf_counter()
-    align = train_stage(cfg, out / "runs" / "align", model=out / "base", data=[captions], stage="align",
-                        steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.1, fresh_projector=True)  # fmt: skip
+    start, align = out / "base", None
+    if cfg.align_steps:
+        align = train_stage(cfg, out / "runs" / "align", model=start, data=[captions], stage="align",
+                            steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.1, fresh_projector=True)  # fmt: skip
+        start = Path(align["model"])
     timings["align_s"] = time.perf_counter() - t
     t = time.perf_counter()
     instruct_data = [files["train"]] + ([files["fashion_train"]] if with_fashion else [])
-    instruct = train_stage(cfg, out / "runs" / "instruct", model=Path(align["model"]), data=instruct_data,
-                           stage="instruct", steps=cfg.instruct_steps, lr=5e-4, cache=cache, lora=True)  # fmt: skip
+    # without an align stage (single-stage, Prismatic), the instruct run warms up the fresh projector itself
+    instruct = train_stage(cfg, out / "runs" / "instruct", model=start, data=instruct_data, stage="instruct",
+                           steps=cfg.instruct_steps, lr=5e-4, cache=cache, lora=True,
+                           fresh_projector=align is None)  # fmt: skip
     timings["instruct_s"] = time.perf_counter() - t
     final = out / "model"
     if final.exists():
@@ -112,10 +123,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["eval_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     report |= {"config": asdict(cfg), "timings": timings, "fashion_mnist": with_fashion,
-               "align": _brief(align), "instruct": _brief(instruct), "model": str(final)}  # fmt: skip
+               "align": _brief(align) if align else None, "instruct": _brief(instruct),
+               "model": str(final)}  # fmt: skip
     from minillava.demo.report import plot_losses, write_json
 
-    plot_losses([Path(align["out"]) / "metrics.jsonl", Path(instruct["out"]) / "metrics.jsonl"], out / "loss_curve.png")
+    runs = ([align] if align else []) + [instruct]
+    plot_losses([Path(r["out"]) / "metrics.jsonl" for r in runs], out / "loss_curve.png")
     write_json(out / "report.json", report)
     return report
 
@@ -153,11 +166,12 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
     tc = TrainConfig(
         model=str(model), data=[str(d) for d in data], image_root=str(data[0].parent), stage=stage,
         out=str(out), max_steps=steps, lr=lr, lora=lora, **batching(cfg, stage),
-        projector_lr=lr if stage == "align" else 3e-4,
+        projector_lr=lr if stage == "align" else (1e-3 if fresh_projector else 3e-4),
         lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
         # a fresh projector first learns to speak in the LLM's word space (seconds), then the LLM steps refine it
         standardize_features=fresh_projector, word_warmup_steps=cfg.word_warmup_steps if fresh_projector else 0,
+        word_warmup_objective=cfg.word_warmup_objective,
     )  # fmt: skip
     summary = train(tc)
     summary["out"] = str(out)
@@ -188,5 +202,5 @@ def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[s
 
 
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("steps", "final_loss", "first_loss", "seconds", "samples_per_s", "tokens_per_s", "skipped")
+    keys = ("steps", "final_loss", "first_loss", "seconds", "samples_per_s", "tokens_per_s", "skipped", "word_warmup")
     return {k: summary[k] for k in keys if k in summary}

@@ -14,7 +14,8 @@ def test_demo_quick(tmp_path, capsys):
     assert set(report["eval"]) >= {"test", "combo"}
     for split in report["eval"].values():
         assert 0.0 <= split["accuracy"] <= 1.0 and split["n"] > 0 and split["by_type"]
-    assert report["instruct"]["steps"] == 4 and report["align"]["steps"] == 3
+    assert report["instruct"]["steps"] == 4 and report["align"] is None  # single-stage: no align run
+    assert report["instruct"]["word_warmup"]["objective"] == "caption"
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == sum(s["n"] for s in report["eval"].values())
     assert (out / "loss_curve.png").stat().st_size > 1000 and (out / "heldout_grid.png").stat().st_size > 1000

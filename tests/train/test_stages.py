@@ -304,4 +304,5 @@ def test_word_warmup_runs_in_the_trainer(pretrained, tmp_path, asset_dir):
                  word_warmup_steps=5, standardize_features=True)  # fmt: skip
     lines = []
     summary = train_logged(cfg, lines)
-    assert summary["word_warmup"]["images"] == 4 and any("word-space warm start (words): 5 projector steps" in x for x in lines)
+    assert summary["word_warmup"]["images"] == 4
+    assert any("word-space warm start (words): 5 projector steps" in x for x in lines)
