@@ -409,6 +409,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     step_module = strategy.wrap(TrainStep(model, cfg.tune_vision), model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)  # after wrapping: FSDP replaces parameters by shards
+    step_module = strategy.attach_optimizer(step_module, optimizer, cfg.batch_size, cfg.grad_accum,
+                                            cfg.max_grad_norm)  # DeepSpeed: its engine, which owns the step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     if resume_state is not None:
@@ -498,7 +500,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                         loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
                                            b["labels"].to(device), vf, pv, sizes)  # fmt: skip
                     scaled = loss * (n * d.world / max(n_global, 1))
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    strategy.backward(step_module, scaler.scale(scaled) if scaler else scaled)
                     loss_sum += loss.detach().double().cpu() * n
             step_loss = d.sum(float(loss_sum)) / n_global if n_global else float("nan")
             step_no = state["step"] + 1
@@ -511,17 +513,20 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                     + (" (every sample of the batch was skipped)" if not n_global else "")
                     + f"; stopping. {keep}; lower --lr or check the data"
                 )
-            if scaler is not None:
-                scaler.unscale_(optimizer)
             grad_norm = None
-            if cfg.max_grad_norm:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+            if strategy.owns_step:  # DeepSpeed: the engine clips and steps the optimizer
+                grad_norm = strategy.step(step_module)
             else:
-                optimizer.step()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             lr_now = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
