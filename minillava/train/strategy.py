@@ -10,11 +10,14 @@
 FSDP units: each LLM decoder layer (transformers' `_no_split_modules`, what accelerate's TRANSFORMER_BASED_WRAP
 picks); everything else (embeddings, head, projector, a trained vision tower) is the root unit, whose
 gradients are reduced once at the end of backward. That keeps the order of collectives the same on every
-rank: a text-only micro-batch reaches the projector (and a trained tower) through a zero-weight side path,
-so a unit of its own would reduce its gradients at a different moment than on a rank with images. A
-frozen vision tower is not sharded at all (`ignored_params`): it has no gradients, and the loop runs it
-outside the step (feature cache). Every strategy averages gradients over ranks, so the loss sequence
-equals one process's with the same global batch.
+rank: a text-only micro-batch runs zero images through the projector (and a trained tower) into its input
+embeddings (loop.TrainStep), as an image batch does, and the root unit reduces all of them once. DeepSpeed
+ZeRO-3 needs more: the same modules in the same order, forward and backward, in every micro-batch (it
+records the order once and, on a rank where it changes, re-checks it with a collective the other ranks do
+not run), which TrainStep gives spliced single-crop models; AnyRes and xattn models run image-only modules
+and are refused under ZeRO-3. A frozen vision tower is not sharded at all (`ignored_params`): it has no
+gradients, and the loop runs it outside the step (feature cache). Every strategy averages gradients over
+ranks, so the loss sequence equals one process's with the same global batch.
 """
 
 from __future__ import annotations
@@ -196,6 +199,9 @@ class DeepSpeedStrategy(DDPStrategy):
         self.hidden: nn.Module | None = None  # ZeRO-3: the frozen vision tower, kept out of the engine's sight
 
     def wrap(self, step: nn.Module, model: nn.Module, tune_vision: bool) -> nn.Module:
+        if self.stage == 3 and (model.anyres is not None or model.config.fusion != "splice"):
+            raise ValueError("--strategy deepspeed-zero3 does not support AnyRes or xattn models (an image micro-"
+                             "batch runs modules a text-only one skips): use fsdp-full-shard (~ZeRO-3)")  # fmt: skip
         if self.stage == 3 and not tune_vision:  # hidden until `gather_model`: a plain attribute, no submodule
             self.owner, self.hidden = model, model.vision
             del model._modules["vision"]
@@ -314,16 +320,21 @@ def _link_adam_states(engine: nn.Module, optimizer: torch.optim.Optimizer, step:
     """Give every flat fp32 partition the engine's AdamW steps an AdamW state (zeros, and `step`, where it has
     none yet; `step` given: every partition's step count), and link ZeRO-2's per-parameter views to them.
     DeepSpeed 0.19 links those views once, right after the first parameter group's first step, so the other
-    groups' views stay empty; the full-state accessors need them all."""
-    for group in optimizer.param_groups:
-        on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps `step`
-        for flat in group["params"]:
-            st = optimizer.state[flat]
-            if not st:
-                st.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
-            if step is not None or "step" not in st:
-                st["step"] = torch.tensor(float(step or 0), device=flat.device if on_device else "cpu")
+    groups' views stay empty; the full-state accessors need them all. ZeRO-3 puts each flat partition in its
+    parameter group only for the length of its step: the engine lists them."""
     zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)
+    if flats is not None:  # ZeRO-3
+        pairs = [(optimizer.param_groups[zero.sub_group_to_group_id[i]], f) for i, f in enumerate(flats)]
+    else:
+        pairs = [(g, f) for g in optimizer.param_groups for f in g["params"]]
+    for group, flat in pairs:
+        on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps `step`
+        st = optimizer.state[flat]
+        if not st:
+            st.update(exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+        if step is not None or "step" not in st:
+            st["step"] = torch.tensor(float(step or 0), device=flat.device if on_device else "cpu")
     if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 (ZeRO-3 reads the states directly)
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
