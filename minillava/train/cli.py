@@ -83,7 +83,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument(
         "--strategy",
         choices=list(STRATEGIES),
-        help="multi-process: ddp, fsdp-full-shard or fsdp-shard-grad-op (auto: the accelerate config's)",
+        help="multi-process: ddp, fsdp-full-shard, fsdp-shard-grad-op, deepspeed-zero2 or deepspeed-zero3 "
+        "(auto: the accelerate config's)",
     )
     g.add_argument("--seed", type=int)
     g = p.add_argument_group("checkpoints and records")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 STAGES = ("align", "instruct")
-STRATEGIES = ("auto", "ddp", "fsdp-full-shard", "fsdp-shard-grad-op")  # see strategy.py
+# see strategy.py
+STRATEGIES = ("auto", "ddp", "fsdp-full-shard", "fsdp-shard-grad-op", "deepspeed-zero2", "deepspeed-zero3")
 STAGE_DEFAULTS = {  # LLaVA-1.5's published hyperparameters
     "align": {"lr": 1e-3, "template": "plain"},
     "instruct": {"lr": 2e-5},

@@ -173,7 +173,16 @@ def dequantize_llm_4bit(model: MiniLlava) -> None:
 
 
 class TrainStep(nn.Module):
-    """projector (+ vision when it trains) + LLM loss, in one forward so DDP sees every trainable part."""
+    """projector (+ vision when it trains) + LLM loss, in one forward so DDP sees every trainable part.
+
+    A text-only micro-batch runs the same modules, in the same order, with gradients flowing along the same
+    edges, as one with images: zero images through the tower (when it trains) and the projector, their
+    (zero) sum added to the input embeddings where the splice would have written image tokens. DDP needs
+    every trainable parameter in the graph; DeepSpeed ZeRO-3 records the forward and backward module order
+    and re-checks it across ranks (a collective on that rank only) when it changes. Without the embedding
+    edge, frozen input embeddings (LoRA, a frozen LLM) would not require grad in a text-only batch, and the
+    first decoder layer's frozen modules would drop out of its backward.
+    """
 
     def __init__(self, model: MiniLlava, tune_vision: bool) -> None:
         super().__init__()
@@ -185,26 +194,29 @@ class TrainStep(nn.Module):
         vision_features: torch.Tensor | None, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
         m = self.model
-        keep_graph = torch.zeros((), device=input_ids.device)
-        if self.tune_vision:
-            if pixel_values is not None:
-                vision_features = m.vision(pixel_values)
-            else:  # text-only batch: touch the tower so every rank's backward visits the same parameters
-                size = m.vision.image_size
-                dummy = torch.zeros(1, 3, size, size, device=input_ids.device, dtype=m.projector_dtype)
-                keep_graph = keep_graph + m.vision(dummy).sum() * 0.0
+        if self.tune_vision and pixel_values is not None:
+            vision_features = m.vision(pixel_values)
         if vision_features is not None:
             image_features = m.project(vision_features, image_sizes)
-        else:
-            image_features = None
-            rows, cols = m.vision.patch_grid  # zero images of the tower's shape: every projector takes it
+            out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False)
+            return out.loss
+        if self.tune_vision:  # zero images out of the tower: one dummy image's features, none of its rows
+            size = m.vision.image_size
+            dummy = torch.zeros(1, 3, size, size, device=input_ids.device, dtype=m.projector_dtype)
+            features = m.vision(dummy)[:0]
+        else:  # zero images of the tower's shape: every projector takes it
+            rows, cols = m.vision.patch_grid
             patches = rows * cols + m.vision.extra_tokens
-            dummy = torch.zeros(0, patches, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
-            keep_graph = keep_graph + m.projector(dummy).sum()
-            if m.anyres is not None:
-                keep_graph = keep_graph + m.anyres.image_newline.sum() * 0.0
-        out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False)
-        return out.loss + keep_graph
+            features = torch.zeros(0, patches, m.vision.hidden_size, device=input_ids.device, dtype=m.projector_dtype)
+        zero = m.projector(features.to(m.projector_dtype)).sum()
+        if m.anyres is not None:
+            zero = zero + m.anyres.image_newline.sum() * 0.0
+        hook = m.llm.get_input_embeddings().register_forward_hook(lambda _m, _a, text: text + zero.to(text.dtype))
+        try:
+            out = m(input_ids, attention_mask, labels=labels, image_features=None, return_logits=False)
+        finally:
+            hook.remove()
+        return out.loss
 
 
 # ---- schedule ----------------------------------------------------------------------------------
@@ -409,6 +421,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     step_module = strategy.wrap(TrainStep(model, cfg.tune_vision), model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)  # after wrapping: FSDP replaces parameters by shards
+    step_module = strategy.attach_optimizer(
+        step_module, optimizer, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm
+    )  # DeepSpeed: its engine, which owns the step
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup, total_steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
     if resume_state is not None:
@@ -498,7 +513,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                         loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
                                            b["labels"].to(device), vf, pv, sizes)  # fmt: skip
                     scaled = loss * (n * d.world / max(n_global, 1))
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    strategy.backward(step_module, scaler.scale(scaled) if scaler else scaled)
                     loss_sum += loss.detach().double().cpu() * n
             step_loss = d.sum(float(loss_sum)) / n_global if n_global else float("nan")
             step_no = state["step"] + 1
@@ -511,17 +526,20 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                     + (" (every sample of the batch was skipped)" if not n_global else "")
                     + f"; stopping. {keep}; lower --lr or check the data"
                 )
-            if scaler is not None:
-                scaler.unscale_(optimizer)
             grad_norm = None
-            if cfg.max_grad_norm:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
+            if strategy.owns_step:  # DeepSpeed: the engine clips and steps the optimizer
+                grad_norm = strategy.step(step_module)
             else:
-                optimizer.step()
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    params = [p for g in optimizer.param_groups for p in g["params"]]
+                    grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
             lr_now = scheduler.get_last_lr()[0]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo): FSDP2 through the accelerate configs, resume, skipped samples under DDP.
+"""Multi-process training on CPU (gloo): FSDP2 through the accelerate configs, resume, skipped samples under DDP
+(DeepSpeed: test_distributed_deepspeed.py).
 
 Each test launches 2 real processes and compares their per-step losses with one process on the same global
 batch (1 x 4 against 2 ranks x 2).
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +21,9 @@ from safetensors.torch import load_file
 from train_helpers import config, write_images, write_llava
 
 from minillava.train.config import TrainConfig
-from minillava.train.loop import train
-from minillava.train.strategy import resolve_strategy
+from minillava.train.loop import TrainStep, build_model, train
+from minillava.train.stages import LoraSettings, freeze
+from minillava.train.strategy import make_strategy, resolve_strategy
 
 ROOT = Path(__file__).parents[2]
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -79,6 +82,54 @@ def _mixed_data(tmp: Path) -> tuple[Path, Path]:
     return path, tmp / "images"
 
 
+def _module_order(step: TrainStep, *inputs) -> list[tuple[str, str]]:
+    """The modules one forward and backward runs, in order, as DeepSpeed ZeRO-3 traces them: a forward
+    pre-hook on each, and in backward the moment the gradient of its output is complete."""
+    order, hooks = [], []
+
+    def on_output(name):
+        def hook(_module, _args, out):
+            for t in out if isinstance(out, tuple) else (out,):
+                if torch.is_tensor(t) and t.requires_grad:
+                    t.register_hook(lambda _g: order.append(("backward", name)))
+
+        return hook
+
+    for name, module in step.named_modules():
+        hooks.append(module.register_forward_pre_hook(lambda _m, _a, n=name: order.append(("forward", n))))
+        hooks.append(module.register_forward_hook(on_output(name)))
+    try:
+        step(*inputs).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+@pytest.mark.parametrize("tune_vision", [False, True])
+def test_text_only_micro_batch_runs_the_modules_of_an_image_batch(asset_dir, tune_vision):
+    """DeepSpeed ZeRO-3 records the order of the modules a micro-batch runs (forward and backward) and, on a
+    rank where it changes, runs a check the other ranks do not (they hang). A text-only micro-batch must run
+    the modules of one with images, in the same order; with LoRA the input embeddings are frozen, so without
+    the projector's zero edge into them the first decoder layer's frozen modules would drop out of backward."""
+    cfg = TrainConfig(vision=str(asset_dir("vision", "clip")), llm=str(asset_dir("llm", "llama")))
+    model, _ = build_model(cfg)
+    freeze(model, "instruct", lora=LoraSettings(dropout=0.0), tune_vision=tune_vision, log_fn=lambda _s: None)
+    step = TrainStep(model, tune_vision)
+    pixels = torch.randn(1, 3, model.vision.image_size, model.vision.image_size)
+    with torch.no_grad():
+        features = model.vision(pixels)
+        n = model.project(features).shape[1]
+    text = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    ids = torch.cat([text[:, :2], torch.full((1, n), model.config.image_token_id), text[:, 2:]], dim=1)
+    labels = torch.where(ids == model.config.image_token_id, -100, ids)
+    image = (ids, torch.ones_like(ids), labels, None if tune_vision else features, pixels if tune_vision else None)
+    with_image = _module_order(step, *image, None)
+    text_only = _module_order(step, text, torch.ones_like(text), text, None, None, None)
+    assert ("backward", "model.projector") in with_image
+    assert text_only == with_image
+
+
 @pytest.mark.parametrize(
     "name, expected", [("fsdp-full-shard", "fsdp-full-shard"), ("fsdp-shard-grad-op", "fsdp-shard-grad-op"),
                        ("multi-gpu", "ddp")],
@@ -97,8 +148,6 @@ def test_accelerate_configs_pick_the_strategy(tmp_path, name, expected):
 
 
 def test_strategy_env_errors():
-    with pytest.raises(ValueError, match="DeepSpeed launches are not supported"):
-        resolve_strategy("auto", {"ACCELERATE_USE_DEEPSPEED": "true"})
     with pytest.raises(ValueError, match="offload"):
         resolve_strategy("auto", {"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
     with pytest.raises(ValueError, match="NO_SHARD"):
@@ -106,6 +155,16 @@ def test_strategy_env_errors():
     fsdp1 = {"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}  # an FSDP1-style config
     assert resolve_strategy("auto", fsdp1) == "fsdp-shard-grad-op"
     assert resolve_strategy("ddp", fsdp1) == "ddp"  # the flag wins over the launcher
+
+
+@pytest.mark.parametrize("anyres, fusion", [(True, "splice"), (False, "xattn")])
+def test_zero3_refuses_image_only_modules(anyres, fusion):
+    """AnyRes's packer and xattn's cross-attention blocks run only when a micro-batch has images."""
+    model = torch.nn.Module()
+    model.anyres = torch.nn.Module() if anyres else None
+    model.config = SimpleNamespace(fusion=fusion)
+    with pytest.raises(ValueError, match="fsdp-full-shard"):
+        make_strategy("deepspeed-zero3", 2, torch.device("cpu")).wrap(torch.nn.Module(), model, False)
 
 
 def test_fsdp_two_processes_match_one_process_and_resume(tmp_path, asset_dir):
