@@ -45,7 +45,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = "all-linear"
     tune_vision: bool = False
-    # fit the projector's input standardisation to the first N images' features before step 0 (fresh projectors)
+    # fit the projector's input standardisation to N images' features (spread over the data) before step 0
     standardize_features: bool = False
     feature_stats_images: int = 256
     # pre-align a fresh projector with the LLM's word embeddings for N steps before step 0 (no LLM forward)

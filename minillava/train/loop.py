@@ -281,12 +281,20 @@ def frozen_features(
             yield batch, feats
 
 
+def evenly_spaced(items: list[int], k: int) -> list[int]:
+    """`k` of `items` spread evenly from first to last (all of them when there are no more than `k`)."""
+    if len(items) <= k:
+        return items
+    return [items[j * len(items) // k] for j in range(k)]
+
+
 def fit_feature_stats(model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
                       device: torch.device, max_images: int, say: Callable[[str], None]) -> None:  # fmt: skip
     """Fit the projector's input standardisation: per-channel mean and std of the frozen tower's features over
-    the first `max_images` images of the data, in file order (no randomness, so a resumed run refits the very
-    same numbers; the features land in the feature cache on the way)."""
-    with_images = [i for i, n in enumerate(dataset.modality_lengths()) if n > 0][:max_images]
+    `max_images` samples with images spread evenly over the data (several files one after another: each has its
+    share, not just the first file), chosen without randomness, so a resumed run refits the very same numbers;
+    the features land in the feature cache on the way."""
+    with_images = evenly_spaced([i for i, n in enumerate(dataset.modality_lengths()) if n > 0], max_images)
     total = total_sq = None
     count, seen = 0, 0
     for _, feats in frozen_features(model, dataset, collate, cache, device, with_images):

@@ -195,22 +195,22 @@ def test_unmerged_export_then_merge_lora_cli(pretrained, tmp_path, asset_dir):
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_standardize_features_fits_the_first_images_stats_once(pretrained, tmp_path, asset_dir):
+def test_standardize_features_fits_stats_spread_over_the_data_once(pretrained, tmp_path, asset_dir):
     _, run, data, images = pretrained
     model, processor = MiniLlava.from_pretrained(run / "model")
     model.projector.set_feature_stats(torch.zeros(model.vision.hidden_size), torch.ones(model.vision.hidden_size))
     model.save_pretrained(tmp_path / "start", processor)
     cfg = config(tmp_path, asset_dir, data, images, model=str(tmp_path / "start"), stage="align", max_steps=2,
-                 standardize_features=True, feature_stats_images=3, lr=0.0, projector_lr=0.0)  # fmt: skip
+                 standardize_features=True, feature_stats_images=2, lr=0.0, projector_lr=0.0)  # fmt: skip
     lines = []
     train_logged(cfg, lines)
-    pixels = processor.preprocess_images([images / n for n in ("red.png", "blue.png", "green.png")])
-    with torch.no_grad():
-        feats = model.vision(pixels).reshape(-1, model.vision.hidden_size).double()  # the data's first 3 images
+    pixels = processor.preprocess_images([images / n for n in ("red.png", "green.png")])
+    with torch.no_grad():  # 2 of the data's 4 images, spread evenly: the 1st and the 3rd, not the first two
+        feats = model.vision(pixels).reshape(-1, model.vision.hidden_size).double()
     fitted, _ = MiniLlava.from_pretrained(tmp_path / "run" / "model")
     assert torch.allclose(fitted.projector.feature_mean.double(), feats.mean(0), atol=1e-5)
     assert torch.allclose(fitted.projector.feature_std.double(), feats.std(0, unbiased=False), atol=1e-4)
-    assert any("standardised" in x and "3 image crops" in x for x in lines)
+    assert any("standardised" in x and "2 image crops" in x for x in lines)
     # a later stage keeps the fitted statistics instead of refitting them
     cfg2 = config(tmp_path, asset_dir, data, images, model=str(tmp_path / "run" / "model"), stage="align",
                   max_steps=1, standardize_features=True, out=str(tmp_path / "run2"))  # fmt: skip
@@ -259,6 +259,14 @@ def test_word_warmup_moves_image_tokens_towards_their_answer_words(pretrained, t
     assert stats["final_loss"] < stats["first_loss"] and stats["images"] == 4  # the 4 single-image samples
     assert after > before + 0.1, (before, after)
     assert "no LLM forward" in lines[0]
+
+
+def test_evenly_spaced_gives_every_part_of_the_data_its_share():
+    from minillava.train.loop import evenly_spaced
+
+    assert evenly_spaced(list(range(10)), 3) == [0, 3, 6]
+    assert evenly_spaced([4, 5], 3) == [4, 5]
+    assert evenly_spaced(list(range(1000)), 256)[-1] > 990
 
 
 def test_caption_warmup_makes_image_tokens_spell_the_caption(pretrained):
