@@ -47,13 +47,13 @@ def collect(
     model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
     device: torch.device, max_images: int, special_ids: set[int],
 ) -> tuple[torch.Tensor, list[list[int]]]:  # fmt: skip
-    """Features (I, P, Dv) of the first `max_images` single-image samples, and each one's answer tokens in order
-    (special tokens left out)."""
-    from minillava.train.loop import frozen_features
+    """Features (I, P, Dv) of `max_images` single-image samples spread over the data (as the feature statistics
+    pick theirs), and each one's answer tokens in order (special tokens left out)."""
+    from minillava.train.loop import evenly_spaced, frozen_features
 
     feats, words = [], []
     # one image per sample: with several, which answer words belong to which image is unknown
-    chosen = [i for i, r in enumerate(dataset.records) if len(r.images) == 1][:max_images]
+    chosen = evenly_spaced([i for i, r in enumerate(dataset.records) if len(r.images) == 1], max_images)
     for batch, f in frozen_features(model, dataset, collate, cache, device, chosen):  # f: (B, P, Dv)
         feats.append(f.float())
         for labels in batch["labels"]:
