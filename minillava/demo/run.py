@@ -78,7 +78,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         files |= fashion.generate(data, cfg.n_fashion_train, cfg.n_fashion_test, cfg.image_size, cfg.seed)
     elif cfg.fashion:
         log.warning("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist): skipping its questions")
-    captions = write_captions(data, files)
     timings["data_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -100,8 +99,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cache = cfg.feature_cache or str(out / "feature_cache")
     t = time.perf_counter()
     start, align = out / "base", None
-    if cfg.align_steps:
-        align = train_stage(cfg, out / "runs" / "align", model=start, data=[captions], stage="align",
+    if cfg.align_steps:  # only LLaVA's caption stage reads captions
+        align = train_stage(cfg, out / "runs" / "align", model=start, data=[write_captions(data, files)], stage="align",
                             steps=cfg.align_steps, lr=1e-3, cache=cache, warmup=0.1, fresh_projector=True)  # fmt: skip
         start = Path(align["model"])
     timings["align_s"] = time.perf_counter() - t
