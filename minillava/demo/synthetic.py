@@ -1,9 +1,12 @@
 """Deterministic synthetic visual-question data, rendered with Pillow.
 
-Each image holds one to four coloured shapes; each training sample is a multi-turn conversation about one
-image (shape, colour, size, position, counting, yes/no and a one-sentence description), so one forward pass
-supervises several answers. Splits are honest: evaluation images are never rendered for training, and the
-`combo` split uses colour-shape pairs that never occur in training at all.
+Each image holds one to four coloured shapes and gets several questions (shape, colour, size, position,
+counting, yes/no and a one-sentence description). Each training sample is one question about one image, as
+evaluation asks them: in a multi-turn conversation the later answers can be read off the earlier ones (the
+description repeats every attribute, a yes/no question names the shape and colour just answered), so the
+model learns to copy from the conversation instead of looking at the image. Splits are honest: evaluation
+images are never rendered for training, and the `combo` split uses colour-shape pairs that never occur in
+training at all.
 """
 
 from __future__ import annotations
@@ -134,14 +137,11 @@ def generate(out: Path, n_train: int, n_test: int, n_combo: int, side: int = 112
 
 def _write_split(out: Path, split: str, records: list) -> Path:
     if split == "train":
-        data = []
-        for sid, image, qa in records:
-            turns = []
-            for k, (_, q, a) in enumerate(qa):
-                prompt = q
-                turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + prompt})
-                turns.append({"from": "gpt", "value": a})
-            data.append({"id": sid, "image": image, "conversations": turns})
+        data = [
+            {"id": f"{sid}-{k}", "image": image, "conversations": [
+                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
+            for sid, image, qa in records for k, (_, q, a) in enumerate(qa)
+        ]  # fmt: skip
         path = out / "train.json"
         path.write_text(json.dumps(data, indent=1))
         return path

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -281,7 +281,10 @@ def frozen_features(
             yield batch, feats
 
 
-def evenly_spaced(items: list[int], k: int) -> list[int]:
+T = TypeVar("T")
+
+
+def evenly_spaced(items: list[T], k: int) -> list[T]:
     """`k` of `items` spread evenly from first to last (all of them when there are no more than `k`)."""
     if len(items) <= k:
         return items

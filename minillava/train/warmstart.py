@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from minillava.data.dataset import Collator, SupervisedDataset
+from minillava.data.formats import BadSampleError
 from minillava.model import MiniLlava
 from minillava.processor import IGNORE_INDEX
 from minillava.train.cache import FeatureCache
@@ -47,17 +48,31 @@ def collect(
     model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
     device: torch.device, max_images: int, special_ids: set[int],
 ) -> tuple[torch.Tensor, list[list[int]]]:  # fmt: skip
-    """Features (I, P, Dv) of `max_images` single-image samples spread over the data (as the feature statistics
-    pick theirs), and each one's answer tokens in order (special tokens left out)."""
+    """Features (I, P, Dv) of `max_images` images spread over the data (as the feature statistics pick theirs),
+    and each image's answer tokens in order (special tokens left out): the answers of every single-image sample
+    that shows it, in data order, so one conversation per image and one question per sample give the same."""
     from minillava.train.loop import evenly_spaced, frozen_features
 
-    feats, words = [], []
     # one image per sample: with several, which answer words belong to which image is unknown
-    chosen = evenly_spaced([i for i, r in enumerate(dataset.records) if len(r.images) == 1], max_images)
-    for batch, f in frozen_features(model, dataset, collate, cache, device, chosen):  # f: (B, P, Dv)
+    samples_of: dict[str, list[int]] = {}
+    for i, r in enumerate(dataset.records):
+        if len(r.images) == 1:
+            samples_of.setdefault(r.images[0], []).append(i)
+    chosen = evenly_spaced(list(samples_of.values()), max_images)
+    feats, words = [], []
+    others: dict[str, list[list[int]]] = {}  # first sample's id -> the image's other samples (ids may repeat)
+    for g in chosen:
+        others.setdefault(dataset.records[g[0]].id, []).append(g[1:])
+    for batch, f in frozen_features(model, dataset, collate, cache, device, [g[0] for g in chosen]):  # (B, P, Dv)
         feats.append(f.float())
-        for labels in batch["labels"]:
-            words.append([int(t) for t in labels[labels != IGNORE_INDEX] if int(t) not in special_ids])
+        for sample_id, labels in zip(batch["ids"], batch["labels"], strict=True):
+            answers = labels[labels != IGNORE_INDEX].tolist()
+            for j in others[sample_id].pop(0):
+                try:
+                    answers += [t for t in dataset.tokenize(dataset.records[j])[1] if t != IGNORE_INDEX]
+                except BadSampleError:  # the training run reports it (or stops on it) in its own words
+                    continue
+            words.append([t for t in answers if t not in special_ids])
     if not feats:
         raise ValueError("--word-warmup-steps: the training data holds no single-image samples to warm up on")
     return torch.cat(feats), words

@@ -6,19 +6,38 @@ import numpy as np
 from minillava.demo import fashion, synthetic
 
 
+def _answers_by_image(data_dir):
+    """{image: {question: answer}} over the training samples."""
+    out = {}
+    for sample in json.loads((data_dir / "train.json").read_text()):
+        (question, answer) = (t["value"] for t in sample["conversations"])
+        out.setdefault(sample["image"], {})[question.removeprefix("<image>\n")] = answer
+    return out
+
+
+def _answer(qa, start):
+    return next((a for q, a in qa.items() if q.startswith(start)), None)
+
+
 def _train_pairs(data_dir):
     pairs = set()
-    for sample in json.loads((data_dir / "train.json").read_text()):
-        turns = sample["conversations"]
-        shape = (
-            next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "What shape" in turns[k]["value"])
-            if any("What shape" in t["value"] for t in turns)
-            else None
-        )
-        colour = next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "What colour" in turns[k]["value"])
-        if shape:
-            pairs.add((colour, shape))
+    for qa in _answers_by_image(data_dir).values():
+        if _answer(qa, "What shape"):
+            pairs.add((_answer(qa, "What colour"), _answer(qa, "What shape")))
     return pairs
+
+
+def test_each_training_sample_is_one_question_about_one_image(tmp_path):
+    """As evaluation asks: no earlier answers in the context to copy from (the description repeats them all)."""
+    synthetic.generate(tmp_path, 20, 2, 2, side=56, seed=0)
+    samples = json.loads((tmp_path / "train.json").read_text())
+    assert all(len(s["conversations"]) == 2 and s["conversations"][0]["value"].startswith("<image>\n") for s in samples)
+    assert len({s["id"] for s in samples}) == len(samples)
+    by_image = _answers_by_image(tmp_path)
+    assert len(by_image) == 20
+    for qa in by_image.values():  # every image is still asked everything: a description and its attributes
+        description = _answer(qa, "Describe")
+        assert description and _answer(qa, "What colour") in description
 
 
 def test_deterministic_and_honest_splits(tmp_path):
@@ -45,11 +64,10 @@ def test_answers_match_the_pixels(tmp_path):
     synthetic.generate(tmp_path, 30, 2, 2, side=56, seed=0)
     from PIL import Image
 
-    for sample in json.loads((tmp_path / "train.json").read_text()):
-        turns = sample["conversations"]
-        colour = next(turns[k + 1]["value"] for k in range(0, len(turns), 2) if "What colour" in turns[k]["value"])
-        pixels = np.asarray(Image.open(tmp_path / sample["image"]).convert("RGB")).reshape(-1, 3)
-        assert (np.abs(pixels - np.array(synthetic.COLOURS[colour])).sum(1) == 0).any(), sample["id"]
+    for image, qa in _answers_by_image(tmp_path).items():
+        colour = _answer(qa, "What colour")
+        pixels = np.asarray(Image.open(tmp_path / image).convert("RGB")).reshape(-1, 3)
+        assert (np.abs(pixels - np.array(synthetic.COLOURS[colour])).sum(1) == 0).any(), image
 
 
 def _idx(path, array):

@@ -261,6 +261,37 @@ def test_word_warmup_moves_image_tokens_towards_their_answer_words(pretrained, t
     assert "no LLM forward" in lines[0]
 
 
+def test_warmup_reads_each_images_answers_from_all_its_samples(pretrained, tmp_path):
+    """One conversation per image, or one question per sample (the demo's data): the same images, features and
+    answer words, in the same order."""
+    from minillava.data.dataset import Collator, SupervisedDataset
+    from minillava.train.warmstart import collect
+
+    _, run, _, images = pretrained
+    model, processor = MiniLlava.from_pretrained(run / "model")
+    qa = [("What colour?", "red"), ("What shape?", "a square"), ("Where?", "on the left")]
+    conversations, questions = [], []
+    for i, name in enumerate(("red.png", "green.png", "blue.png")):
+        turns = [{"from": f, "value": v} for q, a in qa for f, v in (("human", q), ("gpt", f"{a} {i}"))]
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        conversations.append({"id": f"c{i}", "image": name, "conversations": turns})
+        questions += [{"id": f"q{i}-{k}", "image": name, "conversations": [dict(turns[2 * k]), turns[2 * k + 1]]}
+                      for k in range(len(qa))]  # fmt: skip
+        for q in questions[-len(qa) :]:
+            q["conversations"][0]["value"] = "<image>\n" + q["conversations"][0]["value"].removeprefix("<image>\n")
+    special = set(processor.tokenizer.all_special_ids) | {processor.image_token_id}
+    got = []
+    for rows in (conversations, questions):
+        path = tmp_path / f"{rows[0]['id']}.json"
+        path.write_text(json.dumps(rows))
+        dataset = SupervisedDataset([str(path)], processor, str(images))
+        got.append(collect(model, dataset, Collator(processor), None, torch.device("cpu"), 8, special))
+    (f1, w1), (f2, w2) = got
+    assert f2.shape[0] == 3 and torch.equal(f1, f2)
+    assert w1 == w2 and len(w1[0]) > 4  # every answer of the image, not just its first sample's
+    assert w1[0] != w1[1]
+
+
 def test_evenly_spaced_gives_every_part_of_the_data_its_share():
     from minillava.train.loop import evenly_spaced
 
