@@ -81,11 +81,12 @@ def summary(directory: Path) -> dict:
     """gpu_check.sh's last word: each step's status and the headline figures of each JSON it wrote."""
     steps = [line.split("\t") for line in (directory / "steps.tsv").read_text().splitlines() if line.strip()]
     out: dict = {"steps": {name: {"status": status, "seconds": int(sec)} for name, status, sec in steps}}
-    junit = directory / "pytest-cuda.xml"
-    if junit.is_file():
-        suite = ElementTree.parse(junit).getroot()
-        suite = suite if suite.tag == "testsuite" else suite[0]
-        out["pytest_cuda"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    for name in ("cuda", "deepspeed"):
+        junit = directory / f"pytest-{name}.xml"
+        if junit.is_file():
+            suite = ElementTree.parse(junit).getroot()
+            suite = suite if suite.tag == "testsuite" else suite[0]
+            out[f"pytest_{name}"] = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     keys = ("speedup", "ratio", "mfu", "step_s", "tok_per_s", "tokens_per_s", "peak", "gpu", "same_greedy")
     for path in sorted(directory.glob("*.json")):
         if path.name == "summary.json":

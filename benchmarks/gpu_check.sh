@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# GPU check, about 4-5 minutes on one H100/H200 (each step has its own time limit; all of them 7.5 min):
+# GPU check, about 5-6 minutes on one H100/H200 (each step has its own time limit; all of them 10 min):
 #   1. nvidia-smi
-#   2. pytest tests/gpu/test_cuda.py: CUDA == CPU forward/generation, bf16 and fp16+GradScaler training,
+#   2. pytest-cuda: tests/gpu/test_cuda.py: CUDA == CPU forward/generation, bf16 and fp16+GradScaler training,
 #      QLoRA (when bitsandbytes imports), feature cache on CUDA
-#   3. benchmarks/bench_generate.py --device cuda   (ours vs transformers' Llava, fp32 and bf16)
-#   4. benchmarks/bench_train.py --device cuda      (stage 1 / stage 2 step time vs the peer, MFU)
-#   5. benchmarks/gpu_check.py                      (bench + large shapes in bf16: step time, tokens/s, memory, MFU)
-#   6. one JSON summary (also $OUT/summary.json)
+#   3. deepspeed: tests/gpu/test_deepspeed_cuda.py: `accelerate launch` of ZeRO-2 / ZeRO-3 on this GPU, bf16,
+#      losses of the plain run (skipped unless deepspeed imports: carry its wheels in .whl/)
+#   4. bench-generate: benchmarks/bench_generate.py --device cuda   (ours vs transformers' Llava, fp32 and bf16)
+#   5. bench-train: benchmarks/bench_train.py --device cuda         (stage 1 / stage 2 step time vs the peer, MFU)
+#   6. gpu-check: benchmarks/gpu_check.py       (bench + large shapes in bf16: step time, tokens/s, memory, MFU)
+#   7. one JSON summary (also $OUT/summary.json)
 # A failing step is reported and the next one runs. Run from anywhere (SKIP: step names to leave out):
 #   OUT=/some/dir [SKIP="bench-train gpu-check"] bash benchmarks/gpu_check.sh
-# minillava needs no install (PYTHONPATH); wheels in .whl/ (e.g. bitsandbytes) are installed to /tmp/site first.
+#   SKIP="bench-generate bench-train gpu-check" bash benchmarks/gpu_check.sh   # the tests only
+# minillava needs no install (PYTHONPATH); wheels in .whl/ (e.g. bitsandbytes; deepspeed, a pure wheel built with
+# DS_BUILD_OPS=0, and those of its requirements the machine lacks) are installed to /tmp/site first.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1
@@ -41,8 +45,12 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, record status 
     "$PY" -c "import torch, transformers as t; print(torch.__version__, t.__version__, torch.cuda.is_available())" \
         || echo "python check FAILED"
     "$PY" -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null || echo "no bitsandbytes"
+    "$PY" -c "from importlib.metadata import version as v; print('deepspeed', v('deepspeed'), 'pydantic', v('pydantic'))" \
+        2>/dev/null || echo "no deepspeed"
     step pytest-cuda 120 "$PY" -m pytest tests/gpu/test_cuda.py -q -rs -p no:cacheprovider \
         --junitxml "$OUT/pytest-cuda.xml"
+    step deepspeed 150 "$PY" -m pytest tests/gpu/test_deepspeed_cuda.py -q -rs -p no:cacheprovider \
+        --junitxml "$OUT/pytest-deepspeed.xml"
     step bench-generate 90 "$PY" benchmarks/bench_generate.py --device cuda --out "$OUT/generate-cuda-$TAG.json"
     step bench-train 120 "$PY" benchmarks/bench_train.py --device cuda --out "$OUT/train-cuda-$TAG.json"
     step gpu-check 90 "$PY" benchmarks/gpu_check.py --out "$OUT/gpu-check-cuda-$TAG.json"

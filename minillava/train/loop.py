@@ -58,17 +58,21 @@ MODEL_DIR = "model"
 
 # ---- process group -----------------------------------------------------------------------------
 class Dist:
-    def __init__(self) -> None:
+    def __init__(self, group: bool = False) -> None:
+        """`group`: a process group even for one process (a DeepSpeed engine needs one)."""
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
+        if (self.world > 1 or group) and not dist.is_initialized():
+            backend = "gloo"
             if torch.cuda.is_available():  # NCCL for CUDA tensors; gloo for the CPU scalars of `sum`/`gather`
                 torch.cuda.set_device(self.local_rank)
-                dist.init_process_group("cuda:nccl,cpu:gloo")
+                backend = "cuda:nccl,cpu:gloo"
+            if self.world == 1:  # no rendezvous to wait for: launched or not, an in-process store
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
             else:
-                dist.init_process_group("gloo")
+                dist.init_process_group(backend)
             self.owns_group = True
 
     @property
@@ -334,7 +338,7 @@ def autocast_ctx(precision: str, device: torch.device):
 # ---- the loop ----------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
-    d = Dist()
+    d = Dist(group=resolve_strategy(cfg.strategy, os.environ).startswith("deepspeed"))
     try:
         return _train(cfg, d)
     finally:

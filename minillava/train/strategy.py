@@ -23,6 +23,7 @@ ranks, so the loss sequence equals one process's with the same global batch.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -217,6 +218,8 @@ class DeepSpeedStrategy(DDPStrategy):
                               "(DS_BUILD_OPS=0 builds no kernels; none are needed)") from e  # fmt: skip
         if not torch.distributed.is_initialized():
             raise RuntimeError(f"--strategy {self.name} needs a process group (torchrun / accelerate launch)")
+        if self.world == 1:  # the engine reads LOCAL_RANK, which a launcher sets; one process without one is 0
+            os.environ.setdefault("LOCAL_RANK", "0")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.group_sizes = [len(g["params"]) for g in optimizer.param_groups]  # ZeRO flattens each group
         config = {
@@ -362,8 +365,9 @@ def _layer_classes(llm: nn.Module) -> set[str]:
 
 
 def make_strategy(name: str, world: int, device: torch.device) -> DDPStrategy:
-    """`name` resolved (no `auto`). One process has nothing to shard: it runs the bare module."""
-    if name == "ddp" or world == 1:
+    """`name` resolved (no `auto`). One process has nothing to shard: it runs the bare module, except under
+    DeepSpeed, whose engine (ZeRO over one rank, its clipping and optimizer step) runs as it would on N GPUs."""
+    if name == "ddp" or (world == 1 and not name.startswith("deepspeed-zero")):
         return DDPStrategy(world, device)
     if name.startswith("deepspeed-zero"):
         return DeepSpeedStrategy(world, device, stage=int(name[-1]))

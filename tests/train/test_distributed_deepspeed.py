@@ -69,9 +69,9 @@ def test_accelerate_deepspeed_configs_pick_the_strategy(tmp_path, stage):
     assert resolve_strategy("auto", env) == f"deepspeed-zero{stage}"
 
 
-def _check_run(run, stage: int, one: dict, steps: int) -> None:
+def _check_run(run, stage: int, one: dict, steps: int, world: int = 2) -> None:
     records = [json.loads(x) for x in (Path(run.out) / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["strategy"] == f"deepspeed-zero{stage}" and records[0]["world_size"] == 2
+    assert records[0]["strategy"] == f"deepspeed-zero{stage}" and records[0]["world_size"] == world
     got = _losses(Path(run.out))
     assert got == pytest.approx(dict(enumerate(one["losses"][:steps], 1)), rel=1e-5), f"ZeRO-{stage}"
     assert got[steps] < got[1]  # it trains
@@ -103,3 +103,16 @@ def test_deepspeed_two_processes_match_one_process_and_resume(tmp_path, asset_di
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port())], resumed
     )  # step 4's loss depends on the restored Adam moments
     assert _losses(Path(resumed.out)) == pytest.approx({3: one["losses"][2], 4: one["losses"][3]}, rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_one_process_runs_the_engine(tmp_path, asset_dir, stage):
+    """One process started without a launcher, --strategy deepspeed-zeroN: the engine still runs (a one-rank
+    group, as on one GPU in tests/gpu/test_deepspeed_cuda.py) and gives the bare module's losses and weights."""
+    path, images = _mixed_data(tmp_path)
+    common = dict(stage="instruct", lora=True, lora_dropout=0.0, lr=1e-2, projector_lr=1e-2, batch_size=4,
+                  max_steps=2)  # fmt: skip
+    one = train(config(tmp_path / "one", asset_dir, path, images, **common))
+    run = config(tmp_path / "zero", asset_dir, path, images, strategy=f"deepspeed-zero{stage}", **common)
+    _launch([sys.executable], run)
+    _check_run(run, stage, one, 2, world=1)
