@@ -46,11 +46,10 @@ class DemoConfig:
     word_warmup_steps: int = 200  # projector-only steps in the LLM's word space, no LLM forward (seconds)
     word_warmup_objective: str = "caption"  # image tokens spell the caption: the LLM reads the image like a prompt
     align_steps: int = 0  # 0: single-stage (Prismatic): the instruct run warms up the fresh projector itself
-    instruct_steps: int = 30
+    instruct_steps: int = 120
     fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
     feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
     batch_size: int = 16
-    micro_batch: int = 16  # one question per sample: short sequences, the whole batch at once
     eval_batch_size: int = 32
     seed: int = 0
 
@@ -147,15 +146,6 @@ def write_captions(data: Path, files: dict[str, Path]) -> Path:
     return path
 
 
-def batching(cfg: DemoConfig, stage: str) -> dict[str, int]:
-    """Long multi-turn instruct samples run as micro-batches (same global batch and loss, a third less memory
-    and faster on CPU); short align captions run whole."""
-    micro = min(cfg.micro_batch, cfg.batch_size) if stage == "instruct" else cfg.batch_size
-    if cfg.batch_size % micro:
-        raise ValueError(f"demo: batch size {cfg.batch_size} is not a multiple of the micro-batch {micro}")
-    return {"batch_size": micro, "grad_accum": cfg.batch_size // micro}
-
-
 def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage: str, steps: int, lr: float,
                 cache: str, lora: bool = False, warmup: float = 0.05,
                 fresh_projector: bool = False) -> dict[str, Any]:  # fmt: skip
@@ -164,8 +154,8 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
 
     tc = TrainConfig(
         model=str(model), data=[str(d) for d in data], image_root=str(data[0].parent), stage=stage,
-        out=str(out), max_steps=steps, lr=lr, lora=lora, **batching(cfg, stage),
-        projector_lr=lr if stage == "align" else (1e-3 if fresh_projector else 3e-4),
+        out=str(out), max_steps=steps, lr=lr, lora=lora, batch_size=cfg.batch_size,
+        projector_lr=lr if stage == "align" else (1e-4 if fresh_projector else 3e-4),
         lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
         # a fresh projector first learns to speak in the LLM's word space (seconds), then the LLM steps refine it
