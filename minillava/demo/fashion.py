@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from minillava.demo.questions import Question, write_evaluation, write_training
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -37,28 +38,13 @@ def generate(out: Path, n_train: int, n_test: int, side: int = 112, seed: int = 
         labels = read_idx(FASHION_DIR / f"{official}-labels-idx1-ubyte.gz")
         rng = random.Random(f"{seed}-{split}")
         picks = rng.sample(range(len(labels)), n)
-        records = []
+        questions = []
         for i, k in enumerate(picks):
             name = f"images/{split}_{i:05d}.png"
             Image.fromarray(255 - images[k]).resize((side, side), Image.Resampling.BICUBIC).save(out / name)
-            records.append((f"{split}_{i:05d}", name, CLASSES[labels[k]]))
-        files[split] = _write(out, split, records)
+            questions.append(Question(f"{split}_{i:05d}", name, "fashion", QUESTION, CLASSES[labels[k]]))
+        if split == "fashion_train":
+            files[split] = write_training(out / "fashion_train.json", questions)
+        else:
+            files[split] = write_evaluation(out / "fashion.jsonl", questions)
     return files
-
-
-def _write(out: Path, split: str, records: list[tuple[str, str, str]]) -> Path:
-    if split == "fashion_train":
-        data = [
-            {"id": sid, "image": image, "conversations": [
-                {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": answer}]}
-            for sid, image, answer in records
-        ]  # fmt: skip
-        path = out / "fashion_train.json"
-        path.write_text(json.dumps(data, indent=1))
-        return path
-    path = out / f"{split}.jsonl"
-    with path.open("w") as f:
-        for sid, image, answer in records:
-            f.write(json.dumps({"question_id": sid, "image": image, "question": QUESTION, "answer": answer,
-                                "category": "fashion"}) + "\n")  # fmt: skip
-    return path

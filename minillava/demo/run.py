@@ -123,11 +123,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     report |= {"config": asdict(cfg), "timings": timings, "fashion_mnist": with_fashion,
                "align": _brief(align) if align else None, "instruct": _brief(instruct),
                "model": str(final)}  # fmt: skip
-    from minillava.demo.report import plot_losses, write_json
+    from minillava.demo.report import plot_losses
+    from minillava.fileio import write_atomic
 
     runs = ([align] if align else []) + [instruct]
     plot_losses([Path(r["out"]) / "metrics.jsonl" for r in runs], out / "loss_curve.png")
-    write_json(out / "report.json", report)
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -170,7 +171,8 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
 def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[str, Path]) -> dict[str, Any]:
     import minillava
     from minillava.demo.report import heldout_grid
-    from minillava.eval.runner import evaluate, load_samples, write_atomic
+    from minillava.eval.runner import evaluate, load_samples
+    from minillava.fileio import write_atomic
 
     model, processor = minillava.load(str(model_dir), "auto")
     results: dict[str, Any] = {}

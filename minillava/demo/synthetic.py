@@ -11,12 +11,13 @@ training at all.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from minillava.demo.questions import Question, write_evaluation, write_training
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -124,31 +125,15 @@ def generate(out: Path, n_train: int, n_test: int, n_combo: int, side: int = 112
     files = {}
     for split, n in (("train", n_train), ("test", n_test), ("combo", n_combo)):
         rng = random.Random(f"{seed}-{split}")  # each split its own stream: changing one size leaves others
-        records = []
+        questions = []
         for i in range(n):
             make = count_sample if rng.random() < 0.25 else single_shape_sample
             img, qa = make(rng, split, side)
             name = f"images/{split}_{i:05d}.png"
             img.save(out / name)
-            records.append((f"{split}_{i:05d}", name, qa))
-        files[split] = _write_split(out, split, records)
+            questions += [Question(f"{split}_{i:05d}-{k}", name, *triple) for k, triple in enumerate(qa)]
+        if split == "train":
+            files[split] = write_training(out / "train.json", questions)
+        else:
+            files[split] = write_evaluation(out / f"{split}.jsonl", questions)
     return files
-
-
-def _write_split(out: Path, split: str, records: list) -> Path:
-    if split == "train":
-        data = [
-            {"id": f"{sid}-{k}", "image": image, "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]}
-            for sid, image, qa in records for k, (_, q, a) in enumerate(qa)
-        ]  # fmt: skip
-        path = out / "train.json"
-        path.write_text(json.dumps(data, indent=1))
-        return path
-    path = out / f"{split}.jsonl"
-    with path.open("w") as f:
-        for sid, image, qa in records:
-            for k, (qtype, q, a) in enumerate(qa):
-                f.write(json.dumps({"question_id": f"{sid}-{k}", "image": image, "question": q, "answer": a,
-                                    "category": qtype}) + "\n")  # fmt: skip
-    return path

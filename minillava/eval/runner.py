@@ -17,8 +17,6 @@ all samples are checked (and every image found) before the model runs.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +26,7 @@ from typing import Any
 from PIL import Image
 
 from minillava.eval import metrics as M
+from minillava.fileio import write_atomic
 
 METRICS = ("vqa", "exact", "choice", "pope", "caption")
 SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA's VQAv2 / GQA / POPE suffix
@@ -358,21 +357,6 @@ def _progress(total: int, metric: str):
 
 
 # ---- output --------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside the target, flush to disk, then rename over it: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_results(out: str | Path, metrics: dict[str, Any], predictions: Sequence[dict]) -> tuple[Path, Path]:

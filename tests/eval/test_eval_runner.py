@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from PIL import Image
 from minillava.eval import evaluate, load_samples
 from minillava.eval.cli import main as eval_main
 from minillava.eval.metrics import vqa_accuracy
-from minillava.eval.runner import SHORT_ANSWER, build_prompt, write_atomic
+from minillava.eval.runner import SHORT_ANSWER, build_prompt
 
 TOKENS = "4"  # answers are capped short: the tiny model rambles, and 2 shared cores are slow
 
@@ -223,22 +222,3 @@ def test_bad_arguments(eval_model, eval_model_dir, image_dir, tmp_path, capsys):
     assert "--image-root" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main([*args, "--model", str(eval_model_dir), "--batch-size", "0"])
-
-
-# ---- atomic output --------------------------------------------------------------------------------
-
-
-def test_write_atomic_replaces_whole_files_and_cleans_up(tmp_path, monkeypatch):
-    target = tmp_path / "metrics.json"
-    write_atomic(target, "old\n")
-    write_atomic(target, "new\n")
-    assert target.read_text() == "new\n"
-
-    def fail(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(target, "half")
-    assert target.read_text() == "new\n"  # the old file is untouched
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # and no temp file is left behind
