@@ -3,92 +3,39 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hf_parity import HfParityChecks, assert_same_logits, edited_copy, tiny_parts, write_both_layouts
 from PIL import Image
-from safetensors.torch import save_file
-from tiny_models import make_tokenizer
-from transformers import (
-    AutoProcessor,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
+from transformers import AutoProcessor, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 import minillava
-from minillava.generate import GenerationConfig, decode
 from minillava.interop.hf import ExportError, export_hf_llava, is_hf_llava_dir, load_hf_llava
-from minillava.model import MiniLlava, positions_from_mask
+from minillava.model import MiniLlava
 from minillava.processor import Encoded, Processor
 from minillava.vision import VisionTower
-
-ATOL = 1e-4
-NEW_TOKENS = 8
-
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
 
 
-def older_key(key: str) -> str:
-    """Current Llava key -> the layout of llava-hf checkpoints written before transformers 4.52."""
-    for new, old in (
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-        ("model.vision_tower.", "vision_tower."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if key.startswith(new):
-            return old + key[len(new) :]
-    raise AssertionError(key)
-
-
-def write_llava_dir(directory: Path, hf: LlavaForConditionalGeneration, layout: str) -> Path:
-    """Config, tokenizer, CLIP image processor and the weights under one key layout, written by hand."""
-    hf.config.save_pretrained(directory)
-    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    if layout == "older":
-        state = {older_key(k): v for k, v in state.items()}
-    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
-
-
 @pytest.fixture(scope="module")
-def hf_llava(tmp_path_factory):
+def hf_reference(tmp_path_factory):
     """A random tiny llava-1.5-style model (CLIP + Llama, untied head) and its directories in both layouts."""
     root = tmp_path_factory.mktemp("hf-llava")
-    tok = make_tokenizer(root / "tok")
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok, text, vision = tiny_parts(root)
     image_id = tok.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.1,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    vision = CLIPVisionConfig(
-        hidden_size=24, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
-    )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id, image_seq_length=16)
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration(config).eval()
-    dirs = {}
-    for layout in ("current", "older"):
-        d = root / layout
-        d.mkdir()
-        tok.save_pretrained(d)
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(d)
-        dirs[layout] = write_llava_dir(d, hf, layout)
-    return hf, dirs
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return hf, write_both_layouts(root, hf, tok, image_processor)
 
 
 @pytest.fixture(scope="module")
-def imported(hf_llava):
-    return load_hf_llava(hf_llava[1]["current"])
+def imported(hf_reference):
+    return load_hf_llava(hf_reference[1]["current"])
 
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -105,97 +52,39 @@ def samples(processor: Processor) -> list[Encoded]:
     ]
 
 
-def hf_logits(hf: LlavaForConditionalGeneration, batch: dict) -> torch.Tensor:
-    """Positions as minillava counts them (real tokens only), so padded rows compare fairly."""
-    with torch.no_grad():
-        return hf(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-            position_ids=positions_from_mask(batch["attention_mask"]),
-        ).logits  # fmt: skip
+# ---- what LlavaNext checks too: import and export logits, greedy tokens, the re-import (see hf_parity.py) -
 
 
-def mini_logits(model: MiniLlava, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+class TestLlavaParity(HfParityChecks):
+    samples = staticmethod(samples)
 
-
-def assert_same_logits(model: MiniLlava, hf: LlavaForConditionalGeneration, batch: dict) -> None:
-    real = batch["attention_mask"].bool()  # padded positions attend to nothing: their outputs are arbitrary
-    diff = (mini_logits(model, batch) - hf_logits(hf, batch))[real].abs().max().item()
-    assert diff < ATOL, f"max |logit diff| {diff}"
-
-
-def greedy_tokens(model: MiniLlava, processor: Processor, batch: dict) -> torch.Tensor:
-    # No stop ids: both sides run exactly NEW_TOKENS steps.
-    steps = decode(model, batch, GenerationConfig(max_new_tokens=NEW_TOKENS), [], processor.pad_token_id)
-    return torch.stack([token for token, _ in steps], dim=1)
-
-
-def hf_greedy(hf: LlavaForConditionalGeneration, batch: dict, image_token_id: int) -> torch.Tensor:
-    out = hf.generate(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-        do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None,
-        pad_token_id=0, suppress_tokens=[image_token_id],  # minillava never emits an image slot either
-    )  # fmt: skip
-    return out[:, batch["input_ids"].shape[1] :]
-
-
-def assert_same_greedy(model: MiniLlava, processor: Processor, hf: LlavaForConditionalGeneration, batch) -> None:
-    ours = greedy_tokens(model, processor, batch)
-    theirs = hf_greedy(hf, batch, model.config.image_token_id)
-    assert ours.tolist() == theirs.tolist()
+    def check_reimported(self, model, processor, again, again_processor):
+        assert again.config.vision.select_feature == model.config.vision.select_feature
 
 
 # ---- import -----------------------------------------------------------------------------------------------
 
 
-def test_is_hf_llava_dir(hf_llava, tmp_path):
-    assert is_hf_llava_dir(hf_llava[1]["current"])
+def test_is_hf_llava_dir(hf_reference, tmp_path):
+    assert is_hf_llava_dir(hf_reference[1]["current"])
     assert not is_hf_llava_dir(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     assert not is_hf_llava_dir(tmp_path)
     assert not is_hf_llava_dir(tmp_path / "missing")
 
 
-def test_import_maps_config(imported, hf_llava):
+def test_import_maps_config(imported, hf_reference):
     model, processor = imported
     cfg = model.config
     assert (cfg.vision.select_layer, cfg.vision.select_feature) == (-2, "patch")
-    assert cfg.projector.name == "mlp2x_gelu" and cfg.image_token_id == hf_llava[0].config.image_token_id
+    assert cfg.projector.name == "mlp2x_gelu" and cfg.image_token_id == hf_reference[0].config.image_token_id
     assert processor.tokens_per_image == model.tokens_per_image == 16
     assert (processor.image_transform.size, processor.image_transform.aspect) == (32, "center_crop")
     assert processor.template_name == "auto"  # the tokenizer's ChatML template renders string contents
 
 
-@pytest.mark.parametrize("which", ["one_image", "two_images"])
-def test_import_logits_single(imported, hf_llava, which):
-    model, processor = imported
-    sample = samples(processor)[0 if which == "one_image" else 1]
-    assert_same_logits(model, hf_llava[0], processor.collate([sample]))
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_import_logits_padded_batch(imported, hf_llava, side):
-    model, processor = imported
-    batch = processor.collate(samples(processor), padding_side=side)
-    assert bool((batch["attention_mask"] == 0).any())
-    assert_same_logits(model, hf_llava[0], batch)
-
-
-def test_import_greedy(imported, hf_llava):
-    model, processor = imported
-    assert_same_greedy(model, processor, hf_llava[0], processor.collate(samples(processor), "left"))
-
-
-def test_import_older_layout(imported, hf_llava):
-    model, processor = imported
-    old, _ = load_hf_llava(hf_llava[1]["older"])
-    batch = processor.collate(samples(processor), padding_side="left")
-    assert torch.equal(mini_logits(old, batch), mini_logits(model, batch))
-
-
-def test_minillava_load_dispatches(hf_llava):
-    model, _ = minillava.load(str(hf_llava[1]["current"]))
+def test_minillava_load_dispatches(hf_reference):
+    model, _ = minillava.load(str(hf_reference[1]["current"]))
     assert isinstance(model, MiniLlava)
 
 
@@ -217,13 +106,6 @@ def exported(build_tiny, tmp_path_factory):
     return model, processor, out, LlavaForConditionalGeneration.from_pretrained(out).eval()
 
 
-def test_export_logits_and_greedy(exported):
-    model, processor, _, hf = exported
-    for side in ("left", "right"):
-        assert_same_logits(model, hf, processor.collate(samples(processor), padding_side=side))
-    assert_same_greedy(model, processor, hf, processor.collate(samples(processor), "left"))
-
-
 def test_export_layout_and_processor(exported):
     model, processor, out, hf = exported
     keys = json.loads((out / "config.json").read_text())
@@ -235,15 +117,6 @@ def test_export_layout_and_processor(exported):
     assert int((got["input_ids"] == model.config.image_token_id).sum()) == model.tokens_per_image
     ours = processor.preprocess_images([image])
     assert (got["pixel_values"] - ours).abs().max() < 0.05  # pad-to-square + resize, up to resampling details
-
-
-def test_export_reimports(exported):
-    model, processor, out, _ = exported
-    again, again_processor = load_hf_llava(out)
-    batch = processor.collate(samples(processor), padding_side="left")
-    assert (mini_logits(again, batch) - mini_logits(model, batch)).abs().max() < ATOL
-    assert again_processor.image_transform == processor.image_transform
-    assert again.config.vision.select_feature == model.config.vision.select_feature
 
 
 @pytest.mark.parametrize(("vision", "feature"), [("clip", "cls_patch"), ("siglip", "patch"), ("dinov2", "patch")])
@@ -299,14 +172,6 @@ def test_export_refuses_non_hf_vision(build_tiny, tmp_path):
         export_hf_llava(bad, processor, tmp_path / "llava")
 
 
-def edited_copy(src: Path, dst: Path, **changes: object) -> Path:
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg.update(changes)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -316,8 +181,8 @@ def edited_copy(src: Path, dst: Path, **changes: object) -> Path:
         ({"image_token_index": 5}, "image_token_index is 5"),
     ],
 )
-def test_import_refusals(hf_llava, tmp_path, changes, message):
-    directory = edited_copy(hf_llava[1]["current"], tmp_path / "bad", **changes)
+def test_import_refusals(hf_reference, tmp_path, changes, message):
+    directory = edited_copy(hf_reference[1]["current"], tmp_path / "bad", "config.json", **changes)
     with pytest.raises(ValueError, match=message):
         load_hf_llava(directory)
 
