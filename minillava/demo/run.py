@@ -46,7 +46,7 @@ class DemoConfig:
     word_warmup_steps: int = 200  # projector-only steps in the LLM's word space, no LLM forward (seconds)
     word_warmup_objective: str = "caption"  # image tokens spell the caption: the LLM reads the image like a prompt
     align_steps: int = 0  # 0: single-stage (Prismatic): the instruct run warms up the fresh projector itself
-    instruct_steps: int = 120
+    instruct_steps: int = 100
     fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
     feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
     batch_size: int = 16
