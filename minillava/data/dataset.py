@@ -181,7 +181,8 @@ class Collator:
     def __call__(self, items: list[Item | Skipped]) -> dict[str, Any]:
         good = [it for it in items if isinstance(it, Item)]
         skipped = [it for it in items if isinstance(it, Skipped)]
-        batch: dict[str, Any] = {"skipped": skipped, "num_samples": len(good), "ids": [it.id for it in good]}
+        batch: dict[str, Any] = {"skipped": skipped, "num_samples": len(good), "ids": [it.id for it in good],
+                                 "indices": [it.index for it in good]}  # fmt: skip
         if not good:
             return batch
         batch.update(self.processor.collate([it.encoded for it in good], padding_side="right"))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from minillava.demo import fashion, synthetic
+from minillava.fileio import write_atomic
 
 log = logging.getLogger("minillava.demo")
 
@@ -124,7 +125,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                "align": _brief(align) if align else None, "instruct": _brief(instruct),
                "model": str(final)}  # fmt: skip
     from minillava.demo.report import plot_losses
-    from minillava.fileio import write_atomic
 
     runs = ([align] if align else []) + [instruct]
     plot_losses([Path(r["out"]) / "metrics.jsonl" for r in runs], out / "loss_curve.png")
@@ -143,7 +143,7 @@ def write_captions(data: Path, files: dict[str, Path]) -> Path:
         for sample in json.loads(files["fashion_train"].read_text()):
             rows.append({"image": sample["image"], "caption": f"A {sample['conversations'][1]['value']}."})
     path = data / "captions.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -172,7 +172,6 @@ def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[s
     import minillava
     from minillava.demo.report import heldout_grid
     from minillava.eval.runner import evaluate, load_samples
-    from minillava.fileio import write_atomic
 
     model, processor = minillava.load(str(model_dir), "auto")
     results: dict[str, Any] = {}

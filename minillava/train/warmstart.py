@@ -60,14 +60,12 @@ def collect(
             samples_of.setdefault(r.images[0], []).append(i)
     chosen = evenly_spaced(list(samples_of.values()), max_images)
     feats, words = [], []
-    others: dict[str, list[list[int]]] = {}  # first sample's id -> the image's other samples (ids may repeat)
-    for g in chosen:
-        others.setdefault(dataset.records[g[0]].id, []).append(g[1:])
-    for batch, f in frozen_features(model, dataset, collate, cache, device, [g[0] for g in chosen]):  # (B, P, Dv)
+    others = {g[0]: g[1:] for g in chosen}  # the image's first sample -> its other samples
+    for batch, f in frozen_features(model, dataset, collate, cache, device, list(others)):  # (B, P, Dv)
         feats.append(f.float())
-        for sample_id, labels in zip(batch["ids"], batch["labels"], strict=True):
+        for first, labels in zip(batch["indices"], batch["labels"], strict=True):
             answers = labels[labels != IGNORE_INDEX].tolist()
-            for j in others[sample_id].pop(0):
+            for j in others[first]:
                 try:
                     answers += [t for t in dataset.tokenize(dataset.records[j])[1] if t != IGNORE_INDEX]
                 except BadSampleError:  # the training run reports it (or stops on it) in its own words
