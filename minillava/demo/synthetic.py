@@ -96,8 +96,10 @@ def single_shape_sample(rng: random.Random, split: str, side: int) -> tuple[Imag
         ("colour", f"What colour is the {shape}?", colour),
         ("size", f"Is the {shape} small or large?", s.size),
         ("position", f"Where is the {shape}: left, right, top, bottom or center?", s.position),
-        ("yes/no", f"Is there a {ask_colour} {ask_shape} in the image?", "yes" if yes else "no"),
         ("describe", "Describe the image in one sentence.", f"A {s.size} {colour} {shape} {where}."),
+        # last: its answer depends on the question, not only the image, so the warm start's caption (the image's
+        # answers in order, cut to the image tokens) ends before it
+        ("yes/no", f"Is there a {ask_colour} {ask_shape} in the image?", "yes" if yes else "no"),
     ]
     return img, qa
 

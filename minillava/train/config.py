@@ -51,6 +51,8 @@ class TrainConfig:
     # pre-align a fresh projector with the LLM's word embeddings for N steps before step 0 (no LLM forward)
     word_warmup_steps: int = 0
     word_warmup_objective: str = "words"  # words | caption (see warmstart.py)
+    # its own rate: a fresh projector alone, nothing else moves (the run's projector_lr is small beside LLM steps)
+    word_warmup_lr: float = 1e-3
     # optimisation
     out: str = "runs/minillava"
     epochs: float = 1.0

@@ -426,7 +426,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         if model.config.fusion != "splice" or model.anyres is not None:
             raise ValueError("--word-warmup-steps needs spliced image tokens, one crop per image (no xattn, no AnyRes)")
         warmstart = word_space_warmstart(model, dataset, Collator(train_processor), cache, device,
-                                         cfg.word_warmup_steps, cfg.resolved_projector_lr(), cfg.seed, say,
+                                         cfg.word_warmup_steps, cfg.word_warmup_lr, cfg.seed, say,
                                          cfg.word_warmup_objective)  # fmt: skip
     sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
                                   cfg.seed, cfg.group_by_length)  # fmt: skip
