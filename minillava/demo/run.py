@@ -47,7 +47,10 @@ class DemoConfig:
     word_warmup_steps: int = 200  # projector-only steps in the LLM's word space, no LLM forward (seconds)
     word_warmup_objective: str = "caption"  # image tokens spell the caption: the LLM reads the image like a prompt
     align_steps: int = 0  # 0: single-stage (Prismatic): the instruct run warms up the fresh projector itself
-    instruct_steps: int = 100
+    instruct_steps: int = 120
+    # the warm-started projector already spells words; LoRA on the upper layers only: backward stops at them
+    freeze_projector: bool = True
+    lora_layers: int | None = 15  # of SmolLM2's 30
     fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
     feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
     batch_size: int = 16
@@ -157,7 +160,9 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         model=str(model), data=[str(d) for d in data], image_root=str(data[0].parent), stage=stage,
         out=str(out), max_steps=steps, lr=lr, lora=lora, batch_size=cfg.batch_size,
         projector_lr=lr if stage == "align" else (1e-4 if fresh_projector else 3e-4),
-        lora_r=16, lora_alpha=32, lora_dropout=0.0, feature_cache=cache, seed=cfg.seed, num_workers=0,
+        lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_layers=cfg.lora_layers if lora else None,
+        freeze_projector=cfg.freeze_projector and stage == "instruct",
+        feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
         # a fresh projector first learns to speak in the LLM's word space (seconds), then the LLM steps refine it
         standardize_features=fresh_projector, word_warmup_steps=cfg.word_warmup_steps if fresh_projector else 0,

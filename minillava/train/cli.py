@@ -51,6 +51,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", type=int)
     g.add_argument("--lora-dropout", type=float)
     g.add_argument("--lora-targets", nargs="+", help="leaf names of LLM linear layers (default: all of them)")
+    g.add_argument("--lora-layers", type=int, help="LoRA on the last N decoder layers only (default: all)")
+    _bool_flag(g, "freeze-projector", "instruct with the projector frozen (with --lora-layers, backward stops at "
+               "the lowest adapted layer)")
     _bool_flag(g, "tune-vision", "also train the vision tower (own lr: --vision-lr)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--out", help="run directory: checkpoints/, model/, metrics.jsonl, loss_curve.png")

@@ -44,6 +44,10 @@ class TrainConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_targets: list[str] | str = "all-linear"
+    lora_layers: int | None = None  # LoRA on the last N decoder layers only (None: all)
+    # instruct with the projector frozen (e.g. after a word-space warm start): with lora_layers, the backward
+    # pass then stops at the lowest adapted layer
+    freeze_projector: bool = False
     tune_vision: bool = False
     # fit the projector's input standardisation to N images' features (spread over the data) before step 0
     standardize_features: bool = False
@@ -102,6 +106,10 @@ class TrainConfig:
             raise ValueError("give either --model or --vision/--llm, not both")
         if (self.lora or self.qlora) and self.stage == "align":
             raise ValueError("--lora/--qlora train the LLM: use --stage instruct (align trains the projector only)")
+        if self.lora_layers is not None and (not (self.lora or self.qlora) or self.lora_layers < 1):
+            raise ValueError("--lora-layers N needs --lora or --qlora and N >= 1")
+        if self.freeze_projector and self.stage != "instruct":
+            raise ValueError("--freeze-projector: the align stage trains nothing but the projector")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if self.scheduler not in ("cosine", "linear", "constant"):

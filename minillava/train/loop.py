@@ -376,8 +376,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     )  # fmt: skip
     if cfg.qlora:
         quantize_llm_4bit(model)
-    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets) if cfg.use_lora else None
-    freeze_info = freeze(model, cfg.stage, lora=lora, tune_vision=cfg.tune_vision, log_fn=say)
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.lora_layers) \
+        if cfg.use_lora else None  # fmt: skip
+    freeze_info = freeze(model, cfg.stage, lora=lora, tune_vision=cfg.tune_vision,
+                         freeze_projector=cfg.freeze_projector, log_fn=say)  # fmt: skip
     lora = LoraSettings(**freeze_info["lora"]) if freeze_info["lora"] else None
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": [], "tokens": 0, "samples": 0}

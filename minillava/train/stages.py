@@ -2,6 +2,8 @@
 
 - align:    projector only (vision and LLM frozen); "projector" includes AnyRes's image_newline throughout
 - instruct: projector + LLM; with LoRA, projector + LoRA adapters on the LLM's linear layers
+- freeze_projector (instruct only): the projector stays as it is (e.g. after a word-space warm start); with
+  LoRA on the last N layers only, nothing below them trains and backward stops there
 - tune_vision: additionally the vision tower (its own learning rate)
 - fusion xattn: the gated cross-attention blocks train with the projector (the resampler) in both stages,
   fully (never through LoRA) and at the projector's learning rate
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ from minillava.fusion import xattn_blocks
 from minillava.model import MiniLlava
 
 log = logging.getLogger("minillava.train")
+LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")  # transformers decoders: model.layers.<i>.self_attn.q_proj
 ADAPTER_DIR = "lora_adapter"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "lora_config.json"
@@ -34,11 +38,16 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     targets: list[str] | str = "all-linear"  # or leaf names, e.g. ["q_proj", "v_proj"]
+    # only the last N decoder layers (None: all): when nothing below them trains, backward stops there
+    last_layers: int | None = None
     modules: list[str] = field(default_factory=list)  # resolved full names inside model.llm
 
 
-def llm_linear_names(llm: nn.Module, targets: list[str] | str = "all-linear") -> list[str]:
-    """Full names of the LLM's nn.Linear layers to adapt: all of them except the output head and xattn blocks."""
+def llm_linear_names(
+    llm: nn.Module, targets: list[str] | str = "all-linear", last_layers: int | None = None
+) -> list[str]:
+    """Full names of the LLM's nn.Linear layers to adapt: all of them except the output head and xattn blocks,
+    or those of the last `last_layers` decoder layers."""
     head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
     xattn = {id(m) for m in xattn_blocks(llm).modules()}  # new weights: they train fully, never through LoRA
     names = []
@@ -47,6 +56,9 @@ def llm_linear_names(llm: nn.Module, targets: list[str] | str = "all-linear") ->
             continue
         if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
             names.append(name)
+    if last_layers is not None:
+        layers = llm.config.num_hidden_layers
+        names = [n for n in names if (m := LAYER_INDEX.search(n)) and int(m.group(1)) >= layers - last_layers]
     if not names:
         raise ValueError(f"no linear layers of the LLM match LoRA targets {targets!r}")
     return names
@@ -56,10 +68,10 @@ def add_lora(model: MiniLlava, settings: LoraSettings) -> LoraSettings:
     """Inject LoRA adapters into `model.llm` in place: it stays the transformers model."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    modules = settings.modules or llm_linear_names(model.llm, settings.targets)
+    modules = settings.modules or llm_linear_names(model.llm, settings.targets, settings.last_layers)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=modules)
     model.llm = inject_adapter_in_model(config, model.llm)
-    return LoraSettings(settings.r, settings.alpha, settings.dropout, settings.targets, modules)
+    return LoraSettings(settings.r, settings.alpha, settings.dropout, settings.targets, settings.last_layers, modules)
 
 
 def has_lora(model: MiniLlava) -> bool:
@@ -110,6 +122,7 @@ def freeze(
     *,
     lora: LoraSettings | None = None,
     tune_vision: bool = False,
+    freeze_projector: bool = False,
     log_fn: Callable[[str], None] | None = None,
 ) -> dict:
     """Set requires_grad for a stage, log exactly what trains, and return the parameter counts."""
@@ -117,9 +130,11 @@ def freeze(
         raise ValueError(f"unknown stage {stage!r}; use align or instruct")
     if lora is not None and stage != "instruct":
         raise ValueError("LoRA adapts the LLM, which only trains in the instruct stage")
+    if freeze_projector and stage != "instruct":
+        raise ValueError("freeze_projector: the align stage trains nothing but the projector")
     say = log_fn or log.info
     model.requires_grad_(False)
-    model.projector.requires_grad_(True)
+    model.projector.requires_grad_(not freeze_projector)
     if model.anyres is not None:  # image_newline belongs to the bridge, like the projector
         model.anyres.requires_grad_(True)
     if stage == "instruct":
@@ -139,14 +154,17 @@ def freeze(
     counts = model.parameter_counts()
     trainable = sum(c["trainable"] for c in counts.values())
     total = trainable + sum(c["frozen"] for c in counts.values())
-    what = "projector" + (" + xattn blocks" if len(model.xattn) else "")
-    what += {"align": "", "instruct": " + LLM" + (" (LoRA adapters)" if lora else "")}[stage]
+    what = ("" if freeze_projector else "projector + ") + ("xattn blocks + " if len(model.xattn) else "")
+    what += {"align": "", "instruct": "LLM" + (" (LoRA adapters)" if lora else "")}[stage]
+    what = what.removesuffix(" + ")
     say(f"stage {stage}: training {what}" + (" + vision tower" if tune_vision else ""))
     for name, c in counts.items():
         state = "trains" if c["trainable"] else "frozen"
         say(f"  {name:<9} {state:<6} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")
     if lora is not None:
-        say(f"  LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {len(lora.modules)} LLM linear layers")
+        where = f" (last {lora.last_layers} decoder layers)" if lora.last_layers else ""
+        say(f"  LoRA r={lora.r} alpha={lora.alpha} dropout={lora.dropout} on {len(lora.modules)} LLM linear layers"
+            + where)
     say(f"  total     trainable {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
     return {"modules": counts, "trainable": trainable, "total": total, "lora": asdict(lora) if lora else None}
 

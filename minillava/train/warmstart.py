@@ -105,7 +105,9 @@ def word_space_warmstart(
     targets = targets.to(device)
 
     projector = model.projector
-    params = [p for p in projector.parameters() if p.requires_grad]
+    params = list(projector.parameters())  # all of them, also when the run after it keeps the projector frozen
+    trains = [p.requires_grad for p in params]
+    projector.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)  # its own stream: the training run's RNG is left untouched
     first = last = float("nan")
@@ -119,6 +121,8 @@ def word_space_warmstart(
         opt.step()
         first = loss.item() if step == 0 else first
         last = loss.item()
+    for p, t in zip(params, trains, strict=True):
+        p.requires_grad_(t)
     say(f"word-space warm start ({objective}): {steps} projector steps on {feats.shape[0]} images x {len(vocab)} "
         f"answer words, loss {first:.3f} -> {last:.3f} (no LLM forward)")  # fmt: skip
     return {"objective": objective, "images": feats.shape[0], "words": len(vocab), "first_loss": first,

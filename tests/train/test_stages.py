@@ -345,3 +345,44 @@ def test_word_warmup_runs_in_the_trainer(pretrained, tmp_path, asset_dir):
     summary = train_logged(cfg, lines)
     assert summary["word_warmup"]["images"] == 4
     assert any("word-space warm start (words): 5 projector steps" in x for x in lines)
+
+
+def test_lora_on_the_last_layers_stops_backward_there(tiny):
+    """With the projector frozen and LoRA on the upper layers only, the layers below see no backward pass."""
+    model, processor = tiny
+    model = __import__("copy").deepcopy(model)
+    layers = model.llm.config.num_hidden_layers
+    lora = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, last_layers=1))
+    assert lora.modules and all(m.startswith(f"model.layers.{layers - 1}.") for m in lora.modules)
+    lines = []
+    info = freeze(model, "instruct", lora=lora, freeze_projector=True, log_fn=lines.append)
+    assert info["modules"]["projector"]["trainable"] == 0 and info["modules"]["llm"]["trainable"] > 0
+    assert "training LLM (LoRA adapters)" in lines[0] and "(last 1 decoder layers)" in "\n".join(lines)
+    reached = []
+    model.llm.model.layers[0].register_full_backward_hook(lambda *_: reached.append(0))
+    model.llm.model.layers[-1].register_full_backward_hook(lambda *_: reached.append(layers - 1))
+    enc = processor.encode([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}])
+    ids = torch.tensor([enc.input_ids])
+    model(ids, labels=torch.tensor([enc.labels]), return_logits=False).loss.backward()
+    assert reached == [layers - 1]
+    with pytest.raises(ValueError, match="align stage"):
+        freeze(model, "align", freeze_projector=True)
+
+
+def test_lora_layers_and_freeze_projector_are_checked(tmp_path, asset_dir):
+    with pytest.raises(ValueError, match="--lora-layers N needs --lora"):
+        config(tmp_path, asset_dir, tmp_path / "d.json", tmp_path, stage="instruct", lora_layers=2)
+    with pytest.raises(ValueError, match="--freeze-projector"):
+        config(tmp_path, asset_dir, tmp_path / "d.json", tmp_path, stage="align", freeze_projector=True)
+
+
+def test_word_warmup_trains_a_projector_the_run_keeps_frozen(pretrained, tmp_path, asset_dir):
+    _, run, data, images = pretrained
+    cfg = config(tmp_path, asset_dir, data, images, model=str(run / "model"), stage="instruct", lora=True,
+                 lora_layers=1, freeze_projector=True, max_steps=2, word_warmup_steps=5)  # fmt: skip
+    before, _ = MiniLlava.from_pretrained(run / "model")
+    summary = train(cfg)
+    assert summary["word_warmup"]["final_loss"] < summary["word_warmup"]["first_loss"]
+    after, _ = MiniLlava.from_pretrained(tmp_path / "run" / "model")
+    pairs = zip(before.projector.parameters(), after.projector.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)  # the warm start moved it, the run did not undo that
