@@ -45,7 +45,7 @@ class DemoConfig:
     n_train: int = 600  # synthetic training images (several questions each)
     n_test: int = 50  # held-out images, seen colour-shape pairs
     n_combo: int = 30  # held-out images, colour-shape pairs never seen in training
-    n_fashion_train: int = 400
+    n_fashion_train: int = 800
     n_fashion_test: int = 80
     word_warmup_steps: int = 200  # projector-only steps in the LLM's word space, no LLM forward (seconds)
     word_warmup_objective: str = "caption"  # image tokens spell the caption: the LLM reads the image like a prompt

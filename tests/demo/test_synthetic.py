@@ -55,6 +55,8 @@ def test_deterministic_and_honest_splits(tmp_path):
         rows = [json.loads(line) for line in a[split].read_text().splitlines()]
         assert rows and not ({r["image"] for r in rows} & train_images)  # held-out images are never trained on
     assert not (_train_pairs(tmp_path / "a") & synthetic.HELD_OUT_COMBOS)  # never-seen colour-shape pairs
+    questions = " ".join(q for qa in _answers_by_image(tmp_path / "a").values() for q in qa)
+    assert not [p for p in synthetic.HELD_OUT_COMBOS if " ".join(p) in questions]  # not even named in a question
     combo = [json.loads(line) for line in a["combo"].read_text().splitlines()]
     shapes = {r["answer"] for r in combo if r["category"] == "shape"}
     assert shapes and shapes <= set(synthetic.SHAPES)
