@@ -11,13 +11,16 @@ Two objectives (`--word-warmup-objective`):
 - `words` (default, any projector): the bag-of-words loss above. Tokens tied to patches (linear, MLP, pooling)
   can name what they see, but not where it is or how many there are.
 - `caption`: image token k should *be* the k-th token of the image's answers (for align data: its caption),
-  a cross-entropy over the answers' vocabulary; slots past the caption spell full stops. The projector learns
+  a cross-entropy over the answers' vocabulary plus a pull onto the word's direction (the LLM reads the
+  embedding itself, not which word is nearest); slots past the caption spell full stops. The projector learns
   to write a caption in the LLM's own input space, which the LLM then reads like a prompt. This needs a
   projector whose every token sees the whole image (`perceiver`) and enough tokens for the captions (longer
   ones are cut to the token count for this warm start only).
 
 Measured on the demo (DINOv2-S, SmolLM2-135M, 1000 captions; held-out caption loss, right images vs shuffled):
-40 LLM align steps after 300 warm-start steps: 1.77 vs 2.50; 60 align steps without it: 2.19 vs 2.34.
+40 LLM align steps after 300 warm-start steps: 1.77 vs 2.50; 60 align steps without it: 2.19 vs 2.34. With the
+pull term (caption objective, 200 steps at lr 1e-3), held-out tokens sit at a cosine of 0.88 to their words
+instead of 0.40 (docs/training.md).
 """
 
 from __future__ import annotations
