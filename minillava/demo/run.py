@@ -1,8 +1,9 @@
 """`minillava demo`: build a real VLM from the built-ins, train it on CPU, and evaluate it.
 
 built-ins (DINOv2-S + SmolLM2-135M-Instruct) -> base model (perceiver projector: 8x8 patches -> 12 tokens)
--> word-space warm start (projector only, no LLM: the 12 tokens learn to spell each image's answers)
--> instruct (LoRA + projector, conversations; single-stage, as Prismatic found sufficient)
+-> word-space warm start (projector only, no LLM: the 12 tokens learn to *be* the words of each image's answers)
+-> instruct (projector frozen, LoRA on the LLM's upper 15 layers, one question per sample; single-stage, as
+   Prismatic found sufficient)
 -> held-out evaluation -> report.json, predictions.jsonl, loss_curve.png, heldout_grid.png
 `align_steps > 0` puts LLaVA's stage 1 (projector only, captions) in front, and the warm start moves there.
 """
@@ -40,8 +41,8 @@ class DemoConfig:
     xattn_every: int = 6
     anyres: list[list[int]] | None = None  # AnyRes canvases [[h, w], ...]; tiles are tower_size square
     tower_size: int | None = None  # the vision tower's input size; None: image_size (pictures are image_size)
-    # Sized for the 10-minute budget on 2 CPU cores without bf16 units (~60 GFLOP/s float32: ~150 tokens/s
-    # through forward + backward of the 135M LLM); a machine with AMX or a GPU can afford far more steps.
+    # Sized for the 10-minute budget on 2 CPU cores without bf16 units (~60 GFLOP/s float32: ~240 tokens/s
+    # through the 135M LLM's forward and its upper half's backward); AMX or a GPU affords far more steps.
     n_train: int = 600  # synthetic training images (several questions each)
     n_test: int = 50  # held-out images, seen colour-shape pairs
     n_combo: int = 30  # held-out images, colour-shape pairs never seen in training
