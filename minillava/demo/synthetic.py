@@ -95,7 +95,8 @@ def single_shape_sample(rng: random.Random, split: str, side: int) -> tuple[Imag
     draw_shape(ImageDraw.Draw(img), s, side)
     yes = rng.random() < 0.5  # balanced: with one yes in three, "no" alone scored 67 % and the model said only that
     wrong = sorted({(c, shape) for c in COLOURS if c != colour} | {(colour, x) for x in SHAPES if x != shape})
-    ask_colour, ask_shape = (colour, shape) if yes else rng.choice([p for p in wrong if p in _askable(split)])
+    askable = _askable(split)
+    ask_colour, ask_shape = (colour, shape) if yes else rng.choice([p for p in wrong if p in askable])
     where = "in the center" if s.position == "center" else f"on the {s.position}"
     qa = [
         ("shape", "What shape is in the image?", shape),

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -60,7 +60,8 @@ def llm_linear_names(
         layers = llm.config.num_hidden_layers
         names = [n for n in names if (m := LAYER_INDEX.search(n)) and int(m.group(1)) >= layers - last_layers]
     if not names:
-        raise ValueError(f"no linear layers of the LLM match LoRA targets {targets!r}")
+        where = f" in its last {last_layers} decoder layers" if last_layers is not None else ""
+        raise ValueError(f"no linear layers of the LLM match LoRA targets {targets!r}{where}")
     return names
 
 
@@ -71,7 +72,7 @@ def add_lora(model: MiniLlava, settings: LoraSettings) -> LoraSettings:
     modules = settings.modules or llm_linear_names(model.llm, settings.targets, settings.last_layers)
     config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=modules)
     model.llm = inject_adapter_in_model(config, model.llm)
-    return LoraSettings(settings.r, settings.alpha, settings.dropout, settings.targets, settings.last_layers, modules)
+    return replace(settings, modules=modules)
 
 
 def has_lora(model: MiniLlava) -> bool:
@@ -154,10 +155,10 @@ def freeze(
     counts = model.parameter_counts()
     trainable = sum(c["trainable"] for c in counts.values())
     total = trainable + sum(c["frozen"] for c in counts.values())
-    what = ("" if freeze_projector else "projector + ") + ("xattn blocks + " if len(model.xattn) else "")
-    what += {"align": "", "instruct": "LLM" + (" (LoRA adapters)" if lora else "")}[stage]
-    what = what.removesuffix(" + ")
-    say(f"stage {stage}: training {what}" + (" + vision tower" if tune_vision else ""))
+    parts = ([] if freeze_projector else ["projector"]) + (["xattn blocks"] if len(model.xattn) else [])
+    parts += ["LLM" + (" (LoRA adapters)" if lora else "")] if stage == "instruct" else []
+    parts += ["vision tower"] if tune_vision else []
+    say(f"stage {stage}: training {' + '.join(parts)}")
     for name, c in counts.items():
         state = "trains" if c["trainable"] else "frozen"
         say(f"  {name:<9} {state:<6} trainable {c['trainable']:>12,}  frozen {c['frozen']:>12,}")

@@ -114,18 +114,20 @@ def word_space_warmstart(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)  # its own stream: the training run's RNG is left untouched
     first = last = float("nan")
-    for step in range(steps):
-        idx = torch.randint(0, feats.shape[0], (min(batch_size, feats.shape[0]),), generator=gen).to(device)
-        tokens = projector(feats[idx].to(model.projector_dtype)).float()  # (B, N, D)
-        cos = torch.einsum("bnd,wd->bnw", F.normalize(tokens, dim=-1), word_dirs)  # (B, N, W)
-        loss = loss_fn(cos, targets[idx]) + 0.1 * (tokens.norm(dim=-1) - word_norm).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        first = loss.item() if step == 0 else first
-        last = loss.item()
-    for p, t in zip(params, trains, strict=True):
-        p.requires_grad_(t)
+    try:
+        for step in range(steps):
+            idx = torch.randint(0, feats.shape[0], (min(batch_size, feats.shape[0]),), generator=gen).to(device)
+            tokens = projector(feats[idx].to(model.projector_dtype)).float()  # (B, N, D)
+            cos = torch.einsum("bnd,wd->bnw", F.normalize(tokens, dim=-1), word_dirs)  # (B, N, W)
+            loss = loss_fn(cos, targets[idx]) + 0.1 * (tokens.norm(dim=-1) - word_norm).square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            first = loss.item() if step == 0 else first
+            last = loss.item()
+    finally:  # the run that follows decides whether the projector trains
+        for p, t in zip(params, trains, strict=True):
+            p.requires_grad_(t)
     say(f"word-space warm start ({objective}): {steps} projector steps on {feats.shape[0]} images x {len(vocab)} "
         f"answer words, loss {first:.3f} -> {last:.3f} (no LLM forward)")  # fmt: skip
     return {"objective": objective, "images": feats.shape[0], "words": len(vocab), "first_loss": first,
