@@ -87,16 +87,23 @@ def _askable(split: str) -> set[tuple[str, str]]:
     return pairs if split == "combo" else pairs - HELD_OUT_COMBOS
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def single_shape_sample(rng: random.Random, split: str, side: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
     """One shape. Returns the image and (type, question, answer) triples."""
     colour, shape = rng.choice(_combos(split))
     s = Shape(colour, shape, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
     img = Image.new("RGB", (side, side), (245, 245, 245))
     draw_shape(ImageDraw.Draw(img), s, side)
-    yes = rng.random() < 0.5  # balanced: with one yes in three, "no" alone scored 67 % and the model said only that
     wrong = sorted({(c, shape) for c in COLOURS if c != colour} | {(colour, x) for x in SHAPES if x != shape})
     askable = _askable(split)
-    ask_colour, ask_shape = (colour, shape) if yes else rng.choice([p for p in wrong if p in askable])
+    if split == "train":  # both answers about the same image: neither "yes" nor "no" can be said without looking
+        asked = [((colour, shape), "yes"), (rng.choice([p for p in wrong if p in askable]), "no")]
+    else:  # one question, yes or no at random
+        yes = rng.random() < 0.5
+        asked = [((colour, shape), "yes") if yes else (rng.choice([p for p in wrong if p in askable]), "no")]
     where = "in the center" if s.position == "center" else f"on the {s.position}"
     qa = [
         ("shape", "What shape is in the image?", shape),
@@ -104,9 +111,9 @@ def single_shape_sample(rng: random.Random, split: str, side: int) -> tuple[Imag
         ("size", f"Is the {shape} small or large?", s.size),
         ("position", f"Where is the {shape}: left, right, top, bottom or center?", s.position),
         ("describe", "Describe the image in one sentence.", f"A {s.size} {colour} {shape} {where}."),
-        # last: its answer depends on the question, not only the image, so the warm start's caption (the image's
-        # answers in order, cut to the image tokens) ends before it
-        ("yes/no", f"Is there a {ask_colour} {ask_shape} in the image?", "yes" if yes else "no"),
+        # last: their answers depend on the question, not only the image, so the warm start's caption (the
+        # image's answers in order, cut to the image tokens) ends before them
+        *(("yes/no", f"Is there {_article(c)} {c} {x} in the image?", answer) for (c, x), answer in asked),
     ]
     return img, qa
 

@@ -95,8 +95,18 @@ def test_fashion_reader_on_idx_files(tmp_path, monkeypatch):
 
 
 def test_yes_no_questions_are_balanced(tmp_path):
-    """With one yes in three, answering "no" to everything scored 67 % and the trained model did just that."""
-    synthetic.generate(tmp_path, 400, 2, 2, side=56, seed=0)
-    answers = [s["conversations"][1]["value"] for s in json.loads((tmp_path / "train.json").read_text())
-               if s["conversations"][0]["value"].startswith("<image>\nIs there a")]  # fmt: skip
-    assert len(answers) > 200 and 0.4 < answers.count("yes") / len(answers) < 0.6
+    """With one yes in three, answering "no" to everything scored 67 % and the trained model did just that.
+    Training asks both about each image (one yes, one no); evaluation asks one, yes or no at random."""
+    synthetic.generate(tmp_path, 400, 300, 2, side=56, seed=0)
+    by_image: dict[str, list[str]] = {}
+    for s in json.loads((tmp_path / "train.json").read_text()):
+        if s["conversations"][0]["value"].startswith("<image>\nIs there"):
+            by_image.setdefault(s["image"], []).append(s["conversations"][1]["value"])
+    assert len(by_image) > 200 and all(sorted(a) == ["no", "yes"] for a in by_image.values())
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    answers = [r["answer"] for r in test if r["category"] == "yes/no"]
+    assert len(answers) > 150 and len(answers) == len({r["image"] for r in test if r["category"] == "yes/no"})
+    assert 0.4 < answers.count("yes") / len(answers) < 0.6
+    questions = [r["question"] for r in test if r["category"] == "yes/no"]
+    assert any(q.startswith("Is there an orange ") for q in questions)
+    assert not any(q.startswith("Is there a orange ") for q in questions)
