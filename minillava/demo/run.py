@@ -16,10 +16,14 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from minillava.demo import fashion, synthetic
 from minillava.fileio import write_atomic
+
+if TYPE_CHECKING:  # torch and transformers load on first use: `minillava demo --help` stays instant
+    from minillava.model import MiniLlava
+    from minillava.processor import Processor
 
 log = logging.getLogger("minillava.demo")
 
@@ -70,9 +74,6 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
-    from minillava.model import MiniLlava
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -88,18 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     timings["data_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    base_cfg = ModelConfig(
-        vision=VisionConfig(source="builtin:dinov2-small", select_layer=cfg.vision_layer,
-                            image_size=cfg.tower_size or cfg.image_size),
-        projector=ProjectorConfig(name=cfg.projector, options=dict(cfg.projector_options)),
-        llm_source="builtin:smollm2-135m-instruct",
-        template="chatml",  # SmolLM2's own template adds a 20-token system prompt to every sample
-        fusion=cfg.fusion,
-        xattn=XattnConfig(every=cfg.xattn_every),
-        image_grid_pinpoints=cfg.anyres,
-        aspect="resize" if cfg.anyres else "pad",
-    )
-    model, processor = MiniLlava.build(base_cfg)
+    model, processor = build_base(cfg)
     model.save_pretrained(out / "base", processor)
     del model
     timings["build_s"] = time.perf_counter() - t
@@ -153,6 +143,28 @@ def write_captions(data: Path, files: dict[str, Path]) -> Path:
     path = data / "captions.jsonl"
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def build_base(cfg: DemoConfig) -> tuple[MiniLlava, Processor]:
+    """The untrained model: the built-in tower and LLM, a fresh projector drawn from `cfg.seed`."""
+    import torch
+
+    from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
+    from minillava.model import MiniLlava
+
+    base_cfg = ModelConfig(
+        vision=VisionConfig(source="builtin:dinov2-small", select_layer=cfg.vision_layer,
+                            image_size=cfg.tower_size or cfg.image_size),
+        projector=ProjectorConfig(name=cfg.projector, options=dict(cfg.projector_options)),
+        llm_source="builtin:smollm2-135m-instruct",
+        template="chatml",  # SmolLM2's own template adds a 20-token system prompt to every sample
+        fusion=cfg.fusion,
+        xattn=XattnConfig(every=cfg.xattn_every),
+        image_grid_pinpoints=cfg.anyres,
+        aspect="resize" if cfg.anyres else "pad",
+    )
+    torch.manual_seed(cfg.seed)  # the fresh projector's weights: torch seeds each process at random otherwise
+    return MiniLlava.build(base_cfg)
 
 
 def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage: str, steps: int, lr: float,
