@@ -99,11 +99,13 @@ def single_shape_sample(rng: random.Random, split: str, side: int) -> tuple[Imag
     draw_shape(ImageDraw.Draw(img), s, side)
     wrong = sorted({(c, shape) for c in COLOURS if c != colour} | {(colour, x) for x in SHAPES if x != shape})
     askable = _askable(split)
+    no = [p for p in wrong if p in askable]
     if split == "train":  # both answers about the same image: neither "yes" nor "no" can be said without looking
-        asked = [((colour, shape), "yes"), (rng.choice([p for p in wrong if p in askable]), "no")]
-    else:  # one question, yes or no at random
-        yes = rng.random() < 0.5
-        asked = [((colour, shape), "yes") if yes else (rng.choice([p for p in wrong if p in askable]), "no")]
+        asked = [((colour, shape), "yes"), (rng.choice(no), "no")]
+    elif rng.random() < 0.5:  # evaluation: one question, yes or no at random
+        asked = [((colour, shape), "yes")]
+    else:
+        asked = [(rng.choice(no), "no")]
     where = "in the center" if s.position == "center" else f"on the {s.position}"
     qa = [
         ("shape", "What shape is in the image?", shape),

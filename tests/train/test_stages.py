@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -104,7 +105,7 @@ def test_lora_overfits_new_mapping_and_exports_merged(pretrained, tmp_path, asse
 
 def test_lora_targets_llm_only_and_merge_matches(tiny, tmp_path):
     model, processor = tiny
-    model = __import__("copy").deepcopy(model)
+    model = copy.deepcopy(model)
     settings = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
     assert all(m.startswith("model.layers.") for m in settings.modules)  # no lm_head, no vision
     assert not any("lora" in n for n, _ in model.vision.named_parameters())
@@ -125,7 +126,7 @@ def test_lora_targets_llm_only_and_merge_matches(tiny, tmp_path):
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
     # the adapter round trip through `merge-lora`'s path gives the same model
     base, _ = tiny
-    base = __import__("copy").deepcopy(base)
+    base = copy.deepcopy(base)
     load_adapter(base, tmp_path / "adapter")
     merge_lora(base)
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_lora_targets_llm_only_and_merge_matches(tiny, tmp_path):
 
 def test_freeze_counts_and_tune_vision(tiny):
     model, _ = tiny
-    model = __import__("copy").deepcopy(model)
+    model = copy.deepcopy(model)
     info = freeze(model, "align", log_fn=lambda s: None)
     assert info["modules"]["llm"]["trainable"] == 0 and info["modules"]["vision"]["trainable"] == 0
     assert info["trainable"] == sum(p.numel() for p in model.projector.parameters())
@@ -350,7 +351,7 @@ def test_word_warmup_runs_in_the_trainer(pretrained, tmp_path, asset_dir):
 def test_lora_on_the_last_layers_stops_backward_there(tiny):
     """With the projector frozen and LoRA on the upper layers only, the layers below see no backward pass."""
     model, processor = tiny
-    model = __import__("copy").deepcopy(model)
+    model = copy.deepcopy(model)
     layers = model.llm.config.num_hidden_layers
     lora = add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, last_layers=1))
     assert lora.modules and all(m.startswith(f"model.layers.{layers - 1}.") for m in lora.modules)
