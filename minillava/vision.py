@@ -1,7 +1,8 @@
 """Vision tower: pixels (B, 3, H, W) -> patch features (B, P, Dv) from one hidden layer.
 
 LLaVA-1.5 reads the penultimate layer (`select_layer=-2`) and drops the CLS token: the LLM gets one token
-per image patch. The tower is frozen by default (eval mode, no gradients).
+per image patch. The tower is frozen by default (eval mode, no gradients). It runs only the layers up to the
+selected one: the demo reads DINOv2-S's layer 6 of 12, so half the tower's cost would be wasted otherwise.
 """
 
 from __future__ import annotations
@@ -47,11 +48,27 @@ class VisionTower(nn.Module):
         """Tokens per image beyond the patch grid that reach the projector."""
         return self.prefix_tokens if self.config.select_feature == "cls_patch" else 0
 
-    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @property
+    def num_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def selected_layer(self) -> int:
+        """`select_layer` as an index into `hidden_states` (0: the embeddings, i: after layer i)."""
+        k = self.config.select_layer
+        index = k if k >= 0 else self.num_layers + 1 + k
+        if not 0 <= index <= self.num_layers:
+            raise ValueError(f"select_layer {k} is out of range for a vision tower with {self.num_layers} layers")
+        return index
+
+    def hidden_states(self, pixel_values: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
+        """The embeddings and the output of each layer, of the first `layers` layers only if given."""
         raise NotImplementedError
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, P [+prefix], Dv)
-        h = self.hidden_states(pixel_values)[self.config.select_layer]  # (B, prefix + P, Dv)
+        k = self.selected_layer
+        # at least one layer: transformers records the embeddings' output only when a layer runs after them
+        h = self.hidden_states(pixel_values, layers=max(k, 1))[k]  # (B, prefix + P, Dv)
         return h[:, self.prefix_tokens :] if self.config.select_feature == "patch" else h
 
     def save_pretrained(self, directory: Path) -> None:
@@ -79,10 +96,22 @@ class HFVisionTower(VisionTower):
             )
         return cls(config, HF_TOWERS[model_type].from_pretrained(directory, dtype=dtype))
 
-    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def hidden_states(self, pixel_values: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
         kwargs = {"interpolate_pos_encoding": True} if self.image_size != self.model.config.image_size else {}
         pixel_values = pixel_values.to(self.model.dtype)
-        return self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs).hidden_states
+        encoder, name = _layer_list(self.model)
+        every = getattr(encoder, name)
+        # transformers runs every layer of the list: hand it the first `layers` for this call (not thread-safe:
+        # one forward at a time per tower, as in training, evaluation and the server's single batching worker)
+        setattr(encoder, name, every if layers is None else every[:layers])
+        try:
+            return self.model(pixel_values=pixel_values, output_hidden_states=True, **kwargs).hidden_states
+        finally:
+            setattr(encoder, name, every)
 
     def save_pretrained(self, directory: Path) -> None:
         self.model.save_pretrained(directory)
@@ -109,13 +138,17 @@ class TorchvisionViT(VisionTower):
         self.patch_grid = (side, side)
         self.prefix_tokens = 1
 
-    def hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.encoder.layers)
+
+    def hidden_states(self, pixel_values: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
         vit = self.model
         x = vit._process_input(pixel_values.to(vit.conv_proj.weight.dtype))  # (B, P, D)
         x = torch.cat([vit.class_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + P, D)
         x = vit.encoder.dropout(x + vit.encoder.pos_embedding)
         states = [x]
-        for layer in vit.encoder.layers:
+        for layer in vit.encoder.layers[:layers]:
             x = layer(x)
             states.append(x)
         return tuple(states)
@@ -124,6 +157,16 @@ class TorchvisionViT(VisionTower):
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, directory / TORCHVISION_WEIGHTS)
         (directory / "config.json").write_text(json.dumps({"backend": "torchvision", "arch": "vit_b_16"}) + "\n")
+
+
+def _layer_list(model: PreTrainedModel) -> tuple[nn.Module, str]:
+    """The encoder module and the name of its layer list: `encoder.layer` (DINOv2, ViT), `encoder.layers` (CLIP,
+    SigLIP)."""
+    for module in model.modules():
+        for name in ("layer", "layers"):
+            if isinstance(getattr(module, name, None), nn.ModuleList):
+                return module, name
+    raise ValueError(f"{type(model).__name__}: no encoder layer list found")
 
 
 def _processor_size(directory: str) -> int | None:
