@@ -71,6 +71,24 @@ class VisionTower(nn.Module):
         h = self.hidden_states(pixel_values, layers=max(k, 1))[k]  # (B, prefix + P, Dv)
         return h[:, self.prefix_tokens :] if self.config.select_feature == "patch" else h
 
+    def parameters_in_use(self) -> list[nn.Parameter]:
+        """The parameters the selected layer's features depend on. The layers above it and the final norms never
+        reach the projector: tuned, they would get no gradient (and DDP waits for one of every trainable
+        parameter). Found by one backward pass through a blank image, so it holds for any tower."""
+        params = list(self.parameters())
+        flags = [p.requires_grad for p in params]
+        first = params[0]
+        blank = torch.zeros(1, 3, self.image_size, self.image_size, dtype=first.dtype, device=first.device)
+        try:
+            with torch.enable_grad():
+                for p in params:
+                    p.requires_grad_(True)
+                grads = torch.autograd.grad(self(blank).sum(), params, allow_unused=True)
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+        return [p for p, g in zip(params, grads, strict=True) if g is not None]
+
     def save_pretrained(self, directory: Path) -> None:
         raise NotImplementedError
 

@@ -147,8 +147,9 @@ def freeze(
         else:
             model.llm.requires_grad_(True)
     model.xattn.requires_grad_(True)
-    if tune_vision:
-        model.vision.requires_grad_(True)
+    if tune_vision:  # only what reaches the features: not the layers above select_layer, not the final norms
+        for param in model.vision.parameters_in_use():
+            param.requires_grad_(True)
     model.train()
     if not tune_vision:
         model.vision.eval()

@@ -218,3 +218,15 @@ def test_ddp_rank_whose_samples_are_all_skipped_joins(tmp_path, asset_dir):
     assert got == pytest.approx(dict(enumerate(one["losses"], 1)), rel=1e-5)
     summary = json.loads((Path(ddp.out) / "summary.json").read_text())
     assert sorted(s["id"] for s in summary["skipped_samples"]) == ["ghost-0", "ghost-0", "ghost-1", "ghost-1"]
+
+
+def test_ddp_tunes_the_vision_tower(tmp_path, asset_dir):
+    """`--tune-vision` under DDP: the tower's layers above `select_layer` and its final norms never reach the loss,
+    so they must not be trainable (DDP waits for a gradient of every trainable parameter); 2 ranks give the
+    losses of one process."""
+    path, images = _mixed_data(tmp_path)
+    common = dict(stage="instruct", lr=1e-2, projector_lr=1e-2, tune_vision=True, vision_lr=1e-2, max_steps=3)
+    one = train(config(tmp_path / "one", asset_dir, path, images, batch_size=4, **common))
+    ddp = config(tmp_path / "two", asset_dir, path, images, batch_size=2, **common)
+    _torchrun(ddp)
+    assert _losses(Path(ddp.out)) == pytest.approx(dict(enumerate(one["losses"], 1)), rel=1e-5)

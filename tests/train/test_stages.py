@@ -140,7 +140,13 @@ def test_freeze_counts_and_tune_vision(tiny):
     assert info["modules"]["llm"]["trainable"] == 0 and info["modules"]["vision"]["trainable"] == 0
     assert info["trainable"] == sum(p.numel() for p in model.projector.parameters())
     info = freeze(model, "instruct", tune_vision=True, log_fn=lambda s: None)
-    assert info["modules"]["vision"]["frozen"] == 0 and info["modules"]["llm"]["frozen"] == 0
+    assert info["modules"]["llm"]["frozen"] == 0
+    # the tiny CLIP tower has 3 layers and select_layer -2: its last layer and post-layernorm stay frozen
+    vm = model.vision.model
+    unused = {id(p) for m in (vm.encoder.layers[2], vm.post_layernorm) for p in m.parameters()}
+    for p in model.vision.parameters():
+        assert p.requires_grad == (id(p) not in unused)
+    assert info["modules"]["vision"]["frozen"] == sum(p.numel() for p in model.vision.parameters() if id(p) in unused)
     with pytest.raises(ValueError, match="instruct"):
         freeze(model, "align", lora=LoraSettings())
 
