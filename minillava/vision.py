@@ -104,6 +104,7 @@ class HFVisionTower(VisionTower):
         self.patch_grid = (side, side)
         has_cls = vc.model_type not in ("siglip", "siglip_vision_model")
         self.prefix_tokens = int(has_cls) + getattr(vc, "num_register_tokens", 0)
+        self.layer_list = _layer_list(model)  # found once: each forward swaps in the layers it needs
 
     @classmethod
     def from_dir(cls, config: VisionConfig, directory: Path, dtype: torch.dtype) -> HFVisionTower:
@@ -121,7 +122,8 @@ class HFVisionTower(VisionTower):
     def hidden_states(self, pixel_values: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, ...]:
         kwargs = {"interpolate_pos_encoding": True} if self.image_size != self.model.config.image_size else {}
         pixel_values = pixel_values.to(self.model.dtype)
-        encoder, name = _layer_list(self.model)
+        owner, name = self.layer_list
+        encoder = self.model.get_submodule(owner)
         every = getattr(encoder, name)
         # transformers runs every layer of the list: hand it the first `layers` for this call (not thread-safe:
         # one forward at a time per tower, as in training, evaluation and the server's single batching worker)
@@ -177,13 +179,13 @@ class TorchvisionViT(VisionTower):
         (directory / "config.json").write_text(json.dumps({"backend": "torchvision", "arch": "vit_b_16"}) + "\n")
 
 
-def _layer_list(model: PreTrainedModel) -> tuple[nn.Module, str]:
-    """The encoder module and the name of its layer list: `encoder.layer` (DINOv2, ViT), `encoder.layers` (CLIP,
-    SigLIP)."""
-    for module in model.modules():
+def _layer_list(model: PreTrainedModel) -> tuple[str, str]:
+    """Where the encoder's layer list is: (the owning module's name, the list's attribute), e.g. ("encoder",
+    "layer") in DINOv2 and ViT, ("encoder", "layers") in CLIP and SigLIP."""
+    for owner, module in model.named_modules():
         for name in ("layer", "layers"):
             if isinstance(getattr(module, name, None), nn.ModuleList):
-                return module, name
+                return owner, name
     raise ValueError(f"{type(model).__name__}: no encoder layer list found")
 
 
