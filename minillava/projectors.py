@@ -211,34 +211,54 @@ def block_weights(grid: tuple[int, int], k: int) -> torch.Tensor:  # (R*C/k^2, R
 @register("perceiver")
 class PerceiverProjector(Projector):
     """Flamingo's Perceiver resampler at the vision width, then a linear map to the LLM width: any number of
-    patches (CLS included) becomes `num_latents` tokens."""
+    patches (CLS included) becomes `num_latents` tokens. `pool` k > 1 first averages each k x k block of the
+    patch grid (kept CLS/register tokens pass as they are), so the latents read fewer, less noisy keys: on the
+    demo's DINOv2-S 8 x 8 grid a 2 x 2 pool lifted the projector's Fashion-MNIST reading 79.9 -> 82.6 % and
+    its new-image slots 98.5 -> 98.8 % (seed 0, docs/training.md), with a quarter of the keys."""
 
     def __init__(
         self,
         vision_dim: int,
         llm_dim: int,
+        grid: tuple[int, int],
         num_latents: int = 64,
         depth: int = 2,
         heads: int = 8,
         dim_head: int = 64,
         ff_mult: int = 4,
+        pool: int = 1,
     ) -> None:
         super().__init__(vision_dim)
+        if pool < 1 or grid[0] % pool or grid[1] % pool:
+            raise ValueError(f"perceiver: patch grid {grid[0]}x{grid[1]} does not divide by pool size {pool}")
+        self.grid, self.pool = tuple(grid), pool
         self.resampler = PerceiverResampler(vision_dim, depth, heads, dim_head, num_latents, ff_mult)
         self.linear = nn.Linear(vision_dim, llm_dim)
 
     def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
         return self.resampler.num_latents
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, P, Dv) -> (B, L, Dl)
-        return self.linear(self.resampler(x))
+    def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, E+P, Dv) -> (B, L, Dl)
+        return self.linear(self.resampler(self.pool_patches(x)))
+
+    def pool_patches(self, x: torch.Tensor) -> torch.Tensor:  # (B, E+R*C, Dv) -> (B, E+R*C/k^2, Dv)
+        if self.pool == 1:
+            return x
+        (rows, cols), k = self.grid, self.pool
+        extra = x.shape[1] - rows * cols
+        if extra < 0:
+            raise ValueError(f"perceiver: got {x.shape[1]} patch features, expected a {rows}x{cols} grid")
+        grid = x[:, extra:].transpose(1, 2).unflatten(-1, (rows, cols))  # (B, Dv, R, C)
+        pooled = nn.functional.avg_pool2d(grid, k).flatten(2).transpose(1, 2)  # (B, R*C/k^2, Dv), row-major
+        return torch.cat([x[:, :extra], pooled], dim=1)
 
     def token_to_patch_weights(
         self, grid: tuple[int, int], extra_tokens: int = 0, features: torch.Tensor | None = None
     ) -> torch.Tensor:  # (L, R*C)
         """Latent n's attention in the resampler's last layer, averaged over heads, over the patch keys only and
         renormalised there: its keys on the latents (self-attention) and on kept CLS/register tokens sit nowhere
-        on the grid. The last layer is the one whose reading the latents hand on; earlier layers are left out."""
+        on the grid. The last layer is the one whose reading the latents hand on; earlier layers are left out.
+        With `pool`, a key is a k x k block: its attention spreads evenly over the block's patches."""
         patches = grid[0] * grid[1]
         if features is None or features.dim() != 3 or features.shape[:2] != (1, extra_tokens + patches):
             got = None if features is None else tuple(features.shape)
@@ -246,9 +266,11 @@ class PerceiverProjector(Projector):
                 f"perceiver: token_to_patch_weights needs one image's features (1, {extra_tokens + patches}, Dv), "
                 f"got {got}"
             )
-        _, maps = self.resampler(self.standardize(features), return_attention=True)  # (depth, 1, H, L, P'+L)
-        on_patches = maps[-1, 0, :, :, extra_tokens : extra_tokens + patches].mean(0)  # (L, R*C)
-        return on_patches / on_patches.sum(-1, keepdim=True)
+        keys = patches // self.pool**2  # K
+        media = self.pool_patches(self.standardize(features))  # (1, E+K, Dv)
+        _, maps = self.resampler(media, return_attention=True)  # (depth, 1, H, L, E+K+L)
+        on_keys = maps[-1, 0, :, :, extra_tokens : extra_tokens + keys].mean(0)  # (L, K), K = R*C/k^2
+        return (on_keys / on_keys.sum(-1, keepdim=True)) @ block_weights(grid, self.pool)
 
 
 def build_projector(name: str, vision_dim: int, llm_dim: int, grid: tuple[int, int], **options: object) -> Projector:

@@ -43,6 +43,56 @@ def test_gradients_reach_every_weight_and_the_input():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def block_means(x, grid, k):  # (B, E+R*C, D) -> (B, E+R*C/k^2, D), written out patch by patch
+    (rows, cols), extra = grid, x.shape[1] - grid[0] * grid[1]
+    blocks = [
+        torch.stack([x[:, extra + (k * i + a) * cols + k * j + b] for a in range(k) for b in range(k)]).mean(0)
+        for i in range(rows // k)
+        for j in range(cols // k)
+    ]
+    return torch.cat([x[:, :extra], torch.stack(blocks, 1)], 1)
+
+
+@pytest.mark.parametrize("extra", [0, 1])  # 1: a kept CLS token passes unpooled, ahead of the blocks
+def test_pool_feeds_the_resampler_block_means(extra):
+    torch.manual_seed(0)
+    pooled = build_projector("perceiver", 24, 32, grid=(4, 6), pool=2, **SMALL)
+    plain = build_projector("perceiver", 24, 32, grid=(2, 3), **SMALL)
+    plain.load_state_dict(pooled.state_dict())  # the same weights; only the input differs
+    x = torch.randn(2, extra + 24, 24)
+    assert pooled.pool_patches(x).shape == (2, extra + 6, 24)
+    torch.testing.assert_close(pooled.pool_patches(x), block_means(x, (4, 6), 2))
+    torch.testing.assert_close(pooled(x), plain(block_means(x, (4, 6), 2)))
+    assert pooled.num_tokens((4, 6), extra) == 5
+
+
+def test_pool_refuses_grids_it_does_not_divide_and_short_inputs():
+    with pytest.raises(ValueError, match="perceiver: patch grid 5x5 does not divide by pool size 2"):
+        build_projector("perceiver", 24, 32, grid=(5, 5), pool=2, **SMALL)
+    with pytest.raises(ValueError, match="does not divide by pool size 0"):
+        build_projector("perceiver", 24, 32, grid=(4, 4), pool=0, **SMALL)
+    proj = build_projector("perceiver", 24, 32, grid=(4, 4), pool=2, **SMALL)
+    with pytest.raises(ValueError, match="got 9 patch features, expected a 4x4 grid"):
+        proj(torch.randn(1, 9, 24))
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_pooled_latents_map_back_evenly_over_each_block(extra):
+    """A pooled key's attention spreads over the 4 patches under it, a quarter each; rows still sum to 1."""
+    torch.manual_seed(0)
+    pooled = build_projector("perceiver", 24, 32, grid=(4, 4), pool=2, **SMALL).eval()
+    plain = build_projector("perceiver", 24, 32, grid=(2, 2), **SMALL).eval()
+    plain.load_state_dict(pooled.state_dict())
+    features = torch.randn(1, extra + 16, 24)
+    with torch.no_grad():
+        weights = pooled.token_to_patch_weights((4, 4), extra, features)  # (L, 16)
+        on_blocks = plain.token_to_patch_weights((2, 2), extra, block_means(features, (4, 4), 2))  # (L, 4)
+    assert weights.shape == (5, 16)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5))
+    block_of = [(p // 4 // 2) * 2 + (p % 4) // 2 for p in range(16)]  # row-major patch -> its 2x2 block
+    torch.testing.assert_close(weights, on_blocks[:, block_of] / 4)
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="projector 'perceiver' has no option latents; it takes: depth, dim_head"):
         build_projector("perceiver", 24, 32, grid=(4, 4), latents=4)
