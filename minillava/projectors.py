@@ -143,13 +143,11 @@ class AvgPoolProjector(Projector):
         return (grid[0] // self.pool) * (grid[1] // self.pool)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, R*C, Dv) -> (B, R*C/k^2, Dl)
-        b, p, d = x.shape
+        p = x.shape[1]
         rows, cols = self.grid
         if p != rows * cols:
             raise ValueError(f"avgpool: got {p} patch features, expected a {rows}x{cols} grid")
-        x = x.transpose(1, 2).reshape(b, d, rows, cols)  # (B, Dv, R, C)
-        x = nn.functional.avg_pool2d(x, self.pool)  # (B, Dv, R/k, C/k)
-        return self.mlp(x.flatten(2).transpose(1, 2))  # row-major tokens, like the patches
+        return self.mlp(average_blocks(x, self.grid, self.pool))
 
     def token_to_patch_weights(
         self, grid: tuple[int, int], extra_tokens: int = 0, features: torch.Tensor | None = None
@@ -195,6 +193,13 @@ class PixelShuffleProjector(Projector):
     ) -> torch.Tensor:  # (R*C/r^2, R*C)
         self.num_tokens(grid, extra_tokens)  # refuses CLS tokens
         return block_weights(grid, self.factor)
+
+
+def average_blocks(x: torch.Tensor, grid: tuple[int, int], k: int) -> torch.Tensor:  # (B, R*C, D) -> (B, R*C/k^2, D)
+    """The mean of each k x k block of a row-major patch grid, as row-major tokens (the blocks of `block_weights`)."""
+    rows, cols = grid
+    x = x.transpose(1, 2).unflatten(-1, (rows, cols))  # (B, D, R, C)
+    return nn.functional.avg_pool2d(x, k).flatten(2).transpose(1, 2)
 
 
 def block_weights(grid: tuple[int, int], k: int) -> torch.Tensor:  # (R*C/k^2, R*C)
@@ -245,12 +250,10 @@ class PerceiverProjector(Projector):
         if self.pool == 1:
             return x
         (rows, cols), k = self.grid, self.pool
-        extra = x.shape[1] - rows * cols
+        extra = x.shape[1] - rows * cols  # kept CLS/register tokens come first
         if extra < 0:
             raise ValueError(f"perceiver: got {x.shape[1]} patch features, expected a {rows}x{cols} grid")
-        grid = x[:, extra:].transpose(1, 2).unflatten(-1, (rows, cols))  # (B, Dv, R, C)
-        pooled = nn.functional.avg_pool2d(grid, k).flatten(2).transpose(1, 2)  # (B, R*C/k^2, Dv), row-major
-        return torch.cat([x[:, :extra], pooled], dim=1)
+        return torch.cat([x[:, :extra], average_blocks(x[:, extra:], self.grid, k)], dim=1)
 
     def token_to_patch_weights(
         self, grid: tuple[int, int], extra_tokens: int = 0, features: torch.Tensor | None = None
