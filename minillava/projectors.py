@@ -219,7 +219,17 @@ class PerceiverProjector(Projector):
     patches (CLS included) becomes `num_latents` tokens. `pool` k > 1 first averages each k x k block of the
     patch grid (kept CLS/register tokens pass as they are), so the latents read fewer, less noisy keys: on the
     demo's DINOv2-S 8 x 8 grid a 2 x 2 pool lifted the projector's Fashion-MNIST reading 79.9 -> 82.6 % and
-    its new-image slots 98.5 -> 98.8 % (seed 0, docs/training.md), with a quarter of the keys."""
+    its new-image slots 98.5 -> 98.8 % (seed 0, docs/training.md), with a quarter of the keys.
+
+    `layout_rank` r > 0 adds a second reading, by position: the (pooled) grid, flattened, through a rank-r
+    linear map to the L x Dl tokens, added to the latents' tokens (zero at the start). Why: a latent reads a
+    softmax-weighted mean of the patches, so it sees *what* is in the picture wherever it is (the synthetic
+    scenes' objects move about) but not *where* on the grid each feature sits, which is what tells a shirt
+    from a T-shirt on aligned Fashion-MNIST pictures: a linear probe reads 88 % of their classes from the
+    4 x 4 grid and 83 % from the demo's latents. Linear and low-rank, it cannot learn the 600 training
+    scenes' layouts by heart as an MLP on the flattened grid does (unseen colour-shape pairs 93.5 -> 88.3 %);
+    rank 32 lifted the projector's Fashion-MNIST reading 81.1 / 81.0 / 77.8 -> 86.9 / 85.8 / 84.8 %
+    (seeds 0 / 1 / 2) with the synthetic slots unchanged (docs/training.md)."""
 
     def __init__(
         self,
@@ -232,19 +242,39 @@ class PerceiverProjector(Projector):
         dim_head: int = 64,
         ff_mult: int = 4,
         pool: int = 1,
+        layout_rank: int = 0,
     ) -> None:
         super().__init__(vision_dim)
         if pool < 1 or grid[0] % pool or grid[1] % pool:
             raise ValueError(f"perceiver: patch grid {grid[0]}x{grid[1]} does not divide by pool size {pool}")
+        if layout_rank < 0:
+            raise ValueError(f"perceiver: layout_rank must be 0 (off) or more, got {layout_rank}")
         self.grid, self.pool = tuple(grid), pool
         self.resampler = PerceiverResampler(vision_dim, depth, heads, dim_head, num_latents, ff_mult)
         self.linear = nn.Linear(vision_dim, llm_dim)
+        self.num_keys = grid[0] * grid[1] // pool**2  # K: the pooled grid's positions
+        self.layout = None
+        if layout_rank:
+            self.layout = nn.Sequential(  # (B, K*Dv) -> (B, r) -> (B, L*Dl)
+                nn.Linear(self.num_keys * vision_dim, layout_rank, bias=False),
+                nn.Linear(layout_rank, num_latents * llm_dim),
+            )
+            nn.init.zeros_(self.layout[1].weight)  # starts as the plain perceiver
+            nn.init.zeros_(self.layout[1].bias)
 
     def num_tokens(self, grid: tuple[int, int], extra_tokens: int = 0) -> int:
         return self.resampler.num_latents
 
     def project(self, x: torch.Tensor) -> torch.Tensor:  # (B, E+P, Dv) -> (B, L, Dl)
-        return self.linear(self.resampler(self.pool_patches(x)))
+        media = self.pool_patches(x)  # (B, E+K, Dv)
+        tokens = self.linear(self.resampler(media))  # (B, L, Dl): what is in the picture
+        if self.layout is None:
+            return tokens
+        (rows, cols), keys = self.grid, self.num_keys
+        if media.shape[1] < keys:
+            raise ValueError(f"perceiver: got {x.shape[1]} patch features, expected a {rows}x{cols} grid")
+        grid = media[:, media.shape[1] - keys :].flatten(1)  # (B, K*Dv): the grid in row-major order, CLS left out
+        return tokens + self.layout(grid).unflatten(-1, tokens.shape[1:])  # + where it sits
 
     def pool_patches(self, x: torch.Tensor) -> torch.Tensor:  # (B, E+R*C, Dv) -> (B, E+R*C/k^2, Dv)
         if self.pool == 1:
@@ -261,7 +291,8 @@ class PerceiverProjector(Projector):
         """Latent n's attention in the resampler's last layer, averaged over heads, over the patch keys only and
         renormalised there: its keys on the latents (self-attention) and on kept CLS/register tokens sit nowhere
         on the grid. The last layer is the one whose reading the latents hand on; earlier layers are left out.
-        With `pool`, a key is a k x k block: its attention spreads evenly over the block's patches."""
+        With `pool`, a key is a k x k block: its attention spreads evenly over the block's patches. The
+        `layout_rank` reading is not drawn: it reads every position of the grid, each through its own weights."""
         patches = grid[0] * grid[1]
         if features is None or features.dim() != 3 or features.shape[:2] != (1, extra_tokens + patches):
             got = None if features is None else tuple(features.shape)

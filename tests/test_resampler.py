@@ -93,6 +93,60 @@ def test_pooled_latents_map_back_evenly_over_each_block(extra):
     torch.testing.assert_close(weights, on_blocks[:, block_of] / 4)
 
 
+@pytest.mark.parametrize("extra", [0, 1])  # 1: a kept CLS token, which the layout reading leaves out
+def test_layout_adds_a_low_rank_reading_of_the_grid_by_position(extra):
+    torch.manual_seed(0)
+    proj = build_projector("perceiver", 24, 32, grid=(4, 4), pool=2, layout_rank=3, **SMALL).eval()
+    plain = build_projector("perceiver", 24, 32, grid=(4, 4), pool=2, **SMALL).eval()
+    plain.load_state_dict(proj.state_dict(), strict=False)
+    x = torch.randn(2, extra + 16, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), plain(x))  # the layout's output layer starts at zero
+        for w in proj.layout.parameters():
+            w.normal_()
+        down, up = proj.layout[0].weight, proj.layout[1]  # (3, 4*24), (5*32, 3)
+        blocks = block_means(x, (4, 4), 2)[:, extra:]  # (2, 4, 24)
+        # position k of the pooled grid has its own slice of the down map: what sits where is read
+        low = sum(blocks[:, k] @ down[:, 24 * k : 24 * (k + 1)].T for k in range(4))  # (2, 3)
+        expected = plain(x) + (low @ up.weight.T + up.bias).view(2, 5, 32)
+        torch.testing.assert_close(proj(x), expected)
+
+
+def test_only_the_layout_reading_sees_where_patches_sit():
+    """Without position embeddings the latents' softmax-weighted means do not change when patches trade
+    places; the layout reading does."""
+    torch.manual_seed(0)
+    proj = build_projector("perceiver", 24, 32, grid=(2, 2), layout_rank=4, **SMALL).eval()
+    with torch.no_grad():
+        proj.layout[1].weight.normal_()
+        x = torch.randn(1, 4, 24)
+        swapped = x[:, [1, 0, 2, 3]]
+        latents = proj.linear(proj.resampler(proj.standardize(x)))
+        torch.testing.assert_close(latents, proj.linear(proj.resampler(proj.standardize(swapped))))
+        assert not torch.allclose(proj(x), proj(swapped))
+
+
+def test_layout_gradients_reach_both_maps_once_the_output_map_moves():
+    torch.manual_seed(0)
+    proj = build_projector("perceiver", 24, 32, grid=(4, 4), layout_rank=3, **SMALL)
+    proj(torch.randn(2, 16, 24)).pow(2).sum().backward()
+    assert proj.layout[0].weight.grad.abs().sum() == 0  # zero output map: the first step moves only it
+    assert proj.layout[1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        proj.layout[1].weight.normal_()
+    proj.zero_grad()
+    proj(torch.randn(2, 16, 24)).pow(2).sum().backward()
+    assert proj.layout[0].weight.grad.abs().sum() > 0
+
+
+def test_layout_refuses_a_negative_rank_and_a_short_grid():
+    with pytest.raises(ValueError, match="layout_rank must be 0 \\(off\\) or more, got -1"):
+        build_projector("perceiver", 24, 32, grid=(4, 4), layout_rank=-1, **SMALL)
+    proj = build_projector("perceiver", 24, 32, grid=(4, 4), layout_rank=2, **SMALL)
+    with pytest.raises(ValueError, match="perceiver: got 9 patch features, expected a 4x4 grid"):
+        proj(torch.randn(1, 9, 24))
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="projector 'perceiver' has no option latents; it takes: depth, dim_head"):
         build_projector("perceiver", 24, 32, grid=(4, 4), latents=4)
@@ -100,18 +154,22 @@ def test_options_are_checked():
         build_projector("perceiver", 24, 32, grid=(4, 4), depth=0)
 
 
-def test_model_save_load_keeps_options_and_logits(asset_dir, tmp_path):
+@pytest.mark.parametrize("options", [SMALL, SMALL | {"layout_rank": 4}])
+def test_model_save_load_keeps_options_and_logits(asset_dir, tmp_path, options):
     cfg = ModelConfig(
         vision=VisionConfig(source=str(asset_dir("vision", "clip"))),
-        projector=ProjectorConfig(name="perceiver", options=dict(SMALL)),
+        projector=ProjectorConfig(name="perceiver", options=dict(options)),
         llm_source=str(asset_dir("llm", "llama")),
     )
     torch.manual_seed(0)
     model, p = MiniLlava.build(cfg)
     assert model.tokens_per_image == p.tokens_per_image == 5
+    with torch.no_grad():  # away from the initialisation (the layout's output map starts at zero)
+        for w in model.projector.parameters():
+            w.add_(0.1 * torch.randn_like(w))
     model.save_pretrained(tmp_path / "m", p)
     loaded, lp = MiniLlava.from_pretrained(tmp_path / "m")
-    assert loaded.config.projector.options == SMALL and lp.tokens_per_image == 5
+    assert loaded.config.projector.options == options and lp.tokens_per_image == 5
     batch = p.collate([p.prompt("What is this?", [RED])])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)

@@ -38,10 +38,13 @@ class DemoConfig:
     vision_layer: int = 6
     projector: str = "perceiver"
     # 12 latents, each reading the whole image: enough slots to spell a caption (see word_warmup_objective);
-    # they read the 8 x 8 patch grid pooled 2 x 2 (16 keys): fewer, less noisy keys read Fashion-MNIST better
+    # they read the 8 x 8 patch grid pooled 2 x 2 (16 keys): fewer, less noisy keys read Fashion-MNIST better;
+    # a rank-32 linear reading of that 4 x 4 grid adds where each feature sits (PerceiverProjector.layout_rank)
     projector_options: dict[str, Any] = field(
-        default_factory=lambda: {"num_latents": 12, "heads": 4, "dim_head": 32, "ff_mult": 2, "pool": 2}
-    )
+        default_factory=lambda: {
+            "num_latents": 12, "heads": 4, "dim_head": 32, "ff_mult": 2, "pool": 2, "layout_rank": 32,
+        }
+    )  # fmt: skip
     fusion: str = "splice"  # or "xattn" (with projector perceiver)
     xattn_every: int = 6
     anyres: list[list[int]] | None = None  # AnyRes canvases [[h, w], ...]; tiles are tower_size square
