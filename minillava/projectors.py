@@ -303,7 +303,7 @@ class PerceiverProjector(Projector):
         keys = patches // self.pool**2  # K
         media = self.pool_patches(self.standardize(features))  # (1, E+K, Dv)
         _, maps = self.resampler(media, return_attention=True)  # (depth, 1, H, L, E+K+L)
-        on_keys = maps[-1, 0, :, :, extra_tokens : extra_tokens + keys].mean(0)  # (L, K), K = R*C/k^2
+        on_keys = maps[-1, 0, :, :, extra_tokens : extra_tokens + keys].float().mean(0)  # (L, K), K = R*C/k^2
         return (on_keys / on_keys.sum(-1, keepdim=True)) @ block_weights(grid, self.pool)
 
 

@@ -147,6 +147,17 @@ def test_layout_refuses_a_negative_rank_and_a_short_grid():
         proj(torch.randn(1, 9, 24))
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+def test_patch_weights_of_a_bfloat16_projector_are_float32(pool):
+    """The block map is float32; a bfloat16 model (`--dtype auto` on a CPU with bf16 units) must not meet it raw."""
+    torch.manual_seed(0)
+    proj = build_projector("perceiver", 24, 32, grid=(4, 4), pool=pool, **SMALL).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        weights = proj.token_to_patch_weights((4, 4), 0, torch.randn(1, 16, 24, dtype=torch.bfloat16))
+    assert weights.dtype == torch.float32 and weights.shape == (5, 16)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(5), atol=1e-5, rtol=0)
+
+
 def test_options_are_checked():
     with pytest.raises(ValueError, match="projector 'perceiver' has no option latents; it takes: depth, dim_head"):
         build_projector("perceiver", 24, 32, grid=(4, 4), latents=4)

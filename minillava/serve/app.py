@@ -504,7 +504,8 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
         nxt = asyncio.ensure_future(anext(events))
         try:
             while True:
-                done, _ = await asyncio.wait({nxt}, timeout=0.25)
+                # a hung-up client's batch row is freed within 50 ms (a check is a look at the socket)
+                done, _ = await asyncio.wait({nxt}, timeout=0.05)
                 if not done:
                     if await request.is_disconnected():
                         job.cancel()

@@ -52,7 +52,9 @@ def test_eval_command_end_to_end(eval_model, eval_model_dir, image_dir, tmp_path
     }
     data = write_jsonl(tmp_path / "questions.jsonl", vqa_rows(answers))
     out = tmp_path / "out"
-    args = ["eval", "--model", str(eval_model_dir), "--data", str(data), "--image-root", str(image_dir)]
+    # float32 like the in-memory model above: "auto" is bfloat16 on a CPU with bf16 units, another model's answers
+    args = ["eval", "--model", str(eval_model_dir), "--data", str(data), "--image-root", str(image_dir), "--dtype",
+            "float32"]  # fmt: skip
     code = eval_main([*args, "--metric", "vqa", "--batch-size", "3", "--out", str(out), "--max-new-tokens", TOKENS])
     assert code == 0, capsys.readouterr().err
     printed = json.loads(capsys.readouterr().out)
