@@ -270,20 +270,22 @@ class PerceiverProjector(Projector):
         tokens = self.linear(self.resampler(media))  # (B, L, Dl): what is in the picture
         if self.layout is None:
             return tokens
-        (rows, cols), keys = self.grid, self.num_keys
-        if media.shape[1] < keys:
-            raise ValueError(f"perceiver: got {x.shape[1]} patch features, expected a {rows}x{cols} grid")
-        grid = media[:, media.shape[1] - keys :].flatten(1)  # (B, K*Dv): the grid in row-major order, CLS left out
+        grid = media[:, self.extra_tokens(x) :].flatten(1)  # (B, K*Dv): the grid in row-major order, CLS left out
         return tokens + self.layout(grid).unflatten(-1, tokens.shape[1:])  # + where it sits
 
     def pool_patches(self, x: torch.Tensor) -> torch.Tensor:  # (B, E+R*C, Dv) -> (B, E+R*C/k^2, Dv)
         if self.pool == 1:
             return x
-        (rows, cols), k = self.grid, self.pool
-        extra = x.shape[1] - rows * cols  # kept CLS/register tokens come first
+        extra = self.extra_tokens(x)
+        return torch.cat([x[:, :extra], average_blocks(x[:, extra:], self.grid, self.pool)], dim=1)
+
+    def extra_tokens(self, x: torch.Tensor) -> int:  # (B, E+R*C, Dv) -> E
+        """How many kept CLS/register tokens come before the patch grid; fewer features than the grid: an error."""
+        rows, cols = self.grid
+        extra = x.shape[1] - rows * cols
         if extra < 0:
             raise ValueError(f"perceiver: got {x.shape[1]} patch features, expected a {rows}x{cols} grid")
-        return torch.cat([x[:, :extra], average_blocks(x[:, extra:], self.grid, k)], dim=1)
+        return extra
 
     def token_to_patch_weights(
         self, grid: tuple[int, int], extra_tokens: int = 0, features: torch.Tensor | None = None
@@ -300,10 +302,9 @@ class PerceiverProjector(Projector):
                 f"perceiver: token_to_patch_weights needs one image's features (1, {extra_tokens + patches}, Dv), "
                 f"got {got}"
             )
-        keys = patches // self.pool**2  # K
         media = self.pool_patches(self.standardize(features))  # (1, E+K, Dv)
         _, maps = self.resampler(media, return_attention=True)  # (depth, 1, H, L, E+K+L)
-        on_keys = maps[-1, 0, :, :, extra_tokens : extra_tokens + keys].float().mean(0)  # (L, K), K = R*C/k^2
+        on_keys = maps[-1, 0, :, :, extra_tokens : extra_tokens + self.num_keys].float().mean(0)  # (L, K)
         return (on_keys / on_keys.sum(-1, keepdim=True)) @ block_weights(grid, self.pool)
 
 
