@@ -81,6 +81,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--word-warmup-objective", choices=["words", "caption"], help="warm start: the answer words "
                    "anywhere in the image tokens (words, any projector) or spelled in order (caption, perceiver)")
     g.add_argument("--word-warmup-lr", type=float, help="the warm start's learning rate (1e-3)")
+    g.add_argument("--word-warmup-images", type=int, help="images the warm start reads, spread evenly over the "
+                   "data (2048; their features are held in memory)")
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
     g.add_argument("--device")

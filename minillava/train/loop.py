@@ -429,7 +429,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             raise ValueError("--word-warmup-steps needs spliced image tokens, one crop per image (no xattn, no AnyRes)")
         warmstart = word_space_warmstart(model, dataset, Collator(train_processor), cache, device,
                                          cfg.word_warmup_steps, cfg.word_warmup_lr, cfg.seed, say,
-                                         cfg.word_warmup_objective)  # fmt: skip
+                                         cfg.word_warmup_objective, cfg.word_warmup_images)  # fmt: skip
     sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
                                   cfg.seed, cfg.group_by_length)  # fmt: skip
     steps_per_epoch = sampler.steps_per_epoch()

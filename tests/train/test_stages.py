@@ -352,6 +352,11 @@ def test_word_warmup_runs_in_the_trainer(pretrained, tmp_path, asset_dir):
     summary = train_logged(cfg, lines)
     assert summary["word_warmup"]["images"] == 4
     assert any("word-space warm start (words): 5 projector steps" in x for x in lines)
+    fewer = config(tmp_path, asset_dir, data, images, model=str(run / "model"), stage="align", max_steps=1,
+                   word_warmup_steps=5, word_warmup_images=2, out=str(tmp_path / "fewer"))  # fmt: skip
+    assert train_logged(fewer, [])["word_warmup"]["images"] == 2
+    with pytest.raises(ValueError, match="word_warmup_images must be at least 1"):
+        config(tmp_path, asset_dir, data, images, word_warmup_images=0)
 
 
 def test_lora_on_the_last_layers_stops_backward_there(tiny):
