@@ -226,8 +226,8 @@ class PerceiverProjector(Projector):
     softmax-weighted mean of the patches, so it sees *what* is in the picture wherever it is (the synthetic
     scenes' objects move about) but not *where* on the grid each feature sits, which is what tells a shirt
     from a T-shirt on aligned Fashion-MNIST pictures: a linear probe reads 88 % of their classes from the
-    4 x 4 grid and 83 % from the demo's latents. Linear and low-rank, it cannot learn the 600 training
-    scenes' layouts by heart as an MLP on the flattened grid does (unseen colour-shape pairs 93.5 -> 88.3 %).
+    4 x 4 grid and 83 % from the demo's latents. Linear and low-rank, it cannot learn the training scenes'
+    layouts by heart as an MLP on the flattened grid does (unseen colour-shape pairs 93.5 -> 88.3 %).
     The demo's rank 32 lifted the trained model's Fashion-MNIST answers from 77.4 to 83.6 % (seed 0, 1000 test
     images; seeds 1 / 2: 82.7 / 85.4 %) with the synthetic splits within a run's spread (docs/training.md)."""
 
