@@ -80,7 +80,10 @@ def main() -> None:
     args = ap.parse_args()
     settings = parse_settings(args.set)
     options = settings.pop("projector_options", {})
-    cfg = DemoConfig(seed=args.seed, **settings)
+    try:
+        cfg = DemoConfig(seed=args.seed, **settings)
+    except TypeError as e:  # an unknown setting
+        ap.error(f"--set: {e}")
     cfg.projector_options.update(options)
     work = Path(args.work)
     root, files = demo_data(cfg, work)
