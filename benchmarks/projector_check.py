@@ -30,6 +30,7 @@ from minillava.data.dataset import Collator, SupervisedDataset  # noqa: E402
 from minillava.demo import fashion, synthetic  # noqa: E402
 from minillava.demo.questions import Question, write_training  # noqa: E402
 from minillava.demo.run import DemoConfig, build_base  # noqa: E402
+from minillava.runtime import fast_bfloat16  # noqa: E402
 from minillava.train import warmstart  # noqa: E402
 from minillava.train.cache import FeatureCache, namespace_for  # noqa: E402
 from minillava.train.config import TrainConfig  # noqa: E402
@@ -91,10 +92,11 @@ def main() -> None:
 
     seed_everything(cfg.seed)
     model, processor = build_base(cfg)
-    model.vision.to(torch.bfloat16)  # as the demo's training run stores the frozen tower
     device = torch.device("cpu")
+    tower_dtype = torch.bfloat16 if fast_bfloat16(device) else torch.float32  # as the training run stores it
+    model.vision.to(tower_dtype)
     cache = FeatureCache(str(work / "feature_cache"), namespace_for(model.vision, processor.image_transform,
-                                                                   torch.bfloat16))  # fmt: skip
+                                                                   tower_dtype))  # fmt: skip
     collate = Collator(processor)
     train_set = SupervisedDataset([str(f) for f in files], processor, str(root), "auto", "error", False, cache)
     defaults = TrainConfig(model="unused", data=["unused"])
@@ -102,7 +104,7 @@ def main() -> None:
     fit_feature_stats(model, train_set, collate, cache, device, defaults.feature_stats_images, print)
     warm = warmstart.word_space_warmstart(
         model, train_set, collate, cache, device, cfg.word_warmup_steps, defaults.word_warmup_lr, cfg.seed, print,
-        cfg.word_warmup_objective, cfg.n_train + cfg.n_fashion_train,
+        cfg.word_warmup_objective, cfg.warmup_images,
     )  # fmt: skip
     seconds = time.perf_counter() - t
 

@@ -84,6 +84,11 @@ class DemoConfig:
             self.instruct_steps, self.word_warmup_steps = 4, 30
             self.batch_size = 8
 
+    @property
+    def warmup_images(self) -> int:
+        """The warm start reads every training image: each costs only its cached features."""
+        return self.n_train + self.n_fashion_train
+
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = Path(cfg.out)
@@ -195,7 +200,7 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
         # a fresh projector first learns to speak in the LLM's word space (seconds), then the LLM steps refine it
         standardize_features=fresh_projector, word_warmup_steps=cfg.word_warmup_steps if fresh_projector else 0,
-        word_warmup_objective=cfg.word_warmup_objective, word_warmup_images=cfg.n_train + cfg.n_fashion_train,
+        word_warmup_objective=cfg.word_warmup_objective, word_warmup_images=cfg.warmup_images,
     )  # fmt: skip
     summary = train(tc)
     summary["out"] = str(out)
