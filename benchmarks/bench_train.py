@@ -35,7 +35,7 @@ from common import best_of, machine, matmul_peak, peak_memory, write_json  # noq
 from minillava.config import ModelConfig, VisionConfig
 from minillava.model import MiniLlava
 from minillava.projectors import build_projector
-from minillava.runtime import fast_bfloat16
+from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train.config import TrainConfig
 from minillava.train.loop import TrainStep, autocast_ctx, make_optimizer
 from minillava.train.stages import freeze, param_groups
@@ -77,8 +77,15 @@ def batch(s: dict, image_id: int, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
+def fresh_compiler() -> None:
+    """Each compiled variant starts from an empty dynamo cache, and running out of recompiles is an error:
+    the recompile limit counts per code object over the process, and past it dynamo silently runs eager."""
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
 # ---- the peer ----------------------------------------------------------------------------------
-def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.device) -> float:
+def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.device, compiled: bool = False) -> float:
     vc, lc = configs(s)
     torch.manual_seed(0)
     cfg = LlavaConfig(vision_config=vc, text_config=lc, image_token_index=s["vocab"] - 1, vision_feature_layer=-2,
@@ -93,6 +100,11 @@ def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.devi
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     model.train()
+    kw = {}
+    if compiled:
+        fresh_compiler()
+        compile_decoder_layers(model.model.language_model)
+        kw["use_cache"] = False  # a training-time KV cache gives every layer its own guards: 24 recompiles
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     b = batch(s, s["vocab"] - 1, device)
     if mode == "bf16_weights":
@@ -100,7 +112,7 @@ def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.devi
 
     def step():
         with torch.autocast(device.type, torch.bfloat16, enabled=mode == "autocast"):
-            loss = model(**b).loss
+            loss = model(**b, **kw).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -129,8 +141,11 @@ def build_ours(s: dict, stage: int, precision: str, device: torch.device) -> Min
 
 
 def ours(s: dict, stage: int, reps: int, device: torch.device, cached: bool = False,
-         precision: str = "bf16") -> tuple[float, MiniLlava]:  # fmt: skip
+         precision: str = "bf16", compiled: bool = False) -> tuple[float, MiniLlava]:  # fmt: skip
     model = build_ours(s, stage, precision, device)
+    if compiled:
+        fresh_compiler()
+        compile_decoder_layers(model.llm)
     cfg = TrainConfig(vision="v", llm="l", data=["x"], stage="align" if stage == 1 else "instruct")
     opt = make_optimizer(param_groups(model, 1e-5, 1e-5, 0.0, 0.0), cfg, device)
     step_module = TrainStep(model, tune_vision=False)
@@ -178,6 +193,8 @@ def main() -> None:
         default="auto",
         help="ours: auto = bf16 where bf16 matmuls run on hardware units, else fp32",
     )
+    ap.add_argument("--compile", action="store_true", help="also time ours and the peer (bf16 weights, or fp32 "
+                    "where bf16 is emulated) with torch.compile'd decoder layers (`minillava train --compile`)")
     args = ap.parse_args()
     device = torch.device(args.device)
     fast = fast_bfloat16(device)
@@ -197,6 +214,18 @@ def main() -> None:
     for mode in peer_modes:
         for st in (1, 2):
             r[f"speedup_stage{st}_vs_peer_{mode}"] = r[f"peer_{mode}_stage{st}_step_s"] / r[f"ours_stage{st}_step_s"]
+    if args.compile:  # the same comparison with both sides compiled, against the peer's fastest mode
+        peer_mode = peer_modes[1] if len(peer_modes) > 1 else peer_modes[0]
+        for st in (1, 2):
+            r[f"ours_compiled_stage{st}_step_s"], _ = ours(s, st, reps, device, precision=precision,
+                                                           compiled=True)  # fmt: skip
+            r[f"peer_{peer_mode}_compiled_stage{st}_step_s"] = peer_step_time(s, st, peer_mode, reps, device, True)
+            r[f"speedup_compiled_stage{st}_vs_peer_{peer_mode}_compiled"] = (
+                r[f"peer_{peer_mode}_compiled_stage{st}_step_s"] / r[f"ours_compiled_stage{st}_step_s"])
+            r[f"speedup_compiled_stage{st}_vs_peer_{peer_mode}"] = (
+                r[f"peer_{peer_mode}_stage{st}_step_s"] / r[f"ours_compiled_stage{st}_step_s"])
+            r[f"speedup_compiled_stage{st}_vs_peer_fp32"] = r[f"peer_fp32_stage{st}_step_s"] / r[
+                f"ours_compiled_stage{st}_step_s"]
     r["stage1_speedup_warm_cache"] = r["ours_stage1_step_s"] / r["ours_stage1_cached_step_s"]
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device, 1024 if args.shapes == "quick"
                        else None)  # fmt: skip
@@ -206,6 +235,8 @@ def main() -> None:
     r["mfu_stage2"] = flops / r["ours_stage2_step_s"] / peak  # against the peak of the precision we run in
     for mode in peer_modes:
         r[f"mfu_stage2_peer_{mode}"] = flops / r[f"peer_{mode}_stage2_step_s"] / peak
+    if args.compile:
+        r["mfu_stage2_compiled"] = flops / r["ours_compiled_stage2_step_s"] / peak
     r |= peak_memory(device)
     write_json({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, args.out)
 

@@ -85,6 +85,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    "data (2048; their features are held in memory)")
     _bool_flag(g, "frozen-bf16", "keep fully frozen modules in bfloat16 (faster, saved in bf16)")
     _bool_flag(g, "grad-checkpointing", "recompute LLM activations in backward (less memory)")
+    _bool_flag(g, "compile", "torch.compile each LLM decoder layer: faster steps after seconds of compiling")
     g.add_argument("--device")
     g.add_argument(
         "--strategy",

@@ -78,6 +78,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where the hardware has bf16 units, else fp32) | bf16 | fp16 (CUDA) | fp32
     frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16 (bf16 runs only)
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile each LLM decoder layer (fuses norms and activations; see runtime.py)
     device: str = "auto"
     strategy: str = "auto"  # auto (what `accelerate launch` asked for, else ddp) | ddp | fsdp-full-shard | ...
     seed: int = 0

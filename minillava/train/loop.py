@@ -36,7 +36,7 @@ from minillava.data.dataset import Collator, SupervisedDataset, worker_count
 from minillava.data.sampler import GroupedBatchSampler
 from minillava.model import MiniLlava
 from minillava.processor import IGNORE_INDEX, Processor
-from minillava.runtime import fast_bfloat16
+from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train import checkpoint as ckpt
 from minillava.train.cache import FeatureCache, namespace_for
 from minillava.train.config import TrainConfig
@@ -407,6 +407,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.use_lora:
             model.llm.enable_input_require_grads()
+    if cfg.compile:
+        say(f"compiling {compile_decoder_layers(model.llm)} LLM decoder layers (torch.compile, one graph for all)")
 
     cache = None
     if cfg.feature_cache:
