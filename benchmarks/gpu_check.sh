@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU check, about 5-6 minutes on one H100/H200 (each step has its own time limit; all of them 10 min):
+# GPU check, about 6-7 minutes on one H100/H200 (each step has its own time limit, together ~10 min):
 #   1. nvidia-smi
 #   2. pytest-cuda: tests/gpu/test_cuda.py: CUDA == CPU forward/generation, bf16 and fp16+GradScaler training,
 #      QLoRA (when bitsandbytes imports), feature cache on CUDA
 #   3. deepspeed: tests/gpu/test_deepspeed_cuda.py: `accelerate launch` of ZeRO-2 / ZeRO-3 on this GPU, bf16,
 #      losses of the plain run (skipped unless deepspeed imports: carry its wheels in .whl/)
 #   4. bench-generate: benchmarks/bench_generate.py --device cuda   (ours vs transformers' Llava, fp32 and bf16)
-#   5. bench-train: benchmarks/bench_train.py --device cuda         (stage 1 / stage 2 step time vs the peer, MFU)
+#   5. bench-train: benchmarks/bench_train.py --device cuda --compile  (stage 1 / 2 step time vs the peer, MFU;
+#      eager and with compiled decoder layers, both sides)
+#   5b. bench-train-large: the same on the large shape (CLIP-L/14-336 + a 1.7B-shaped Llama, batch 8)
 #   6. gpu-check: benchmarks/gpu_check.py       (bench + large shapes in bf16: step time, tokens/s, memory, MFU)
 #   7. one JSON summary (also $OUT/summary.json)
 # A failing step is reported and the next one runs. Run from anywhere (SKIP: step names to leave out):
@@ -47,13 +49,15 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log, record status 
     "$PY" -c "import bitsandbytes as b; print('bitsandbytes', b.__version__)" 2>/dev/null || echo "no bitsandbytes"
     "$PY" -c "from importlib.metadata import version as v; print('deepspeed', v('deepspeed'), 'pydantic', v('pydantic'))" \
         2>/dev/null || echo "no deepspeed"
-    step pytest-cuda 120 "$PY" -m pytest tests/gpu/test_cuda.py -q -rs -p no:cacheprovider \
+    step pytest-cuda 90 "$PY" -m pytest tests/gpu/test_cuda.py -q -rs -p no:cacheprovider \
         --junitxml "$OUT/pytest-cuda.xml"
-    step deepspeed 150 "$PY" -m pytest tests/gpu/test_deepspeed_cuda.py -q -rs -p no:cacheprovider \
+    step deepspeed 120 "$PY" -m pytest tests/gpu/test_deepspeed_cuda.py -q -rs -p no:cacheprovider \
         --junitxml "$OUT/pytest-deepspeed.xml"
-    step bench-generate 90 "$PY" benchmarks/bench_generate.py --device cuda --out "$OUT/generate-cuda-$TAG.json"
-    step bench-train 120 "$PY" benchmarks/bench_train.py --device cuda --out "$OUT/train-cuda-$TAG.json"
-    step gpu-check 90 "$PY" benchmarks/gpu_check.py --out "$OUT/gpu-check-cuda-$TAG.json"
+    step bench-generate 80 "$PY" benchmarks/bench_generate.py --device cuda --out "$OUT/generate-cuda-$TAG.json"
+    step bench-train 90 "$PY" benchmarks/bench_train.py --device cuda --compile --out "$OUT/train-cuda-$TAG.json"
+    step bench-train-large 150 "$PY" benchmarks/bench_train.py --device cuda --shapes large --compile \
+        --out "$OUT/train-large-cuda-$TAG.json"
+    step gpu-check 60 "$PY" benchmarks/gpu_check.py --out "$OUT/gpu-check-cuda-$TAG.json"
 } 2>&1 | tee "$OUT/gpu_check.log"
 
 echo "=== summary"
