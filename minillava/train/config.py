@@ -75,7 +75,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
-    precision: str = "auto"  # auto (bf16 where the hardware has bf16 units, else fp32) | bf16 | fp16 (CUDA) | fp32
+    precision: str = "auto"  # auto (bf16 where it beats fp32: runtime.fast_bfloat16) | bf16 | fp16 (CUDA) | fp32
     frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16 (bf16 runs only)
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile each LLM decoder layer (fuses norms and activations; see runtime.py)
