@@ -81,7 +81,7 @@ def fresh_compiler() -> None:
     """Each compiled variant starts from an empty dynamo cache, and running out of recompiles is an error:
     the recompile limit counts per code object over the process, and past it dynamo silently runs eager."""
     torch._dynamo.reset()
-    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # torch >= 2.6
 
 
 # ---- the peer ----------------------------------------------------------------------------------

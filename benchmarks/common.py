@@ -95,7 +95,7 @@ def machine(device: torch.device | str) -> dict[str, object]:
     info: dict[str, object] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
-    info["bf16_hardware"] = fast_bfloat16(device)
+    info["bf16_auto"] = fast_bfloat16(device)  # what precision auto picks here
     return info
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,16 @@ PLUGINS = (
 )
 
 
-def _quiet_transformers() -> None:
+def _quiet_libraries() -> None:
+    import torch
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed where it is installed, and DeepSpeed's accelerator probe then warns on
+        # every CPU run that it "was unable to detect" a GPU; told up front, it says nothing
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def parse_options(pairs: list[str]) -> dict[str, object]:
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_transformers()
+    _quiet_libraries()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -49,3 +49,11 @@ def test_auto_dtype_follows_the_measurement(monkeypatch):
 def test_compile_decoder_layers_needs_a_layer_list(tiny):
     with pytest.raises(ValueError, match="no decoder layer list"):
         runtime.compile_decoder_layers(tiny[0].projector)
+
+
+def test_the_measurement_leaves_the_callers_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    runtime._matmul_seconds(torch.float32, n=64, reps=1)
+    assert torch.equal(torch.rand(3), expected)

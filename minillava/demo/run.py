@@ -64,8 +64,8 @@ class DemoConfig:
     # 80 test images put +-5 points on each run's score; 500 (the first 80 and 420 more) about +-2, for ~30 s
     n_fashion_test: int = 500
     # projector-only steps in the LLM's word space, no LLM forward (~0.1 s each). 600, not 300: the layout map has
-    # ~0.4 M weights to fit from 4400 images (projector-only check, 1000 t10k images, seeds 0 / 1 / 2: 88.0 / 87.6 /
-    # 88.1 % of classes read right against 85.3 / 87.4 / 87.0 %; benchmarks/projector_check.py)
+    # ~0.4 M weights to fit from thousands of images (projector-only check, 1000 t10k images, seeds 0 / 1 / 2:
+    # 88.0 / 87.6 / 88.1 % of classes read right against 85.3 / 87.4 / 87.0 %; benchmarks/projector_check.py)
     word_warmup_steps: int = 600
     word_warmup_objective: str = "caption"  # image tokens spell the caption: the LLM reads the image like a prompt
     align_steps: int = 0  # 0: single-stage (Prismatic): the instruct run warms up the fresh projector itself

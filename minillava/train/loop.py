@@ -354,9 +354,12 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if strategy.name != "ddp" and (cfg.qlora or cfg.precision == "fp16"):
         raise ValueError(f"--strategy {strategy.name} supports neither --qlora nor fp16: use ddp, or bf16")
     say(f"{d.world} process(es), strategy {strategy.name}")
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if fast_bfloat16(device) else "fp32"
+    if cfg.precision == "auto":  # every rank measures; bf16 only if all of them found it faster
+        cfg.precision = "bf16" if all(d.gather(fast_bfloat16(device))) else "fp32"
         say(f"precision auto -> {cfg.precision} on {device}")
+    if cfg.compile and (strategy.name != "ddp" or cfg.qlora):
+        raise ValueError(f"--compile is tested with one process or DDP, without QLoRA; not with --strategy "
+                         f"{strategy.name}{' and --qlora' if cfg.qlora else ''}")
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
     if d.main:
@@ -408,7 +411,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         if cfg.use_lora:
             model.llm.enable_input_require_grads()
     if cfg.compile:
-        say(f"compiling {compile_decoder_layers(model.llm)} LLM decoder layers (torch.compile, one graph for all)")
+        say(f"compiling {compile_decoder_layers(model.llm)} LLM decoder layers (torch.compile: one graph per kind "
+            f"of layer, e.g. with and without LoRA)")
 
     cache = None
     if cfg.feature_cache:

@@ -425,3 +425,12 @@ def test_compiled_decoder_layers_train_like_eager_ones(tmp_path, asset_dir, lora
     assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
     assert compiled == pytest.approx(eager, rel=2e-3), (compiled, eager)
     assert compiled[-1] < compiled[0]
+
+
+def test_compile_is_refused_where_it_is_untested(tmp_path, asset_dir):
+    names = write_images(tmp_path / "images")
+    data = write_llava(tmp_path / "data.json", names)
+    cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="instruct", max_steps=1, compile=True,
+                 strategy="deepspeed-zero2")  # fmt: skip
+    with pytest.raises(ValueError, match="--compile is tested with one process or DDP.*deepspeed-zero2"):
+        train(cfg)
