@@ -404,16 +404,17 @@ def test_word_warmup_trains_a_projector_the_run_keeps_frozen(pretrained, tmp_pat
     assert any(not torch.equal(a, b) for a, b in pairs)  # the warm start moved it, the run did not undo that
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_compiled_decoder_layers_train_like_eager_ones(tmp_path, asset_dir, lora):
-    """--compile: each LLM decoder layer runs as one compiled graph, and the run's losses are the eager run's."""
+@pytest.mark.parametrize(("lora", "checkpointing"), [(False, False), (True, False), (True, True)],
+                         ids=["full", "lora", "lora-grad-checkpointing"])  # fmt: skip
+def test_compiled_decoder_layers_train_like_eager_ones(tmp_path, asset_dir, lora, checkpointing):
+    """--compile: the LLM's decoder layers run as compiled graphs, and the run's losses are the eager run's."""
     names = write_images(tmp_path / "images")
     data = write_llava(tmp_path / "data.json", names)
     runs = {}
     for compiled in (False, True):
         lines: list[str] = []
         cfg = config(tmp_path / str(compiled), asset_dir, data, tmp_path / "images", stage="instruct", lr=1e-2,
-                     max_steps=4, lora=lora, compile=compiled)  # fmt: skip
+                     max_steps=4, lora=lora, compile=compiled, grad_checkpointing=checkpointing)  # fmt: skip
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         runs[compiled] = train_logged(cfg, lines)["losses"], lines
