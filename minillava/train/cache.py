@@ -68,10 +68,17 @@ class FeatureCache:
         self.index: dict[str, str] = {}  # tensor name -> shard file name
         self.pending: dict[str, torch.Tensor] = {}
         self._handles: dict[str, object] = {}
+        self._listed = -1  # the directory's mtime when its shards were last listed
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the shard list (after other ranks or an earlier epoch wrote shards)."""
+        """Re-read the shard list: other ranks, another process (a DataLoader worker reads while the main
+        process writes) or an earlier epoch may have added shards. A new shard is renamed into the directory,
+        which changes its mtime; an unchanged directory is not listed again."""
+        listed = self.dir.stat().st_mtime_ns
+        if listed == self._listed:
+            return
+        self._listed = listed
         for shard in sorted(self.dir.glob(SHARD_GLOB)):
             if shard.name in self.index.values():
                 continue
@@ -90,6 +97,8 @@ class FeatureCache:
 
     def get(self, key: str) -> torch.Tensor | None:
         name = _name(key)
+        if name not in self.index and name not in self.pending:
+            self.refresh()  # one stat() while nothing new was written
         shard = self.index.get(name)
         if shard is None:
             return self.pending.get(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from train_helpers import config, write_images, write_llava
 
+from minillava.data.dataset import SupervisedDataset
 from minillava.images import ImageTransform
 from minillava.train.cache import FeatureCache, namespace_for
 from minillava.train.cli import add_commands
@@ -36,6 +38,32 @@ def test_feature_cache_hits_on_later_epochs_and_runs(tmp_path, asset_dir):
     third = train(config(tmp_path / "c", asset_dir, data, tmp_path / "images", feature_cache=str(tmp_path / "fc"),
                          **common))  # fmt: skip
     assert third["feature_cache"] == {"hits": 7, "misses": 1}
+
+
+def test_workers_start_once_per_run_and_read_what_earlier_epochs_cached(tmp_path, asset_dir, monkeypatch):
+    """DataLoader workers are forked once per run (persistent), not once per epoch, and still read the features
+    computed in earlier epochs: the main process flushes them to a shard at each epoch start, and the workers'
+    cache re-lists its directory when it changed."""
+    names = write_images(tmp_path / "images")
+    data = write_llava(tmp_path / "d.json", names)
+    loaded_by = tmp_path / "pids"
+    load = SupervisedDataset.load
+
+    def recording_load(self, index):  # runs in whichever process loads the sample
+        with open(loaded_by, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return load(self, index)
+
+    monkeypatch.setattr(SupervisedDataset, "load", recording_load)
+    common = dict(stage="align", lr=1e-3, max_steps=3)  # 1 step per epoch: 3 epochs
+    plain = train(config(tmp_path / "plain", asset_dir, data, tmp_path / "images", **common))
+    loaded_by.unlink()
+    run = train(config(tmp_path / "workers", asset_dir, data, tmp_path / "images", num_workers=1,
+                       feature_cache=str(tmp_path / "fc"), **common))  # fmt: skip
+    assert run["feature_cache"] == {"hits": 8, "misses": 4}  # epochs 2 and 3 read epoch 1's features
+    assert run["losses"] == plain["losses"]
+    workers = set(loaded_by.read_text().split())
+    assert len(workers) == 1 and str(os.getpid()) not in workers  # one worker loaded every sample of 3 epochs
 
 
 def test_cache_namespace_changes_with_encoder_layer_and_preprocessing(tiny, tmp_path):
