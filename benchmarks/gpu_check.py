@@ -21,7 +21,7 @@ from xml.etree import ElementTree
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import SHAPES, image_tokens, ours, step_flops  # noqa: E402
+from bench_train import SHAPES, flops_ours, image_tokens, ours  # noqa: E402
 from common import best_of, machine, matmul_peak, write_json  # noqa: E402
 
 from minillava.generate import GenerationConfig, decode  # noqa: E402
@@ -63,7 +63,7 @@ def measure(name: str, reps: int, device: torch.device, peak: float) -> dict[str
     for stage in (1, 2):
         reset_peak(device)
         t, model = ours(s, stage, reps, device, precision="bf16")
-        flops = step_flops(s, model, stage)
+        flops = sum(flops_ours(s, stage).values())
         r |= {f"{name}_stage{stage}_step_s": t, f"{name}_stage{stage}_tokens_per_s": tokens / t,
               f"{name}_stage{stage}_model_tflop": flops / 1e12, f"{name}_stage{stage}_mfu": flops / t / peak,
               f"{name}_stage{stage}_peak_gpu_mb": peak_gpu_mb(device)}  # fmt: skip
