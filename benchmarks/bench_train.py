@@ -38,7 +38,7 @@ from minillava.projectors import build_projector
 from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train.config import TrainConfig
 from minillava.train.loop import TrainStep, autocast_ctx, make_optimizer
-from minillava.train.stages import freeze, param_groups
+from minillava.train.stages import LoraSettings, add_lora, freeze, param_groups
 from minillava.vision import HFVisionTower
 
 IGNORE = -100
@@ -85,7 +85,11 @@ def fresh_compiler() -> None:
 
 
 # ---- the peer ----------------------------------------------------------------------------------
-def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.device, compiled: bool = False) -> float:
+LORA = dict(r=8, alpha=16, dropout=0.05)  # minillava's defaults (LLaVA's dropout), on every LLM linear layer
+
+
+def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.device, compiled: bool = False,
+                   lora: bool = False) -> float:  # fmt: skip
     vc, lc = configs(s)
     torch.manual_seed(0)
     cfg = LlavaConfig(vision_config=vc, text_config=lc, image_token_index=s["vocab"] - 1, vision_feature_layer=-2,
@@ -96,7 +100,14 @@ def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.devi
         model = model.to(torch.bfloat16)
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
-    if stage == 2:
+    if stage == 2 and lora:  # peft's own injection, as a transformers user would do it
+        from peft import LoraConfig, inject_adapter_in_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        cfg_lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                              target_modules=targets)  # fmt: skip
+        model.model.language_model = inject_adapter_in_model(cfg_lora, model.model.language_model)
+    elif stage == 2:
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     model.train()
@@ -121,7 +132,7 @@ def peer_step_time(s: dict, stage: int, mode: str, reps: int, device: torch.devi
 
 
 # ---- ours --------------------------------------------------------------------------------------
-def build_ours(s: dict, stage: int, precision: str, device: torch.device) -> MiniLlava:
+def build_ours(s: dict, stage: int, precision: str, device: torch.device, lora: bool = False) -> MiniLlava:
     """Our defaults for a stage: frozen parts stored in bf16 in bf16 runs (fewer bytes per step)."""
     vc, lc = configs(s)
     torch.manual_seed(0)
@@ -132,7 +143,8 @@ def build_ours(s: dict, stage: int, precision: str, device: torch.device) -> Min
         projector = build_projector("mlp2x_gelu", vc.hidden_size, lc.hidden_size, grid=(side, side))
     mc = ModelConfig(vision=VisionConfig(source="bench"), llm_source="bench", image_token_id=s["vocab"] - 1)
     model = MiniLlava(mc, vision, projector, llm)
-    freeze(model, "align" if stage == 1 else "instruct", log_fn=lambda _: None)
+    settings = add_lora(model, LoraSettings(**LORA)) if lora else None
+    freeze(model, "align" if stage == 1 else "instruct", lora=settings, log_fn=lambda _: None)
     if precision == "bf16":
         model.vision.to(torch.bfloat16)
         if stage == 1:
@@ -141,8 +153,8 @@ def build_ours(s: dict, stage: int, precision: str, device: torch.device) -> Min
 
 
 def ours(s: dict, stage: int, reps: int, device: torch.device, cached: bool = False,
-         precision: str = "bf16", compiled: bool = False) -> tuple[float, MiniLlava]:  # fmt: skip
-    model = build_ours(s, stage, precision, device)
+         precision: str = "bf16", compiled: bool = False, lora: bool = False) -> tuple[float, MiniLlava]:  # fmt: skip
+    model = build_ours(s, stage, precision, device, lora)
     if compiled:
         fresh_compiler()
         compile_decoder_layers(model.llm)
@@ -211,6 +223,8 @@ def main() -> None:
         default="auto",
         help="ours: auto = bf16 where bf16 matmuls beat fp32 (minillava.runtime.fast_bfloat16), else fp32",
     )
+    ap.add_argument("--lora", action="store_true", help="also time stage 2 with LoRA (r 8, alpha 16, dropout 0.05, "
+                    "every LLM linear layer): ours against peft on the peer")
     ap.add_argument("--compile", action="store_true", help="also time ours and the peer (bf16 weights, or fp32 "
                     "where ours runs fp32) with torch.compile'd decoder layers (`minillava train --compile`)")
     args = ap.parse_args()
@@ -232,6 +246,12 @@ def main() -> None:
     for mode in peer_modes:
         for st in (1, 2):
             r[f"speedup_stage{st}_vs_peer_{mode}"] = r[f"peer_{mode}_stage{st}_step_s"] / r[f"ours_stage{st}_step_s"]
+    if args.lora:
+        r["ours_stage2_lora_step_s"], _ = ours(s, 2, reps, device, precision=precision, lora=True)
+        for mode in peer_modes:
+            r[f"peer_{mode}_stage2_lora_step_s"] = peer_step_time(s, 2, mode, reps, device, lora=True)
+            r[f"speedup_stage2_lora_vs_peer_{mode}"] = (
+                r[f"peer_{mode}_stage2_lora_step_s"] / r["ours_stage2_lora_step_s"])
     if args.compile:  # the same comparison with both sides compiled, against the peer's fastest mode
         peer_mode = peer_modes[1] if len(peer_modes) > 1 else peer_modes[0]
         for st in (1, 2):

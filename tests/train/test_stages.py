@@ -13,7 +13,15 @@ from train_helpers import CAPTIONS, config, write_images, write_llava
 from minillava.data.formats import BadSampleError
 from minillava.model import MiniLlava
 from minillava.train.loop import train
-from minillava.train.stages import LoraSettings, add_lora, freeze, load_adapter, merge_lora, save_adapter
+from minillava.train.stages import (
+    LoraDropout,
+    LoraSettings,
+    add_lora,
+    freeze,
+    load_adapter,
+    merge_lora,
+    save_adapter,
+)
 
 
 def _batch_loss(model, processor, data, images, template=None):
@@ -131,6 +139,46 @@ def test_lora_targets_llm_only_and_merge_matches(tiny, tmp_path):
     merge_lora(base)
     with torch.no_grad():
         torch.testing.assert_close(base.eval()(ids).logits, merged, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_layers_get_the_fast_cpu_dropout(tiny):
+    model = copy.deepcopy(tiny[0])
+    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.05))
+    dropouts = [d for m in model.llm.modules() if hasattr(m, "lora_dropout") for d in m.lora_dropout.values()]
+    assert len(dropouts) == 14 and all(type(d) is LoraDropout and d.p == 0.05 for d in dropouts)
+    model = copy.deepcopy(tiny[0])
+    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))  # peft's Identity stays
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.llm.modules())
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_lora_dropout_keeps_each_element_independently_at_rate_1_minus_p(p):
+    drop = LoraDropout(p).train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(1001, 999))  # an odd size: the last 64-bit draw is only partly used
+    kept = out != 0
+    rate = kept.double().mean().item()
+    assert abs(rate - (1 - p)) < 0.002  # n = 1e6: the binomial's std is < 5e-4
+    assert torch.allclose(out[kept], torch.tensor(1 / (1 - round(p * 65536) / 65536)))
+    assert abs(out.double().mean().item() - 1) < 0.003  # unbiased
+    # the four 16-bit lanes of each 64-bit draw are independent: neighbours are both dropped at rate p^2
+    flat = (~kept).flatten()
+    both = (flat[:-1] & flat[1:]).double().mean().item()
+    assert abs(both - p * p) < 0.002
+
+
+def test_lora_dropout_follows_the_seed_and_masks_the_gradient():
+    drop = LoraDropout(0.3).train()
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    b = drop(x)
+    c = drop(x)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    a.sum().backward()
+    torch.testing.assert_close(x.grad, (a != 0).float() / (1 - round(0.3 * 65536) / 65536))
+    assert torch.equal(drop.eval()(x), x) and torch.equal(LoraDropout(0.0).train()(x), x)
 
 
 def test_freeze_counts_and_tune_vision(tiny):
