@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +27,7 @@ from minillava.images import ImageTransform
 from minillava.vision import VisionTower
 
 SHARD_GLOB = "shard-*.safetensors"
+RACY_NS = 2_000_000_000  # directory mtimes closer than this to now may not have ticked since the last write
 
 
 def _name(key: str) -> str:
@@ -68,19 +70,21 @@ class FeatureCache:
         self.index: dict[str, str] = {}  # tensor name -> shard file name
         self.pending: dict[str, torch.Tensor] = {}
         self._handles: dict[str, object] = {}
+        self._shards: set[str] = set()  # shard files already in the index
         self._listed = -1  # the directory's mtime when its shards were last listed
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the shard list: other ranks, another process (a DataLoader worker reads while the main
         process writes) or an earlier epoch may have added shards. A new shard is renamed into the directory,
-        which changes its mtime; an unchanged directory is not listed again."""
+        which changes its mtime, so a directory is listed again only when its mtime moved; one that changed in
+        the last 2 s may change again within the same timestamp tick, so it stays unsettled (git's racy rule)."""
         listed = self.dir.stat().st_mtime_ns
         if listed == self._listed:
             return
-        self._listed = listed
+        self._listed = listed if time.time_ns() - listed > RACY_NS else -1
         for shard in sorted(self.dir.glob(SHARD_GLOB)):
-            if shard.name in self.index.values():
+            if shard.name in self._shards:
                 continue
             try:
                 with safe_open(shard, "pt") as f:
@@ -88,6 +92,7 @@ class FeatureCache:
                         self.index.setdefault(k, shard.name)
             except Exception:  # noqa: BLE001 - an unreadable shard is a miss, never a crash
                 continue
+            self._shards.add(shard.name)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -123,6 +128,7 @@ class FeatureCache:
         os.replace(tmp, self.dir / shard)
         for name in self.pending:
             self.index[name] = shard
+        self._shards.add(shard)
         self.pending = {}
 
     def __getstate__(self) -> dict:  # DataLoader workers get the index, not open file handles

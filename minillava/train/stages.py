@@ -76,9 +76,9 @@ class LoraDropout(nn.Dropout):
     kept elements are scaled by that rounded rate, so the output's expectation is exactly the input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not 0 < self.p < 1 or x.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().forward(x)
         n, dropped = x.numel(), round(self.p * 65536)
+        if not self.training or not 0 < dropped < 65536 or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)  # also a p too close to 0 or 1 for 16 bits to tell
         bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
         uniform = bits.view(torch.int16)[:n].view(x.shape)  # in [-32768, 32767]
         return torch.where(uniform >= dropped - 32768, x, 0).mul(65536 / (65536 - dropped))

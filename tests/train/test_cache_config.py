@@ -66,6 +66,21 @@ def test_workers_start_once_per_run_and_read_what_earlier_epochs_cached(tmp_path
     assert len(workers) == 1 and str(os.getpid()) not in workers  # one worker loaded every sample of 3 epochs
 
 
+def test_a_reader_sees_shards_written_after_it_listed_the_directory(tmp_path):
+    """A DataLoader worker's cache (the reader) finds what the main process (the writer) flushes later, even
+    within the directory's timestamp tick: a directory changed in the last 2 s is listed again on a miss."""
+    namespace = {"encoder": "test"}
+    writer, reader = FeatureCache(tmp_path, namespace), FeatureCache(tmp_path, namespace)
+    assert reader.get("a|1|2") is None
+    writer.put("a|1|2", torch.ones(2, 3))
+    writer.flush()
+    assert torch.equal(reader.get("a|1|2"), torch.ones(2, 3))
+    writer.put("b|1|2", torch.zeros(2, 3))
+    writer.flush()  # milliseconds after the reader listed the directory
+    assert torch.equal(reader.get("b|1|2"), torch.zeros(2, 3))
+    assert len(reader) == 2
+
+
 def test_cache_namespace_changes_with_encoder_layer_and_preprocessing(tiny, tmp_path):
     model, _ = tiny
     vision = copy.deepcopy(model.vision)
