@@ -27,7 +27,8 @@ from minillava.images import ImageTransform
 from minillava.vision import VisionTower
 
 SHARD_GLOB = "shard-*.safetensors"
-RACY_NS = 2_000_000_000  # directory mtimes closer than this to now may not have ticked since the last write
+RACY_NS = 2_000_000_000  # a listing this soon after the directory's mtime may have missed a same-tick write
+RELIST_NS = 100_000_000  # how often such an unsettled directory may be listed again
 
 
 def _name(key: str) -> str:
@@ -71,18 +72,20 @@ class FeatureCache:
         self.pending: dict[str, torch.Tensor] = {}
         self._handles: dict[str, object] = {}
         self._shards: set[str] = set()  # shard files already in the index
-        self._listed = -1  # the directory's mtime when its shards were last listed
+        self._listed = (-1, -1)  # (the directory's mtime, when) at the last listing
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the shard list: other ranks, another process (a DataLoader worker reads while the main
         process writes) or an earlier epoch may have added shards. A new shard is renamed into the directory,
-        which changes its mtime, so a directory is listed again only when its mtime moved; one that changed in
-        the last 2 s may change again within the same timestamp tick, so it stays unsettled (git's racy rule)."""
-        listed = self.dir.stat().st_mtime_ns
-        if listed == self._listed:
+        which changes its mtime, so the directory is listed again when its mtime moved, or, if the last listing
+        came less than 2 s after that mtime (a later write may fall in the same timestamp tick: git's racy
+        rule), at most every 0.1 s."""
+        mtime, now = self.dir.stat().st_mtime_ns, time.time_ns()
+        seen_mtime, seen_at = self._listed
+        if mtime == seen_mtime and (seen_at - mtime > RACY_NS or now - seen_at < RELIST_NS):
             return
-        self._listed = listed if time.time_ns() - listed > RACY_NS else -1
+        self._listed = (mtime, now)
         for shard in sorted(self.dir.glob(SHARD_GLOB)):
             if shard.name in self._shards:
                 continue
