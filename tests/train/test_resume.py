@@ -24,10 +24,12 @@ def data(tmp_path):
     return write_llava(tmp_path / "d.json", names), tmp_path / "images"
 
 
-def test_resume_gives_the_same_losses_exactly(tmp_path, asset_dir, data):
-    # LoRA dropout > 0 consumes RNG every step; 5 samples / batch 2 crosses epoch boundaries; cosine schedule
+@pytest.mark.parametrize("workers", [0, 1], ids=["main-process", "persistent-worker"])
+def test_resume_gives_the_same_losses_exactly(tmp_path, asset_dir, data, workers):
+    # LoRA dropout > 0 consumes RNG every step; 5 samples / batch 2 crosses epoch boundaries; cosine schedule;
+    # a worker outlives epochs, and the resumed run starts mid-epoch (step 5 of 3 per epoch)
     common = dict(stage="instruct", lora=True, lora_dropout=0.1, lr=1e-3, projector_lr=1e-3, batch_size=2,
-                  max_steps=7, scheduler="cosine", warmup_ratio=0.2)  # fmt: skip
+                  max_steps=7, scheduler="cosine", warmup_ratio=0.2, num_workers=workers)  # fmt: skip
     full = train(config(tmp_path / "a", asset_dir, *data, **common))
     halted = train(config(tmp_path / "b", asset_dir, *data, save_every=2, keep_last=2, halt_at_step=5, **common))
     assert halted["halted"] and halted["losses"] == full["losses"][:5]
