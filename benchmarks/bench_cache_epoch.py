@@ -42,12 +42,12 @@ def write_photos(root: Path, n: int, seed: int = 0) -> Path:
     from skimage import data
 
     rng = np.random.default_rng(seed)
+    photos = {name: getattr(data, name)() for name in PHOTOS}
+    photos["stereo_motorcycle"] = photos["stereo_motorcycle"][0]  # the left view of a stereo pair
     rows = []
     for i in range(n):
         name = PHOTOS[i % len(PHOTOS)]
-        photo = getattr(data, name)()
-        photo = photo[0] if name == "stereo_motorcycle" else photo  # the left view of a stereo pair
-        img = Image.fromarray(photo[..., :3]).convert("RGB")
+        img = Image.fromarray(photos[name][..., :3]).convert("RGB")
         w, h = img.size
         left, top = int(rng.integers(0, w // 4)), int(rng.integers(0, h // 4))
         img = img.crop((left, top, w - int(rng.integers(0, w // 4)), h - int(rng.integers(0, h // 4))))

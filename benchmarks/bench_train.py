@@ -266,19 +266,18 @@ def main() -> None:
     r["stage1_speedup_warm_cache"] = r["ours_stage1_step_s"] / r["ours_stage1_cached_step_s"]
     # What arithmetic alone allows: at equal FLOP/s a speedup equals the FLOP ratio, and a warm cache can
     # save no more than the tower's share of a step.
-    for st in (1, 2):
-        ours_f, peer_f = flops_ours(s, st), flops_peer(s, st)
-        r[f"stage{st}_model_gflop"] = sum(ours_f.values()) / 1e9
-        r[f"peer_stage{st}_model_gflop"] = sum(peer_f.values()) / 1e9
-        r[f"flop_ratio_stage{st}"] = sum(peer_f.values()) / sum(ours_f.values())
-    ours1 = flops_ours(s, 1)
-    r["stage1_warm_cache_flop_bound"] = sum(ours1.values()) / (sum(ours1.values()) - ours1["vision"])
+    ours_f = {st: flops_ours(s, st) for st in (1, 2)}
+    totals = {st: (sum(ours_f[st].values()), sum(flops_peer(s, st).values())) for st in (1, 2)}
+    for st, (ours_total, peer_total) in totals.items():
+        r[f"stage{st}_model_gflop"] = ours_total / 1e9
+        r[f"peer_stage{st}_model_gflop"] = peer_total / 1e9
+        r[f"flop_ratio_stage{st}"] = peer_total / ours_total
+    r["stage1_warm_cache_flop_bound"] = totals[1][0] / (totals[1][0] - ours_f[1]["vision"])
     peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, device, 1024 if args.shapes == "quick"
                        else None)  # fmt: skip
-    flops = r["stage2_model_gflop"] * 1e9
+    flops, peer_flops = totals[2]
     r[f"{precision}_matmul_peak_gflops"] = peak / 1e9
     r["mfu_stage2"] = flops / r["ours_stage2_step_s"] / peak  # against the peak of the precision we run in
-    peer_flops = r["peer_stage2_model_gflop"] * 1e9
     for mode in peer_modes:  # the same work in the peer's time, and the FLOPs the peer actually computes
         r[f"mfu_stage2_peer_{mode}"] = flops / r[f"peer_{mode}_stage2_step_s"] / peak
         r[f"mfu_stage2_peer_{mode}_own_flops"] = peer_flops / r[f"peer_{mode}_stage2_step_s"] / peak
