@@ -80,6 +80,10 @@ def compile_decoder_layers(llm: torch.nn.Module) -> int:
                    if name.rsplit(".", 1)[-1] == "layers" and isinstance(m, torch.nn.ModuleList)), None)  # fmt: skip
     if layers is None:
         raise ValueError(f"--compile: no decoder layer list (`.layers`) found in {type(llm).__name__}")
+    # transformers' output-capturing hook on each layer writes a context variable; under gradient checkpointing
+    # dynamo refuses that side effect (a graph break: nothing compiled at all) unless told that the recompute in
+    # backward need not replay it. It need not: the recompute only rebuilds activations for the gradients.
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         layer.compile()
     return len(layers)
