@@ -152,8 +152,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default="/tmp/minillava-ablation")
     ap.add_argument("--n-train", type=int, default=300)
-    ap.add_argument("--n-test", type=int, default=30)
-    ap.add_argument("--n-combo", type=int, default=20)
+    ap.add_argument("--n-eval", type=int, default=100, help="questions per evaluation split")
     ap.add_argument("--align-steps", type=int, default=30)
     ap.add_argument("--instruct-steps", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -164,7 +163,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"ablation: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     budget = {"n_train": args.n_train, "align_steps": args.align_steps, "instruct_steps": args.instruct_steps,
-              "batch_size": args.batch_size, "n_test": args.n_test, "n_combo": args.n_combo}  # fmt: skip
+              "batch_size": args.batch_size, "n_eval": args.n_eval}  # fmt: skip
     # the word-space warm start needs spliced tokens (not xattn, not AnyRes): off for all, so all get one recipe
     base = DemoConfig(fashion=False, eval_batch_size=16, word_warmup_steps=0, **budget)
     out = Path(args.out)

@@ -6,10 +6,10 @@ before any LLM step? Seconds per setting instead of the demo's minutes, so setti
 
 It builds the demo's data and base model for the given DemoConfig settings, fits the projector's input
 standardisation and runs the warm start as `minillava demo` does (minillava.train.warmstart), then reads 1000
-t10k images (`fashion.generate(..., seed=99)`: the official test set, never trained on; the same 1000 images as
-the end-to-end checks in docs/training.md). The class it reads is the spelled class name most likely under the
-warm start's own objective: each image token, as a softmax over its cosines to the answers' words, spelling the
-name and then full stops. Prints one JSON line.
+Fashion-MNIST validation images: from the official train set, disjoint from the training picks by pixels, never
+trained on. Recipes are chosen on these; t10k, the test set, is read only by the demo's final report. The
+class it reads is the spelled class name most likely under the warm start's own objective: each image token,
+as a softmax over its cosines to the answers' words, spelling the name and then full stops. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -53,23 +53,17 @@ def parse_settings(pairs: list[str]) -> dict:
     return settings
 
 
-def demo_data(cfg: DemoConfig, work: Path) -> tuple[Path, list[Path]]:
-    root = work / f"data_seed{cfg.seed}_{cfg.n_train}_{cfg.n_fashion_train}_{cfg.image_size}px"
-    if not (root / "fashion_train.json").exists():
-        synthetic.generate(root, cfg.n_train, cfg.n_test, cfg.n_combo, cfg.image_size, cfg.seed)
-        fashion.generate(root, cfg.n_fashion_train, cfg.n_fashion_test, cfg.image_size, cfg.seed)
-    return root, [root / "train.json", root / "fashion_train.json"]
-
-
-def test_data(cfg: DemoConfig, work: Path, n: int) -> Path:
-    """`n` t10k images as training-format samples (their answers give each image's spelled class name)."""
-    root = work / f"fashion_test{n}_{cfg.image_size}px"
-    if not (root / "test.json").exists():
-        fashion.generate(root, 0, n, cfg.image_size, seed=99)
-        rows = [json.loads(line) for line in (root / "fashion.jsonl").read_text().splitlines()]
+def demo_data(cfg: DemoConfig, work: Path, n_val: int) -> tuple[Path, list[Path]]:
+    """The demo's training data and `n_val` Fashion-MNIST validation images as training-format samples (their
+    answers give each image's spelled class name) in `validation.json`."""
+    root = work / f"data_seed{cfg.seed}_{cfg.n_train}_{cfg.n_fashion_train}_{n_val}_{cfg.image_size}px"
+    if not (root / "validation.json").exists():
+        synthetic.generate(root, {"train": cfg.n_train}, cfg.seed)
+        fashion.generate(root, {"fashion_train": cfg.n_fashion_train, "fashion_val": n_val}, cfg.image_size, cfg.seed)
+        rows = [json.loads(line) for line in (root / "fashion_val.jsonl").read_text().splitlines()]
         questions = [Question(r["question_id"], r["image"], "fashion", r["question"], r["answer"]) for r in rows]
-        write_training(root / "test.json", questions)
-    return root
+        write_training(root / "validation.json", questions)
+    return root, [root / "train.json", root / "fashion_train.json"]
 
 
 def main() -> None:
@@ -77,7 +71,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a DemoConfig setting")
     ap.add_argument("--work", default="projector-check", help="data and feature cache, reused between runs")
-    ap.add_argument("--test-images", type=int, default=1000)
+    ap.add_argument("--val-images", type=int, default=1000)
     args = ap.parse_args()
     settings = parse_settings(args.set)
     options = settings.pop("projector_options", {})
@@ -87,8 +81,7 @@ def main() -> None:
         ap.error(f"--set: {e}")
     cfg.projector_options.update(options)
     work = Path(args.work)
-    root, files = demo_data(cfg, work)
-    test_root = test_data(cfg, work, args.test_images)
+    root, files = demo_data(cfg, work, args.val_images)
 
     seed_everything(cfg.seed)
     model, processor = build_base(cfg)
@@ -108,11 +101,10 @@ def main() -> None:
     )  # fmt: skip
     seconds = time.perf_counter() - t
 
-    test_set = SupervisedDataset([str(test_root / "test.json")], processor, str(test_root), "auto", "error", False,
-                                 cache)  # fmt: skip
+    val_set = SupervisedDataset([str(root / "validation.json")], processor, str(root), "auto", "error", False, cache)
     special = set(processor.tokenizer.all_special_ids) | {processor.image_token_id}
     with torch.no_grad():
-        feats, spelled = warmstart.collect(model, test_set, collate, cache, device, args.test_images, special)
+        feats, spelled = warmstart.collect(model, val_set, collate, cache, device, args.val_images, special)
         names = sorted({tuple(s) for s in spelled})  # each class name as the answers' tokens
         truth = torch.tensor([names.index(tuple(s)) for s in spelled])
         full_stop = processor.tokenizer.convert_tokens_to_ids(".")
@@ -124,8 +116,8 @@ def main() -> None:
         logp = (cos * warmstart.CAPTION_SCALE).log_softmax(-1)
         score = torch.stack([logp.gather(-1, t.expand(len(logp), -1)[..., None]).sum((1, 2)) for t in targets], 1)
         accuracy = (score.argmax(1) == truth).float().mean().item()
-    print(json.dumps({"seed": cfg.seed, "settings": args.set, "fashion_accuracy": round(100 * accuracy, 1),
-                      "test_images": len(truth), "warm_start_s": round(seconds, 1), "warm_start": warm}))  # fmt: skip
+    print(json.dumps({"seed": cfg.seed, "settings": args.set, "fashion_val_accuracy": round(100 * accuracy, 1),
+                      "val_images": len(truth), "warm_start_s": round(seconds, 1), "warm_start": warm}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ def add_commands(subparsers) -> None:
     p.add_argument("--instruct-steps", type=int, default=None)
     p.add_argument("--align-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-on", choices=["test", "validation"], default="test",
+                   help="the test splits (report) or their validation twins (choose recipes on these)")
+    p.add_argument("--no-text-replay", dest="text_replay", action="store_false",
+                   help="do not train on the base LLM's own answers to text prompts")
     p.set_defaults(func=cmd_demo)
 
     p = subparsers.add_parser("chat", help="talk about an image in the terminal")
@@ -32,7 +36,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from minillava.demo.run import DemoConfig, run_demo
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = DemoConfig(out=args.out, quick=args.quick, seed=args.seed)
+    cfg = DemoConfig(out=args.out, quick=args.quick, seed=args.seed, eval_on=args.eval_on, text_replay=args.text_replay)
     if args.instruct_steps is not None:
         cfg.instruct_steps = args.instruct_steps
     if args.align_steps is not None:

@@ -1,4 +1,9 @@
-"""Fashion-MNIST class questions, from Debian's `dataset-fashion-mnist` package when it is installed."""
+"""Fashion-MNIST class questions, from Debian's `dataset-fashion-mnist` package when it is installed.
+
+Training and validation images come from the official train set (disjoint picks); the `fashion` test split
+from t10k, read only to report. Every evaluation image is checked by its pixels against the training images
+(and the splits against each other): a duplicate is left out and the next image taken.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from minillava.demo import phrasing
 from minillava.demo.questions import Question, write_evaluation, write_training
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-QUESTION = "What kind of clothing item is this?"
+# split -> (official file, phrasing families); the training split comes first: the others are checked against it
+SPLITS = {"fashion_train": ("train", "train"), "fashion_val": ("train", "validation"), "fashion": ("t10k", "train")}
 
 
 def available(root: Path = FASHION_DIR) -> bool:
@@ -29,22 +36,34 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def generate(out: Path, n_train: int, n_test: int, side: int = 112, seed: int = 0) -> dict[str, Path]:
-    """Balanced random subsets: training images from the official train set, test images from t10k."""
+def generate(out: Path, sizes: dict[str, int], side: int = 112, seed: int = 0) -> dict[str, Path]:
+    """Balanced random subsets for the splits named in `sizes` (keys of `SPLITS`), one question per image."""
     (out / "images").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for split, official, n in (("fashion_train", "train", n_train), ("fashion", "t10k", n_test)):
+    files: dict[str, Path] = {}
+    seen: set[bytes] = set()  # raw 28 x 28 pixels of every image already in a split
+    taken: dict[str, set[int]] = {"train": set(), "t10k": set()}
+    for split in [s for s in SPLITS if s in sizes]:
+        official, phrasings = SPLITS[split]
         images = read_idx(FASHION_DIR / f"{official}-images-idx3-ubyte.gz")
         labels = read_idx(FASHION_DIR / f"{official}-labels-idx1-ubyte.gz")
         rng = random.Random(f"{seed}-{split}")
-        picks = rng.sample(range(len(labels)), n)
-        questions = []
-        for i, k in enumerate(picks):
+        order = [k for k in rng.sample(range(len(labels)), len(labels)) if k not in taken[official]]
+        questions: list[Question] = []
+        for k in order:
+            if len(questions) == sizes[split]:
+                break
+            key = images[k].tobytes()
+            if key in seen:  # a duplicate would turn a held-out score into a training score (checked, not assumed)
+                continue
+            seen.add(key)
+            taken[official].add(k)
+            i = len(questions)
             name = f"images/{split}_{i:05d}.png"
             Image.fromarray(255 - images[k]).resize((side, side), Image.Resampling.BICUBIC).save(out / name)
-            questions.append(Question(f"{split}_{i:05d}", name, "fashion", QUESTION, CLASSES[labels[k]]))
+            question = phrasing.ask(rng, "fashion", phrasings)
+            questions.append(Question(f"{split}_{i:05d}", name, "fashion", question, CLASSES[labels[k]]))
         if split == "fashion_train":
-            files[split] = write_training(out / "fashion_train.json", questions)
+            files[split] = write_training(out / f"{split}.json", questions)
         else:
-            files[split] = write_evaluation(out / "fashion.jsonl", questions)
+            files[split] = write_evaluation(out / f"{split}.jsonl", questions)
     return files

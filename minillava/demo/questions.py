@@ -1,12 +1,14 @@
 """The demo's question sets on disk: training samples in LLaVA's format, one question each (as evaluation asks
-them), and evaluation rows in `minillava eval`'s question-file format."""
+them), and evaluation rows in `minillava eval`'s question-file format, with every answer form it accepts and the
+facts of the scene (which score a free-form description)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from minillava.demo.phrasing import accepted_answers
 from minillava.fileio import write_atomic
 
 
@@ -14,9 +16,10 @@ from minillava.fileio import write_atomic
 class Question:
     qid: str
     image: str  # relative to the data directory
-    category: str  # the per-type rows of the report
+    category: str  # the question type: the per-type rows of the report
     question: str
-    answer: str
+    answer: str  # the canonical answer, the one training teaches
+    facts: dict[str, str] = field(default_factory=dict)  # what the image shows (colour, shape, size / count)
 
 
 def write_training(path: Path, questions: list[Question]) -> Path:
@@ -31,6 +34,7 @@ def write_training(path: Path, questions: list[Question]) -> Path:
 
 def write_evaluation(path: Path, questions: list[Question]) -> Path:
     rows = ({"question_id": q.qid, "image": q.image, "question": q.question, "answer": q.answer,
-             "category": q.category} for q in questions)  # fmt: skip
+             "answers": accepted_answers(q.answer, q.category), "category": q.category, "facts": q.facts}
+            for q in questions)  # fmt: skip
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -63,11 +63,15 @@ def heldout_grid(predictions: list[dict], data: Path, png: Path, per_split: int 
 
 def format_report(report: dict[str, Any], predictions: list[dict], n_examples: int = 4) -> str:
     """The table printed at the end of the demo: accuracy per split and question type, then examples."""
-    lines = ["", f"{'split':<10} {'type':<10} {'accuracy':>9} {'n':>6}"]
+    lines = ["", f"{'split':<13} {'type':<10} {'accuracy':>9} {'n':>6}  95 % interval"]
     for split, r in report["eval"].items():
-        lines.append(f"{split:<10} {'(all)':<10} {r['accuracy']:>9.1%} {r['n']:>6}")
+        low, high = r["ci95"]
+        lines.append(f"{split:<13} {'(all)':<10} {r['accuracy']:>9.1%} {r['n']:>6}  {low:.1%} - {high:.1%}")
         for qtype, acc in sorted(r["by_type"].items()):
-            lines.append(f"{'':<10} {qtype:<10} {acc:>9.1%}")
+            lines.append(f"{'':<13} {qtype:<10} {acc:>9.1%}")
+    text = report["text_retention"]
+    lines.append(f"text-only check (LLM knowledge, n {text['n']}): {text['before']:.1%} before tuning, "
+                 f"{text['after']:.1%} after")
     lines += ["", "sample conversations (held-out images):"]
     for p in predictions[:: max(1, len(predictions) // n_examples)][:n_examples]:
         lines.append(f"  [{p['split']}] {p['image']}")

@@ -1,22 +1,30 @@
-"""Deterministic synthetic visual-question data, rendered with Pillow.
+"""Synthetic visual questions, rendered with Pillow under continuously varying conditions.
 
-Each image holds one to four coloured shapes and gets several questions (shape, colour, size, position,
-counting, yes/no and a one-sentence description). Each training sample is one question about one image, as
-evaluation asks them: in a multi-turn conversation the later answers can be read off the earlier ones (the
-description repeats every attribute, a yes/no question names the shape and colour just answered), so the
-model learns to copy from the conversation instead of looking at the image. Splits are honest: evaluation
-images are never rendered for training, and the `combo` split uses colour-shape pairs that never occur in
-training at all.
+A scene is one shape (asked its shape, colour, size, position, a yes/no question and a description) or one to
+four shapes of one kind (asked how many, their colour, yes/no and a description). Every scene is drawn with
+its own canvas size, centre jitter, radius, rotation, tint, background texture and anti-aliasing, so no two
+scenes coincide by chance, and every split is checked against the others by its decoded pixels: an evaluation
+image that equals an image of another split is drawn again.
+
+Splits (see `SPLITS`): `train`; `test` (new images); `phrasing` (new images asked in phrasing families never
+trained on or validated on); `combo` (colour-shape pairs never seen in training, not even named in a question);
+`shift` (rendering conditions never used in training: larger non-square canvases, stronger tints, object
+scales outside the training ranges, a shaded background). Recipes are chosen on the `val_*` splits, which
+mirror them with their own images, their own phrasing family and their own, different renderer shift.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
+from minillava.demo import phrasing
 from minillava.demo.questions import Question, write_evaluation, write_training
 
 COLOURS = {
@@ -28,10 +36,9 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
-SIZES = {"small": 0.16, "large": 0.30}  # radius as a fraction of the canvas side
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
-NUMBERS = ("zero", "one", "two", "three", "four")
-# Pairs that never occur in training: the `combo` split asks about exactly these.
+NUMBERS = phrasing.NUMBERS
+# Pairs that never occur in training: the `combo` splits show exactly these.
 HELD_OUT_COMBOS = {
     ("green", "triangle"),
     ("blue", "star"),
@@ -42,116 +49,271 @@ HELD_OUT_COMBOS = {
 
 
 @dataclass(frozen=True)
+class Style:
+    """The renderer's conditions; each scene draws its own values from these ranges."""
+
+    side: tuple[int, int]  # canvas width (pixels)
+    aspect: tuple[float, float]  # height / width
+    radius: dict[str, tuple[float, float]]  # per size word, as a fraction of the canvas' shorter side
+    jitter: float  # centre offset, fraction of the side
+    tint: int  # largest change of each colour channel
+    background: tuple[int, int]  # grey level of the background
+    texture: float  # amplitude of the blotchy background texture
+    rotation: float  # degrees either way (circles excepted)
+    gradient: float = 0.0  # a linear shade across the background, in grey levels
+
+
+TRAIN_STYLE = Style(side=(96, 144), aspect=(1.0, 1.0), radius={"small": (0.14, 0.18), "large": (0.26, 0.31)},
+                    jitter=0.05, tint=20, background=(228, 250), texture=6.0, rotation=15.0)  # fmt: skip
+# Held out for validation: small canvases, a cool cast, textures twice as strong
+VAL_SHIFT_STYLE = Style(side=(64, 84), aspect=(1.0, 1.0), radius={"small": (0.14, 0.18), "large": (0.26, 0.31)},
+                        jitter=0.05, tint=28, background=(215, 235), texture=12.0, rotation=15.0)  # fmt: skip
+# Held out for the test: large non-square canvases, stronger tints, scales outside the training ranges, shading
+SHIFT_STYLE = Style(side=(180, 240), aspect=(0.7, 0.85), radius={"small": (0.11, 0.135), "large": (0.315, 0.34)},
+                    jitter=0.06, tint=32, background=(205, 240), texture=4.0, rotation=15.0,
+                    gradient=30.0)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    pairs: str  # "seen" (training pairs) or "unseen" (HELD_OUT_COMBOS)
+    style: Style
+    phrasing: str  # phrasing.PHRASINGS
+
+
+SPLITS = {
+    "train": SplitSpec("seen", TRAIN_STYLE, "train"),
+    "test": SplitSpec("seen", TRAIN_STYLE, "train"),
+    "phrasing": SplitSpec("seen", TRAIN_STYLE, "held_out"),
+    "combo": SplitSpec("unseen", TRAIN_STYLE, "train"),
+    "shift": SplitSpec("seen", SHIFT_STYLE, "train"),
+    "val": SplitSpec("seen", TRAIN_STYLE, "train"),
+    "val_phrasing": SplitSpec("seen", TRAIN_STYLE, "validation"),
+    "val_combo": SplitSpec("unseen", TRAIN_STYLE, "train"),
+    "val_shift": SplitSpec("seen", VAL_SHIFT_STYLE, "train"),
+}
+TEST_SPLITS = ("test", "phrasing", "combo", "shift")
+VALIDATION_SPLITS = ("val", "val_phrasing", "val_combo", "val_shift")
+
+
+@dataclass(frozen=True)
 class Shape:
     colour: str
     shape: str
-    size: str
-    position: str
+    size: str  # "small" | "large"
+    position: str  # a key of POSITIONS (for one shape), "" for a counted shape
+    centre: tuple[float, float]  # fractions of width, height
+    radius: float  # fraction of the shorter side
+    angle: float  # degrees
+    rgb: tuple[int, int, int]
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, s: Shape, side: int, centre: tuple[float, float] | None = None) -> None:
-    cx, cy = centre or POSITIONS[s.position]
-    cx, cy, r = cx * side, cy * side, SIZES[s.size] * side
-    fill = COLOURS[s.colour]
+@dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]
+    counted: bool  # a counting scene (one kind of shape, any number) or one shape
+
+    @property
+    def configuration(self) -> tuple:
+        """What the scene shows, without how it was drawn: the unit that "unseen" splits keep disjoint."""
+        s = self.shapes[0]
+        if self.counted:
+            return ("count", s.colour, s.shape, len(self.shapes))
+        return ("single", s.colour, s.shape, s.size, s.position)
+
+    @property
+    def facts(self) -> dict[str, str]:
+        s = self.shapes[0]
+        facts = {"colour": s.colour, "shape": s.shape}
+        return facts | ({"count": NUMBERS[len(self.shapes)]} if self.counted else {"size": s.size})
+
+
+def _outline(s: Shape, w: int, h: int) -> list[tuple[float, float]] | None:
+    """The polygon of a shape in pixels (None for a circle)."""
+    cx, cy, r = s.centre[0] * w, s.centre[1] * h, s.radius * min(w, h)
     if s.shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif s.shape == "square":
+        return None
+    if s.shape == "square":
         q = r * 0.85
-        draw.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+        pts = [(-q, -q), (q, -q), (q, q), (-q, q)]
     elif s.shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
+        pts = [(0, -r), (r, r * 0.8), (-r, r * 0.8)]
     elif s.shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)], fill=fill)
+        pts = [(0, -r), (r * 0.75, 0), (0, r), (-r * 0.75, 0)]
     else:  # star: five points
-        import math
-
-        pts = [
-            (cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-             cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5))
-            for k in range(10)
-        ]  # fmt: skip
-        draw.polygon(pts, fill=fill)
+        pts = [((r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
+                -(r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]  # fmt: skip
+    a = math.radians(s.angle)
+    return [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in pts]
 
 
-def _combos(split: str) -> list[tuple[str, str]]:
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    if split == "combo":
+def _background(rng: random.Random, style: Style, w: int, h: int) -> np.ndarray:  # (h, w, 3) float
+    grey = rng.uniform(*style.background)
+    cast = np.array([rng.uniform(-6, 6) for _ in range(3)])
+    nrng = np.random.default_rng(rng.getrandbits(64))
+    blotches = nrng.normal(0, 1, (max(2, h // 12), max(2, w // 12))).astype(np.float32)
+    texture = np.asarray(Image.fromarray(blotches).resize((w, h), Image.Resampling.BILINEAR))
+    shade = np.linspace(-0.5, 0.5, w)[None, :] * style.gradient * rng.choice((-1, 1))
+    return (grey + cast)[None, None, :] + (style.texture * texture + shade)[..., None]
+
+
+def render(rng: random.Random, scene: Scene, style: Style) -> Image.Image:
+    """Draw at 1-3x the canvas size and shrink (1x: hard aliased edges), over a textured background."""
+    w = rng.randint(*style.side)
+    h = round(w * rng.uniform(*style.aspect))
+    k = rng.choice((1, 2, 3))
+    layer = Image.new("L", (w * k, h * k), 0)
+    colour = Image.new("RGB", (w * k, h * k))
+    for s in scene.shapes:
+        mask = Image.new("L", layer.size, 0)
+        draw = ImageDraw.Draw(mask)
+        pts = _outline(s, w * k, h * k)
+        if pts is None:
+            cx, cy, r = s.centre[0] * w * k, s.centre[1] * h * k, s.radius * min(w, h) * k
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
+        else:
+            draw.polygon(pts, fill=255)
+        colour.paste(s.rgb, mask=mask)
+        layer.paste(255, mask=mask)
+    if k > 1:
+        layer = layer.resize((w, h), Image.Resampling.BOX)
+        colour = colour.resize((w, h), Image.Resampling.BOX)
+    alpha = np.asarray(layer, dtype=np.float32)[..., None] / 255
+    # the box filter averages the shape's colour with black outside it: divide that back out at the edges
+    fg = np.asarray(colour, dtype=np.float32) / np.maximum(alpha, 1 / 255)
+    pixels = alpha * fg + (1 - alpha) * _background(rng, style, w, h)
+    return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+
+
+def _tinted(rng: random.Random, colour: str, style: Style) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.randint(-style.tint, style.tint), 0, 255)) for c in COLOURS[colour])
+
+
+def _pairs(spec: SplitSpec) -> list[tuple[str, str]]:
+    if spec.pairs == "unseen":
         return sorted(HELD_OUT_COMBOS)
-    return [p for p in pairs if p not in HELD_OUT_COMBOS]
+    return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT_COMBOS]
 
 
-def _askable(split: str) -> set[tuple[str, str]]:
-    """Pairs a yes/no question may name: outside `combo`, never a held-out pair, not even in a question whose
-    answer is "no" (it was: the model learnt "a yellow square? no" and said no to every yellow square)."""
-    pairs = {(c, s) for c in COLOURS for s in SHAPES}
-    return pairs if split == "combo" else pairs - HELD_OUT_COMBOS
+def _angle(rng: random.Random, shape: str, style: Style) -> float:
+    return 0.0 if shape == "circle" else rng.uniform(-style.rotation, style.rotation)
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+def single_scene(rng: random.Random, spec: SplitSpec) -> Scene:
+    colour, shape = rng.choice(_pairs(spec))
+    size, position = rng.choice(("small", "large")), rng.choice(list(POSITIONS))
+    st = spec.style
+    x, y = (p + rng.uniform(-st.jitter, st.jitter) for p in POSITIONS[position])
+    s = Shape(colour, shape, size, position, (x, y), rng.uniform(*st.radius[size]), _angle(rng, shape, st),
+              _tinted(rng, colour, st))  # fmt: skip
+    return Scene((s,), counted=False)
 
 
-def single_shape_sample(rng: random.Random, split: str, side: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-    """One shape. Returns the image and (type, question, answer) triples."""
-    colour, shape = rng.choice(_combos(split))
-    s = Shape(colour, shape, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
-    img = Image.new("RGB", (side, side), (245, 245, 245))
-    draw_shape(ImageDraw.Draw(img), s, side)
-    wrong = sorted({(c, shape) for c in COLOURS if c != colour} | {(colour, x) for x in SHAPES if x != shape})
-    askable = _askable(split)
-    no = [p for p in wrong if p in askable]
-    if split == "train":  # both answers about the same image: neither "yes" nor "no" can be said without looking
-        asked = [((colour, shape), "yes"), (rng.choice(no), "no")]
-    elif rng.random() < 0.5:  # evaluation: one question, yes or no at random
-        asked = [((colour, shape), "yes")]
-    else:
-        asked = [(rng.choice(no), "no")]
-    where = "in the center" if s.position == "center" else f"on the {s.position}"
-    qa = [
-        ("shape", "What shape is in the image?", shape),
-        ("colour", f"What colour is the {shape}?", colour),
-        ("size", f"Is the {shape} small or large?", s.size),
-        ("position", f"Where is the {shape}: left, right, top, bottom or center?", s.position),
-        ("describe", "Describe the image in one sentence.", f"A {s.size} {colour} {shape} {where}."),
-        # last: their answers depend on the question, not only the image, so the warm start's caption (the
-        # image's answers in order, cut to the image tokens) ends before them
-        *(("yes/no", f"Is there {_article(c)} {c} {x} in the image?", answer) for (c, x), answer in asked),
-    ]
-    return img, qa
-
-
-def count_sample(rng: random.Random, split: str, side: int) -> tuple[Image.Image, list[tuple[str, str, str]]]:
-    """One to four small shapes of one kind in the four quadrants."""
-    colour, shape = rng.choice(_combos(split))
+def count_scene(rng: random.Random, spec: SplitSpec) -> Scene:
+    """One to four small shapes of one kind, anywhere on the canvas, none touching another."""
+    colour, shape = rng.choice(_pairs(spec))
     n = rng.randint(1, 4)
-    img = Image.new("RGB", (side, side), (245, 245, 245))
-    draw = ImageDraw.Draw(img)
-    for cx, cy in rng.sample([(0.27, 0.27), (0.73, 0.27), (0.27, 0.73), (0.73, 0.73)], n):
-        draw_shape(draw, Shape(colour, shape, "small", "center"), side, (cx, cy))
-    plural = shape if n == 1 else shape + "s"
-    return img, [
-        ("count", "How many shapes are in the image?", NUMBERS[n]),
-        ("colour", f"What colour are the {plural}?" if n > 1 else f"What colour is the {shape}?", colour),
-        ("describe", "Describe the image in one sentence.", f"{NUMBERS[n].capitalize()} small {colour} {plural}."),
-    ]
+    st = spec.style
+    lo, hi = st.radius["small"]
+    r = rng.uniform(lo * 0.8, hi * 0.85)  # smaller than a lone small shape: four must fit
+    centres: list[tuple[float, float]] = []
+    while len(centres) < n:  # rejection sampling; with r <= 0.16 four always fit, on a square canvas or not
+        c = (rng.uniform(r + 0.02, 1 - r - 0.02), rng.uniform(r + 0.02, 1 - r - 0.02))
+        if all(math.dist(c, o) > 2.3 * r for o in centres):
+            centres.append(c)
+    shapes = tuple(Shape(colour, shape, "small", "", c, r, _angle(rng, shape, st), _tinted(rng, colour, st))
+                   for c in centres)  # fmt: skip
+    return Scene(shapes, counted=True)
 
 
-def generate(out: Path, n_train: int, n_test: int, n_combo: int, side: int = 112, seed: int = 0) -> dict[str, Path]:
-    """Write images + `train.json` (LLaVA format) + `test.jsonl` / `combo.jsonl` (eval format)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
-    files = {}
-    for split, n in (("train", n_train), ("test", n_test), ("combo", n_combo)):
+def _askable(spec: SplitSpec) -> set[tuple[str, str]]:
+    """Pairs a yes/no question may name: outside the unseen splits, never a held-out pair, not even in a question
+    whose answer is "no" (it was: the model learnt "a yellow square? no" and said no to every yellow square)."""
+    pairs = {(c, s) for c in COLOURS for s in SHAPES}
+    return pairs if spec.pairs == "unseen" else pairs - HELD_OUT_COMBOS
+
+
+def yes_no(rng: random.Random, scene: Scene, spec: SplitSpec, answer: str) -> str:
+    """A question about the scene's shape, its colour, or both, whose true answer is `answer`."""
+    s = scene.shapes[0]
+    kind = rng.choice(("pair", "pair", "colour", "shape"))
+    if kind == "colour":
+        colour = s.colour if answer == "yes" else rng.choice([c for c in COLOURS if c != s.colour])
+        thing = f"{colour} {rng.choice(phrasing.NOUNS)}"
+    elif kind == "shape":
+        thing = s.shape if answer == "yes" else rng.choice([x for x in SHAPES if x != s.shape])
+    else:
+        wrong = {(c, s.shape) for c in COLOURS if c != s.colour} | {(s.colour, x) for x in SHAPES if x != s.shape}
+        no = sorted(wrong & _askable(spec))
+        colour, shape = (s.colour, s.shape) if answer == "yes" else rng.choice(no)
+        thing = f"{colour} {shape}"
+    return phrasing.ask(rng, "yes/no", spec.phrasing, thing=thing, a=phrasing.article(thing))
+
+
+def questions(rng: random.Random, scene: Scene, spec: SplitSpec, training: bool) -> list[tuple[str, str, str]]:
+    """(type, question, answer) triples, in the order the warm start's caption spells the answers: the facts of
+    the image first, the yes/no questions (whose answers depend on the question too) last."""
+    s, ph = scene.shapes[0], spec.phrasing
+    obj = s.shape if rng.random() < 0.6 else rng.choice(phrasing.NOUNS)
+    n = len(scene.shapes)
+    if scene.counted:
+        objs = rng.choice((f"{s.shape}s", f"{s.colour} {s.shape}s", *phrasing.PLURAL_NOUNS))
+        colour_q = phrasing.ask(rng, "colour", ph, obj=s.shape if n == 1 else s.shape + "s")
+        colour_q = colour_q if n == 1 else phrasing.plural_verbs(colour_q)
+        qa = [("count", phrasing.ask(rng, "count", ph, objs=objs), NUMBERS[n]),
+              ("colour", colour_q, s.colour),
+              ("describe", phrasing.ask(rng, "describe", ph),
+               f"{NUMBERS[n].capitalize()} small {s.colour} {s.shape if n == 1 else s.shape + 's'}.")]  # fmt: skip
+    else:
+        where = "in the center" if s.position == "center" else f"on the {s.position}"
+        qa = [("shape", phrasing.ask(rng, "shape", ph), s.shape),
+              ("colour", phrasing.ask(rng, "colour", ph, obj=obj), s.colour),
+              ("size", phrasing.ask(rng, "size", ph, obj=obj), s.size),
+              ("position", phrasing.ask(rng, "position", ph, obj=obj), s.position),
+              ("describe", phrasing.ask(rng, "describe", ph), f"A {s.size} {s.colour} {s.shape} {where}.")]  # fmt: skip
+    # training asks a yes and a no about each image (neither can be said without looking); evaluation one
+    answers = ["yes", "no"] if training else [rng.choice(("yes", "no"))]
+    return qa + [("yes/no", yes_no(rng, scene, spec, a), a) for a in answers]
+
+
+def pixel_hash(img: Image.Image) -> str:
+    """The identity of a picture: its decoded RGB values and size (not its file name or encoding)."""
+    rgb = img.convert("RGB")
+    return hashlib.md5(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+
+
+def generate(out: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
+    """Write the splits named in `sizes` (train: images; evaluation splits: at least that many questions):
+    images, `train.json` (LLaVA format), `<split>.jsonl` (eval format, with each scene's facts), and
+    `scenes.jsonl` (every image's split and configuration, for the disjointness checks)."""
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    seen: set[str] = set()
+    scenes: list[str] = []
+    import json
+
+    for split in sorted(sizes, key=lambda s: s != "train"):  # train first: the others are checked against it
+        spec, target = SPLITS[split], sizes[split]
         rng = random.Random(f"{seed}-{split}")  # each split its own stream: changing one size leaves others
-        questions = []
-        for i in range(n):
-            make = count_sample if rng.random() < 0.25 else single_shape_sample
-            img, qa = make(rng, split, side)
+        rows: list[Question] = []
+        i = 0
+        while (i < target) if split == "train" else (len(rows) < target):
+            scene = count_scene(rng, spec) if rng.random() < 0.25 else single_scene(rng, spec)
+            img = render(rng, scene, spec.style)
+            key = pixel_hash(img)
+            if key in seen:  # never a picture that another split (or this one) already holds
+                continue
+            seen.add(key)
             name = f"images/{split}_{i:05d}.png"
             img.save(out / name)
-            questions += [Question(f"{split}_{i:05d}-{k}", name, *triple) for k, triple in enumerate(qa)]
-        if split == "train":
-            files[split] = write_training(out / "train.json", questions)
-        else:
-            files[split] = write_evaluation(out / f"{split}.jsonl", questions)
+            scenes.append(json.dumps({"image": name, "split": split, "configuration": scene.configuration}))
+            for k, (qtype, q, a) in enumerate(questions(rng, scene, spec, training=split == "train")):
+                # the type in the id: the captions of the align stage are the training descriptions
+                rows.append(Question(f"{split}_{i:05d}-{k}-{qtype.replace('/', '')}", name, qtype, q, a, scene.facts))
+            i += 1
+        path = out / ("train.json" if split == "train" else f"{split}.jsonl")
+        files[split] = write_training(path, rows) if split == "train" else write_evaluation(path, rows)
+    from minillava.fileio import write_atomic
+
+    write_atomic(out / "scenes.jsonl", "".join(line + "\n" for line in scenes))
     return files

@@ -331,3 +331,17 @@ def _check_pairs(hypotheses: Sequence[str], references: Sequence[Sequence[str]])
         raise ValueError("need at least one caption to score")
     if any(not refs for refs in references):
         raise ValueError("every caption needs at least one reference")
+
+
+# ---- intervals ------------------------------------------------------------------------------------
+
+
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % for z = 1.96): unlike p +- z * se it stays inside [0, 1]
+    and is honest near 0 % and 100 %, where a demo's scores sit."""
+    if n <= 0:
+        raise ValueError("an interval needs at least one sample")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

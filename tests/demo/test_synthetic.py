@@ -1,75 +1,148 @@
 import gzip
 import json
+from collections import Counter
 
 import numpy as np
+import pytest
+from PIL import Image
 
-from minillava.demo import fashion, synthetic
+from minillava.demo import fashion, phrasing, synthetic
 
-
-def _answers_by_image(data_dir):
-    """{image: {question: answer}} over the training samples."""
-    out = {}
-    for sample in json.loads((data_dir / "train.json").read_text()):
-        (question, answer) = (t["value"] for t in sample["conversations"])
-        out.setdefault(sample["image"], {})[question.removeprefix("<image>\n")] = answer
-    return out
+SIZES = {"train": 300, "test": 120, "phrasing": 120, "combo": 120, "shift": 120, "val": 60, "val_phrasing": 60,
+         "val_combo": 60, "val_shift": 60}  # fmt: skip
 
 
-def _answer(qa, start):
-    return next((a for q, a in qa.items() if q.startswith(start)), None)
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, SIZES, seed=0)
+    return root
 
 
-def _train_pairs(data_dir):
-    pairs = set()
-    for qa in _answers_by_image(data_dir).values():
-        if _answer(qa, "What shape"):
-            pairs.add((_answer(qa, "What colour"), _answer(qa, "What shape")))
-    return pairs
+def _rows(root, split):
+    if split == "train":
+        return [{"image": s["image"], "question": s["conversations"][0]["value"].removeprefix("<image>\n"),
+                 "answer": s["conversations"][1]["value"]} for s in json.loads((root / "train.json").read_text())]
+    return [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines()]
 
 
-def test_each_training_sample_is_one_question_about_one_image(tmp_path):
-    """As evaluation asks: no earlier answers in the context to copy from (the description repeats them all)."""
-    synthetic.generate(tmp_path, 20, 2, 2, side=56, seed=0)
-    samples = json.loads((tmp_path / "train.json").read_text())
-    assert all(len(s["conversations"]) == 2 and s["conversations"][0]["value"].startswith("<image>\n") for s in samples)
-    assert len({s["id"] for s in samples}) == len(samples)
-    by_image = _answers_by_image(tmp_path)
-    assert len(by_image) == 20
-    for qa in by_image.values():  # every image is still asked everything: a description and its attributes
-        description = _answer(qa, "Describe")
-        assert description and _answer(qa, "What colour") in description
+def _scenes(root):
+    return [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
 
 
-def test_deterministic_and_honest_splits(tmp_path):
-    a = synthetic.generate(tmp_path / "a", 60, 10, 10, side=56, seed=3)
-    b = synthetic.generate(tmp_path / "b", 60, 10, 10, side=56, seed=3)
-    for split in a:
-        assert a[split].read_text() == b[split].read_text()
+def test_no_picture_is_in_two_splits_by_its_decoded_pixels(data):
+    """The old renderer drew 1200 training files from ~425 distinct pictures: 41 of 50 "new" test images were
+    pixel-identical to training images. Identity is the decoded RGB, never the file name."""
+    owner: dict[str, str] = {}
+    for scene in _scenes(data):
+        key = synthetic.pixel_hash(Image.open(data / scene["image"]))
+        assert key not in owner, f"{scene['image']} shows the same pixels as {owner[key]}"
+        owner[key] = scene["image"]
+    assert len(owner) == sum(1 for _ in (data / "images").iterdir())
+
+
+def test_unseen_pairs_never_occur_or_are_named_in_training(data):
+    by_split: dict[str, set] = {}
+    for scene in _scenes(data):
+        by_split.setdefault(scene["split"], set()).add(tuple(scene["configuration"][1:3]))
+    assert not by_split["train"] & synthetic.HELD_OUT_COMBOS
+    for split in ("combo", "val_combo"):
+        assert by_split[split] and by_split[split] <= synthetic.HELD_OUT_COMBOS
+    words = [" ".join(r["question"].lower().split()) for r in _rows(data, "train")]
+    assert not [p for p in synthetic.HELD_OUT_COMBOS if any(" ".join(p) in q for q in words)]
+
+
+def test_held_out_phrasings_are_never_trained_or_validated_on(data):
+    """By content: a question's skeleton (colours, shapes, synonyms, case and punctuation masked) is its phrasing."""
+    train = {phrasing.skeleton(r["question"]) for r in _rows(data, "train")}
+    held_out = {phrasing.skeleton(r["question"]) for r in _rows(data, "phrasing")}
+    validation = {phrasing.skeleton(r["question"]) for r in _rows(data, "val_phrasing")}
+    assert len(train) > 60 and len(held_out) > 10 and len(validation) > 10
+    assert not train & held_out and not train & validation and not held_out & validation
+    seen = {phrasing.skeleton(r["question"]) for split in ("test", "combo", "shift") for r in _rows(data, split)}
+    assert seen <= train  # the other splits isolate one novelty each: their questions are trained phrasings
+
+
+def test_questions_vary_in_words_case_and_punctuation(data):
+    questions = [r["question"] for r in _rows(data, "train")]
+    colour = [q.lower() for q in questions if "colo" in q.lower()]
+    assert any("color" in q for q in colour) and any("colour" in q for q in colour)
+    assert any(q.islower() for q in questions) and any(q[-1] not in "?." for q in questions)
+    assert any(q.startswith(("Name", "Tell", "Count", "Give", "name", "tell", "count", "give")) for q in questions)
+    for noun in phrasing.NOUNS:
+        assert any(f" {noun}" in q.lower() for q in questions), noun
+
+
+def test_answers_match_the_pixels(data):
+    """The named colour is the nearest palette colour to the shape's pixels (tinted, anti-aliased)."""
+    palette = np.array(list(synthetic.COLOURS.values()), dtype=float)
+    for r in _rows(data, "test")[:200]:
+        pixels = np.asarray(Image.open(data / r["image"]).convert("RGB"), dtype=float).reshape(-1, 3)
+        saturated = pixels[pixels.max(1) - pixels.min(1) > 80]
+        nearest = np.argmin(((saturated[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
+        assert list(synthetic.COLOURS)[Counter(nearest.tolist()).most_common(1)[0][0]] == r["facts"]["colour"]
+
+
+def test_renderer_shift_uses_conditions_never_used_in_training(data):
+    sizes = {s["split"]: set() for s in _scenes(data)}
+    for s in _scenes(data):
+        sizes[s["split"]].add(Image.open(data / s["image"]).size)
+    train_w = {w for w, h in sizes["train"]}
+    assert all(w == h for w, h in sizes["train"]) and all(w != h for w, h in sizes["shift"])
+    assert max(w for w, _ in sizes["val_shift"]) < min(train_w) < max(train_w) < min(w for w, _ in sizes["shift"])
+    lo, hi = synthetic.TRAIN_STYLE.radius["small"]
+    assert synthetic.SHIFT_STYLE.radius["small"][1] < lo and synthetic.SHIFT_STYLE.radius["large"][0] > \
+        synthetic.TRAIN_STYLE.radius["large"][1]  # fmt: skip
+
+
+def test_deterministic_per_seed(tmp_path):
+    sizes = {"train": 20, "test": 20}
+    a, b = synthetic.generate(tmp_path / "a", sizes, seed=3), synthetic.generate(tmp_path / "b", sizes, seed=3)
+    assert all(a[k].read_text() == b[k].read_text() for k in a)
     assert (tmp_path / "a/images/train_00007.png").read_bytes() == (tmp_path / "b/images/train_00007.png").read_bytes()
-    assert (
-        synthetic.generate(tmp_path / "c", 60, 10, 10, side=56, seed=4)["train"].read_text() != a["train"].read_text()
-    )
-
-    train_images = {s["image"] for s in json.loads(a["train"].read_text())}
-    for split in ("test", "combo"):
-        rows = [json.loads(line) for line in a[split].read_text().splitlines()]
-        assert rows and not ({r["image"] for r in rows} & train_images)  # held-out images are never trained on
-    assert not (_train_pairs(tmp_path / "a") & synthetic.HELD_OUT_COMBOS)  # never-seen colour-shape pairs
-    questions = " ".join(q for qa in _answers_by_image(tmp_path / "a").values() for q in qa)
-    assert not [p for p in synthetic.HELD_OUT_COMBOS if " ".join(p) in questions]  # not even named in a question
-    combo = [json.loads(line) for line in a["combo"].read_text().splitlines()]
-    shapes = {r["answer"] for r in combo if r["category"] == "shape"}
-    assert shapes and shapes <= set(synthetic.SHAPES)
+    assert synthetic.generate(tmp_path / "c", sizes, seed=4)["train"].read_text() != a["train"].read_text()
 
 
-def test_answers_match_the_pixels(tmp_path):
-    synthetic.generate(tmp_path, 30, 2, 2, side=56, seed=0)
-    from PIL import Image
+def test_each_training_sample_is_one_question_about_one_image(data):
+    samples = json.loads((data / "train.json").read_text())
+    assert all(len(s["conversations"]) == 2 and s["conversations"][0]["value"].startswith("<image>\n") for s in samples)
+    assert len({s["id"] for s in samples}) == len(samples) and len({s["image"] for s in samples}) == SIZES["train"]
 
-    for image, qa in _answers_by_image(tmp_path).items():
-        colour = _answer(qa, "What colour")
-        pixels = np.asarray(Image.open(tmp_path / image).convert("RGB")).reshape(-1, 3)
-        assert (np.abs(pixels - np.array(synthetic.COLOURS[colour])).sum(1) == 0).any(), image
+
+def test_yes_no_questions_are_balanced(data):
+    """With one yes in three, answering "no" to everything scored 67 %. Training asks a yes and a no about each
+    image; evaluation asks one, yes or no at random."""
+    by_image: dict[str, list[str]] = {}
+    for r in _rows(data, "train"):
+        if r["answer"] in ("yes", "no"):
+            by_image.setdefault(r["image"], []).append(r["answer"])
+    assert len(by_image) == SIZES["train"] and all(sorted(a) == ["no", "yes"] for a in by_image.values())
+    answers = [r["answer"] for r in _rows(data, "test") if r["category"] == "yes/no"]
+    assert len(answers) > 15 and 0.25 < answers.count("yes") / len(answers) < 0.75
+    assert not any(" a orange" in r["question"].lower() or " a item" in r["question"].lower()
+                   for r in _rows(data, "train"))  # fmt: skip
+
+
+def test_evaluation_splits_hold_the_asked_number_of_questions(data):
+    for split in ("test", "phrasing", "combo", "shift"):
+        rows = _rows(data, split)
+        assert SIZES[split] <= len(rows) < SIZES[split] + 8
+        assert {r["category"] for r in rows} >= {"shape", "colour", "size", "position", "count", "describe", "yes/no"}
+
+
+def test_accepted_answers_and_descriptions():
+    assert {"on the left", "left side"} <= set(phrasing.accepted_answers("left", "position"))
+    assert {"middle", "centre"} <= set(phrasing.accepted_answers("center", "position"))
+    assert "circles" in phrasing.accepted_answers("circle", "shape")
+    assert "big" in phrasing.accepted_answers("large", "size")
+    assert "big" not in phrasing.accepted_answers("small", "size")
+    facts = {"colour": "red", "shape": "star", "size": "large"}
+    assert phrasing.describes("A big red star near the top.", facts)
+    assert not phrasing.describes("A large red circle.", facts) and not phrasing.describes("A red star.", facts)
+    assert not phrasing.describes("A large red star and a blue star.", facts)
+    assert phrasing.describes("3 small green stars", {"colour": "green", "shape": "star", "count": "three"})
+    assert phrasing.plural_verbs("What colour is the stars?") == "What colour are the stars?"
+    assert phrasing.skeleton("What COLOR is the circle") == phrasing.skeleton("what colour is the star?")
 
 
 def _idx(path, array):
@@ -78,35 +151,34 @@ def _idx(path, array):
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-def test_fashion_reader_on_idx_files(tmp_path, monkeypatch):
+def test_fashion_splits_are_disjoint_by_pixels(tmp_path, monkeypatch):
+    """Validation comes from the official train set, the test from t10k; a picture already in a split (here: t10k
+    repeats three training pictures, and train repeats one of its own) is never used twice."""
     root = tmp_path / "fm"
     root.mkdir()
     rng = np.random.default_rng(0)
-    for official, n in (("train", 30), ("t10k", 20)):
-        _idx(root / f"{official}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        _idx(root / f"{official}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    train = rng.integers(0, 255, (40, 28, 28))
+    train[39] = train[0]
+    t10k = rng.integers(0, 255, (20, 28, 28))
+    t10k[:3] = train[:3]
+    for official, images in (("train", train), ("t10k", t10k)):
+        _idx(root / f"{official}-images-idx3-ubyte.gz", images)
+        _idx(root / f"{official}-labels-idx1-ubyte.gz", np.arange(len(images)) % 10)
     monkeypatch.setattr(fashion, "FASHION_DIR", root)
     assert fashion.available(root)
-    assert fashion.read_idx(root / "t10k-labels-idx1-ubyte.gz").tolist() == [i % 10 for i in range(20)]
-    files = fashion.generate(tmp_path / "out", 12, 6, side=56)
-    rows = [json.loads(line) for line in files["fashion"].read_text().splitlines()]
-    assert len(rows) == 6 and all(r["answer"] in fashion.CLASSES for r in rows)
-    assert len(json.loads(files["fashion_train"].read_text())) == 12
-
-
-def test_yes_no_questions_are_balanced(tmp_path):
-    """With one yes in three, answering "no" to everything scored 67 % and the trained model did just that.
-    Training asks both about each image (one yes, one no); evaluation asks one, yes or no at random."""
-    synthetic.generate(tmp_path, 400, 300, 2, side=56, seed=0)
-    by_image: dict[str, list[str]] = {}
-    for s in json.loads((tmp_path / "train.json").read_text()):
-        if s["conversations"][0]["value"].startswith("<image>\nIs there"):
-            by_image.setdefault(s["image"], []).append(s["conversations"][1]["value"])
-    assert len(by_image) > 200 and all(sorted(a) == ["no", "yes"] for a in by_image.values())
-    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
-    answers = [r["answer"] for r in test if r["category"] == "yes/no"]
-    assert len(answers) > 150 and len(answers) == len({r["image"] for r in test if r["category"] == "yes/no"})
-    assert 0.4 < answers.count("yes") / len(answers) < 0.6
-    questions = [r["question"] for r in test if r["category"] == "yes/no"]
-    assert any(q.startswith("Is there an orange ") for q in questions)
-    assert not any(q.startswith("Is there a orange ") for q in questions)
+    files = fashion.generate(tmp_path / "out", {"fashion_train": 20, "fashion_val": 19, "fashion": 17}, side=56)
+    seen = set()
+    for split, path in files.items():
+        text = path.read_text()
+        rows = json.loads(text) if split == "fashion_train" else [json.loads(x) for x in text.splitlines()]
+        for r in rows:
+            key = np.asarray(Image.open(tmp_path / "out" / r["image"])).tobytes()
+            assert key not in seen, r["image"]
+            seen.add(key)
+    assert len(seen) == 56  # 39 distinct training pictures + 17 t10k pictures not in train
+    val = [json.loads(x) for x in files["fashion_val"].read_text().splitlines()]
+    assert all(r["answer"] in fashion.CLASSES and r["category"] == "fashion" for r in val)
+    validation = {phrasing.skeleton(r["question"]) for r in val}
+    trained = {phrasing.skeleton(s["conversations"][0]["value"].removeprefix("<image>\n"))
+               for s in json.loads(files["fashion_train"].read_text())}  # fmt: skip
+    assert validation and not validation & trained

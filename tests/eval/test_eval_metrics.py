@@ -261,3 +261,14 @@ def test_bleu_and_cider_match_pycocoevalcap():
         mean, each = cider_d(hyps, refs)
         assert mean == pytest.approx(float(ref_cider), abs=1e-12)
         assert each == pytest.approx([float(x) for x in ref_each], abs=1e-12)
+
+
+def test_wilson_interval():
+    from minillava.eval.metrics import wilson_interval
+
+    low, high = wilson_interval(475, 500)
+    assert 0.925 < low < 0.93 and 0.965 < high < 0.97  # 95 %: about +-2 points around 95 %
+    assert wilson_interval(500, 500)[1] > 0.9999 and 0.99 < wilson_interval(500, 500)[0] < 1.0
+    assert wilson_interval(0, 10)[0] == 0.0
+    wide, narrow = wilson_interval(5, 10), wilson_interval(500, 1000)
+    assert wide[1] - wide[0] > narrow[1] - narrow[0]

@@ -11,9 +11,13 @@ def test_demo_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "sample conversations" in printed
     report = json.loads((out / "report.json").read_text())
-    assert set(report["eval"]) >= {"test", "combo"}
+    assert set(report["eval"]) >= {"test", "phrasing", "combo", "shift"}
     for split in report["eval"].values():
-        assert 0.0 <= split["accuracy"] <= 1.0 and split["n"] > 0 and split["by_type"]
+        low, high = split["ci95"]
+        assert 0.0 <= low <= split["accuracy"] <= high <= 1.0 and split["n"] > 0 and split["by_type"]
+    text = report["text_retention"]
+    assert text["n"] >= 30 and 0.0 <= text["after"] <= 1.0 and text["before"] > 0.8  # the base LLM knows them
+    assert json.loads((out / "data" / "text_replay.json").read_text())  # the base LLM's own answers, replayed
     assert report["instruct"]["steps"] == 4 and report["align"] is None  # single-stage: no align run
     assert report["instruct"]["word_warmup"]["objective"] == "caption"
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
