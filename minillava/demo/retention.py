@@ -2,8 +2,8 @@
 replay samples that keep it.
 
 `CHECK` holds fixed prompts with known answers that the built-in SmolLM2-135M-Instruct answers right (each
-candidate was asked once, greedy; the ones it missed were dropped, so its score is 100 % by construction and the
-check measures what tuning takes away). A response counts when it contains an accepted answer as whole words,
+candidate was asked once, greedy; the ones it missed were dropped, so it scores near 100 %: 32 of 33 in the demo's
+left-padded batches, where one answer differs from the one-at-a-time run; the check measures what tuning takes away). A response counts when it contains an accepted answer as whole words,
 after VQA normalisation. `REPLAY` holds other prompts, none of them in `CHECK`: the demo asks the base model
 them before training and trains on its own answers, text-only, beside the image questions.
 """
@@ -75,6 +75,14 @@ REPLAY: list[str] = [
     "How many wheels does a bicycle have?", "What is the opposite of wet?", "What is the opposite of early?",
     "What color is snow?", "Who wrote the Odyssey?", "What is the largest continent?",
     "What language is spoken in Mexico?", "What is the hottest planet?", "What is the currency of the UK?",
+    "What is a mammal?", "Why do leaves change color in autumn?", "What is the water cycle?", "What is a volcano?",
+    "How do birds fly?", "What does a doctor do?", "What is the purpose of a map?", "Why do we need sleep?",
+    "What is an island?", "What is the difference between weather and climate?", "What is a triangle?",
+    "Give an example of a vegetable.", "What is electricity?", "What is the moon made of?", "What is a poem?",
+    "Name an animal that lives in the ocean.", "What do bees collect from flowers?", "What is a library?",
+    "How do you make tea?", "What is friction?", "What is an atom?", "What does a thermometer measure?",
+    "Write one sentence about the sea.", "What is democracy?", "Name a famous scientist.", "What is a desert?",
+    "What is recycling?", "What is the speed of light?", "What is a habitat?", "What does a pilot do?",
 ]  # fmt: skip
 
 

@@ -65,12 +65,12 @@ class DemoConfig:
     n_train: int = 2400  # synthetic training images (several questions each)
     # questions in each evaluation split: 500 put about +-2 points (95 %) on a score near 95 %
     n_eval: int = 500
-    n_fashion_train: int = 4800
+    n_fashion_train: int = 6400
     n_fashion_eval: int = 500
     eval_on: str = "test"  # or "validation": the splits recipes are chosen on
     # train also on the base LLM's own answers to text prompts (minillava/demo/retention.py): it keeps its language
     text_replay: bool = True
-    text_share: float = 0.15  # of the training samples (~1 step in 7 a text-only step)
+    text_share: float = 0.10  # of the training samples (~1 step in 10 a text-only step)
     # projector-only steps in the LLM's word space, no LLM forward (~0.1 s each). 600, not 300: the layout map has
     # ~0.4 M weights to fit from thousands of images (projector-only check, 1000 t10k images, seeds 0 / 1 / 2:
     # 88.0 / 87.6 / 88.1 % of classes read right against 85.3 / 87.4 / 87.0 %; benchmarks/projector_check.py)
@@ -197,7 +197,7 @@ def write_captions(data: Path, files: dict[str, Path]) -> Path:
 def write_text_replay(path: Path, model: MiniLlava, processor: Processor, copies: int) -> Path:
     """Text-only training samples: the base LLM's own answers to `retention.REPLAY` (not the check's prompts),
     each `copies` times: steps draw samples uniformly, and a few dozen among thousands would hardly be drawn."""
-    answers = retention.ask(model, processor, retention.REPLAY, max_new_tokens=24)
+    answers = retention.ask(model, processor, retention.REPLAY, max_new_tokens=32, batch_size=32)
     pairs = zip(retention.REPLAY, answers, strict=True)
     turns = [[{"from": "human", "value": p}, {"from": "gpt", "value": a}] for p, a in pairs]
     samples = [{"id": f"text_{i:03d}_{c}", "conversations": t}
