@@ -1,11 +1,12 @@
-"""Does the LLM still know what it knew? A text-only check before and after visual instruction tuning, and the
-replay samples that keep it.
+"""Does the LLM still know what it knew? A text-only check before and after visual instruction tuning, and the replay
+samples that keep it.
 
-`CHECK` holds fixed prompts with known answers that the built-in SmolLM2-135M-Instruct answers right (each
-candidate was asked once, greedy; the ones it missed were dropped, so it scores near 100 %: 32 of 33 within the check's
-16 new tokens, where its answer about the sky has not reached "blue" yet; the check measures what tuning takes away). A response counts when it contains an accepted answer as whole words,
-after VQA normalisation. `REPLAY` holds other prompts, none of them in `CHECK`: the demo asks the base model
-them before training and trains on its own answers, text-only, beside the image questions.
+`CHECK` holds fixed prompts with known answers that the built-in SmolLM2-135M-Instruct answers right (each candidate
+was asked once, greedy; the ones it missed were dropped, so it scores near 100 %: 32 of 33 within the check's 16 new
+tokens, where its answer about the sky has not reached "blue" yet; the check measures what tuning takes away). A
+response counts when it contains an accepted answer as whole words, after VQA normalisation. `REPLAY` holds other
+prompts, none of them in `CHECK`: the demo asks the base model them before training and trains on its own answers,
+text-only, beside the image questions.
 """
 
 from __future__ import annotations
