@@ -11,7 +11,7 @@ captured once as a CUDA graph that is replayed for every later token: one launch
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +167,7 @@ def decode(
     pixels, sizes = batch["pixel_values"], batch.get("image_sizes")  # sizes: AnyRes only
     pixels = None if pixels is None else pixels.to(device)
     sizes = None if sizes is None else sizes.to(device)
+    counts = batch.get("image_counts")  # per-row image counts, read on the host by the splice's check
     rows, prompt_len = ids.shape
     if static:  # sized for the prompt and every new token; the prefill fills its first prompt_len slots
         cache = StaticCache(config=model.llm.config, max_cache_len=prompt_len + cfg.max_new_tokens)
@@ -179,10 +180,11 @@ def decode(
         full_mask = torch.zeros(rows, prompt_len + cfg.max_new_tokens, dtype=mask.dtype, device=device)
         full_mask[:, :prompt_len] = mask
         out = model(ids, full_mask, pixels, position_ids=positions_from_mask(mask), past_key_values=cache,
-                    use_cache=True, logits_to_keep=1, image_sizes=sizes)  # fmt: skip
+                    use_cache=True, logits_to_keep=1, image_sizes=sizes, image_counts=counts)  # fmt: skip
         step = StaticStep(model, cache, full_mask, graphs)
     else:
-        out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes)  # prefill: images here only
+        # the prefill: images here only
+        out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes, image_counts=counts)
     logits = out.logits[:, -1]
     position = positions_from_mask(mask)[:, -1:]  # (B, 1)
     stops = torch.tensor(stop_ids, device=device, dtype=torch.long)
@@ -241,8 +243,7 @@ class Generator:
     def generate_batch(self, samples: list[Encoded], config: GenerationConfig | None = None) -> list[str]:
         """Left-padded batched generation; each row equals its batch-size-1 answer (greedy)."""
         cfg = config or GenerationConfig()
-        rows: list[list[int]] = [[] for _ in samples]
-        texts = [""] * len(samples)
+        answers = [AnswerText(self._decode, cfg.stop) for _ in samples]
         live = [True] * len(samples)
         batch = self.processor.collate(samples, padding_side="left")
         for token, _ in decode(self.model, batch, cfg, self.stop_ids, self.processor.pad_token_id):
@@ -252,12 +253,13 @@ class Generator:
                 if t in self.stop_ids:
                     live[r] = False
                     continue
-                rows[r].append(t)
-                texts[r], stopped = cut_at_stop(self._decode(rows[r]), cfg.stop)
-                live[r] = not stopped
+                answers[r].add(t)
+                live[r] = not answers[r].stopped
             if not any(live):
                 break
-        return texts
+        for answer in answers:
+            answer.finish()
+        return [answer.text for answer in answers]
 
     def stream(
         self,
@@ -269,23 +271,17 @@ class Generator:
         """Yield the answer in pieces as it is generated; the pieces join to `generate`'s result."""
         cfg = config or GenerationConfig()
         batch = self.processor.collate([self.encode(prompt, images, raw)], padding_side="left")
-        tokens: list[int] = []
-        sent = ""
+        answer = AnswerText(self._decode, cfg.stop, stream=True)
         for token, _ in decode(self.model, batch, cfg, self.stop_ids, self.processor.pad_token_id):
             t = int(token[0])
             if t in self.stop_ids:
                 break
-            tokens.append(t)
-            text, stopped = cut_at_stop(self._decode(tokens), cfg.stop)
-            ready = text if stopped else hold_back(text, cfg.stop)
-            if len(ready) > len(sent):
-                yield ready[len(sent) :]
-                sent = ready
-            if stopped:
+            if piece := answer.add(t):
+                yield piece
+            if answer.stopped:
                 return
-        text, _ = cut_at_stop(self._decode(tokens), cfg.stop)
-        if len(text) > len(sent):
-            yield text[len(sent) :]
+        if piece := answer.finish():
+            yield piece
 
     def _decode(self, ids: list[int]) -> str:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
@@ -298,10 +294,44 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 def hold_back(text: str, stops: list[str]) -> str:
-    """Don't emit a tail that may be the start of a stop string or half of a multi-byte character."""
+    """Don't emit a tail that may be the start of a stop string or half of a multi-byte character.
+
+    The longest such tail over all stops: with stops ["ab", "xab"], "hello xa" may still become "hello xab",
+    which is cut before the "x", so "xa" is held, not just the "a" that starts "ab"."""
     text = text.rstrip("\ufffd")
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                return text[: len(text) - k]
-    return text
+    held = max((k for s in stops for k in range(1, min(len(s) - 1, len(text)) + 1) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - held]
+
+
+class AnswerText:
+    """One answer's text as its tokens arrive: cut at the first stop string and, when streaming, released
+    only once no later token can take it back. `generate`, `stream` and the server all go through this, so a
+    streamed answer joins to exactly the non-streamed one."""
+
+    def __init__(self, detokenize: Callable[[list[int]], str], stops: list[str], stream: bool = False) -> None:
+        self.detokenize, self.stops, self.stream = detokenize, stops, stream
+        self.tokens: list[int] = []
+        self.text = ""  # the final answer, once `finish` ran
+        self.sent = ""  # what was released so far (streaming)
+        self.stopped = False  # a stop string was found: the answer is complete
+
+    def add(self, token: int) -> str:
+        """Append a token; the text it releases ("" while held back or not streaming)."""
+        self.tokens.append(token)
+        if not self.stops and not self.stream:
+            return ""  # nothing to watch for: detokenize once, at the end
+        text, self.stopped = cut_at_stop(self.detokenize(self.tokens), self.stops)
+        if self.stopped:
+            return self.finish()
+        return self._release(hold_back(text, self.stops)) if self.stream else ""
+
+    def finish(self) -> str:
+        """Fix the final text; what of it was not released yet (streaming)."""
+        self.text, _ = cut_at_stop(self.detokenize(self.tokens), self.stops)
+        return self._release(self.text) if self.stream else ""
+
+    def _release(self, ready: str) -> str:
+        if len(ready) <= len(self.sent):
+            return ""
+        piece, self.sent = ready[len(self.sent) :], ready
+        return piece

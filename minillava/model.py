@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,8 +258,12 @@ class MiniLlava(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (B, T) -> (B, T, D)
-        """Text embeddings with each image's N projected features written into its N placeholder slots."""
+        """Text embeddings with each image's N projected features written into its N placeholder slots.
+
+        `image_counts` (B,), each row's number of images (the processor's collate gives it), lets the splice
+        check every row's slots against its own images, not just the batch's total."""
         if image_features is None and pixel_values is not None:
             image_features = self.encode_images(pixel_values, image_sizes)
         text = self.llm.get_input_embeddings()(input_ids)
@@ -266,7 +271,22 @@ class MiniLlava(nn.Module):
             # a CUDA-graph decode step (generate.py): the splice's slot count would read back to the host, which
             # capture forbids, and a generated token is never <image> (decode masks that logit)
             return text
-        return splice_image_features(input_ids, text, image_features, self.config.image_token_id)
+        per_row = None if image_counts is None else self.features_per_row(image_counts, image_features, image_sizes)
+        return splice_image_features(input_ids, text, image_features, self.config.image_token_id, per_row)
+
+    def features_per_row(
+        self, image_counts: torch.Tensor, image_features: torch.Tensor | None, image_sizes: torch.Tensor | None
+    ) -> list[int]:
+        """Image feature vectors that belong to each row: its images' token counts, images in reading order."""
+        counts = [int(c) for c in image_counts.tolist()]
+        if self.anyres is not None and image_sizes is not None:  # AnyRes: a token count per image size
+            per_image = [self.anyres.layout.num_tokens((int(h), int(w))) for h, w in image_sizes.tolist()]
+        else:  # (I, N, D): N each
+            per_image = [] if image_features is None else [image_features.shape[1]] * image_features.shape[0]
+        if sum(counts) != len(per_image):
+            raise ValueError(f"the rows' image counts add up to {sum(counts)} images, but {len(per_image)} were given")
+        ends = itertools.accumulate(counts)
+        return [sum(per_image[end - n : end]) for n, end in zip(counts, ends, strict=True)]
 
     def xattn_media(
         self,
@@ -312,6 +332,7 @@ class MiniLlava(nn.Module):
         logits_to_keep: int = 0,
         media: MediaState | None = None,
         image_sizes: torch.Tensor | None = None,  # (I, 2) (height, width) of each image, AnyRes only
+        image_counts: torch.Tensor | None = None,  # (B,) images of each row: the splice checks rows, not the total
     ) -> Output:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -325,7 +346,7 @@ class MiniLlava(nn.Module):
             )
             layer_kwargs = {"media": features, "media_index": index}
         else:
-            embeds = self.embed(input_ids, pixel_values, image_features, image_sizes)
+            embeds = self.embed(input_ids, pixel_values, image_features, image_sizes, image_counts)
         base = self.llm.base_model
         cache_kw = _cache_keyword(type(base))
         out = base(

@@ -193,6 +193,8 @@ class Processor:
             "labels": labels,
             "pixel_values": torch.cat(pixels) if pixels else None,  # crops of all samples, packed in reading order
             "image_sizes": torch.cat(sizes) if sizes else None,  # AnyRes: (num_images, 2), says whose crops are whose
+            # (B,): which of the packed images are whose, so the model's splice can check every row on its own
+            "image_counts": torch.tensor([s.num_images for s in samples], dtype=torch.long),
         }
 
     # ---- persistence ----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ those positions are replaced, in order, by the projected image features, in one 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -14,7 +16,10 @@ def splice_image_features(
     text_embeds: torch.Tensor,  # (B, T, D)
     image_features: torch.Tensor | None,  # (num_images, N, D), or (sum_i N_i, D) for AnyRes; in reading order
     image_token_id: int,
+    features_per_row: Sequence[int] | None = None,  # feature vectors of each row's own images
 ) -> torch.Tensor:  # (B, T, D)
+    """`features_per_row` (from the batch's per-row image counts) makes the check per row: with only the total
+    checked, a row with too many slots next to one with too few would take the other sample's image."""
     slots = input_ids == image_token_id  # (B, T)
     n_slots = int(slots.sum())
     n_features = 0 if image_features is None else image_features[..., 0].numel()
@@ -23,9 +28,22 @@ def splice_image_features(
             f"image tokens and image features do not match: {n_slots} placeholder tokens in the text, "
             f"{n_features} image feature vectors"
         )
+    if features_per_row is not None:
+        check_rows(slots.sum(-1).tolist(), list(features_per_row))
     if image_features is None or n_slots == 0:
         return text_embeds
     # masked_scatter fills True positions row-major, i.e. batch order then position order: the first
     # image of the first sample first, exactly the order the processor emitted pixel_values in.
     feats = image_features.to(text_embeds.dtype).reshape(-1, text_embeds.shape[-1])
     return text_embeds.masked_scatter(slots.unsqueeze(-1), feats)
+
+
+def check_rows(slots_per_row: list[int], features_per_row: list[int]) -> None:
+    """Each row's placeholder slots must be exactly its own images' feature vectors."""
+    if len(slots_per_row) != len(features_per_row):
+        raise ValueError(f"{len(features_per_row)} per-row image feature counts for a batch of {len(slots_per_row)}")
+    for row, (n_slots, n_features) in enumerate(zip(slots_per_row, features_per_row, strict=True)):
+        if n_slots != n_features:
+            raise ValueError(
+                f"row {row}: {n_slots} image placeholder tokens in the text, {n_features} image feature vectors"
+            )

@@ -174,6 +174,19 @@ def test_wrong_counts_raise_naming_both(anyres_tiny):
         model(batch["input_ids"], pixel_values=batch["pixel_values"])
 
 
+def test_rows_image_counts_are_checked_with_each_images_token_count(anyres_tiny):
+    """Per-row image counts that split the packed images wrongly raise, with each image's own token count."""
+    model, processor = anyres_tiny
+    one = processor.encode_raw("a <image>", [picture(SIZES["tall"])])
+    two = processor.encode_raw("<image> b <image>", [picture(SIZES["square"]), picture(SIZES["tiny"])])
+    batch = processor.collate([one, two])
+    assert batch["image_counts"].tolist() == [1, 2]
+    model(**batch)
+    batch["image_counts"] = torch.tensor([2, 1])
+    with pytest.raises(ValueError, match=r"^row 0: \d+ image placeholder tokens in the text, \d+ image feature"):
+        model(**batch)
+
+
 def test_projector_must_keep_the_patch_grid(asset_dir):
     cfg = ModelConfig(
         vision=VisionConfig(source=str(asset_dir("vision", "clip")), select_feature="cls_patch"),

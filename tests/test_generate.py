@@ -5,12 +5,28 @@ import torch
 from PIL import Image
 from tiny_models import louden
 
+from minillava import generate as generate_module
 from minillava.generate import GenerationConfig, Generator, decode, stop_token_ids
 from minillava.runtime import parse_dtype
 
 RED = Image.new("RGB", (40, 30), (200, 10, 10))
 BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
 GREEDY = GenerationConfig(max_new_tokens=12)
+
+
+def loud(model):
+    """A copy whose greedy answers depend on the prompt and image (the stock init answers one constant token)."""
+    model = copy.deepcopy(model)
+    louden(model)
+    return model
+
+
+def assert_varied(tokens: torch.Tensor) -> None:
+    """The rows differ from each other and none is one token repeated, so a row mix-up or a cache bug would
+    change what the comparisons see."""
+    rows = [tuple(r) for r in tokens.tolist()]
+    assert len(set(rows)) == len(rows), rows
+    assert all(len(set(r)) > 1 for r in rows), rows
 
 
 def raw_tokens(gen, samples, cfg=GREEDY, static_cache=None):
@@ -23,8 +39,9 @@ def raw_tokens(gen, samples, cfg=GREEDY, static_cache=None):
 
 @pytest.mark.parametrize("llm", ["llama", "qwen2", "opt"])
 def test_batched_greedy_equals_batch_of_one(build_tiny, llm):
-    gen = Generator(*build_tiny(llm=llm))
-    p = gen.processor
+    model, p = build_tiny(llm=llm)
+    louden(model)  # answers that depend on the prompt and image: a row mix-up changes them
+    gen = Generator(model, p)
     samples = [
         p.prompt("What is in the picture? describe it in detail", [RED]),
         p.prompt("hi", [BLUE]),
@@ -32,6 +49,7 @@ def test_batched_greedy_equals_batch_of_one(build_tiny, llm):
         p.prompt("<image> compare <image>", [RED, BLUE]),
     ]
     batched = raw_tokens(gen, samples)
+    assert_varied(batched)
     for i, s in enumerate(samples):
         assert torch.equal(raw_tokens(gen, [s])[0], batched[i]), f"row {i}"
 
@@ -45,18 +63,20 @@ def test_prefill_sees_the_image(tiny):
 
 
 def test_kv_cache_decoding_equals_full_recompute(tiny):
-    model, p = tiny
+    model, p = loud(tiny[0]), tiny[1]
     gen = Generator(model, p)
-    s = p.prompt("What is in the picture?", [RED])
-    tokens = raw_tokens(gen, [s], GenerationConfig(max_new_tokens=6))[0].tolist()
-    ids = list(s.input_ids)
-    with torch.no_grad():
-        for t in tokens:
-            batch = p.collate([type(s)(ids, [-100] * len(ids), s.pixel_values)])
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits[0, -1]
-            logits[p.image_token_id] = -float("inf")
-            assert int(logits.argmax()) == t
-            ids.append(t)
+    prompts = [p.prompt("What is in the picture?", [RED]), p.prompt("What is in the picture?", [BLUE])]
+    answers = torch.cat([raw_tokens(gen, [s], GenerationConfig(max_new_tokens=6)) for s in prompts])
+    assert_varied(answers)  # the image changes the answer: a stale or wrong cache entry would show
+    for s, tokens in zip(prompts, answers.tolist(), strict=True):
+        ids = list(s.input_ids)
+        with torch.no_grad():
+            for t in tokens:
+                batch = p.collate([type(s)(ids, [-100] * len(ids), s.pixel_values)])
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits[0, -1]
+                logits[p.image_token_id] = -float("inf")
+                assert int(logits.argmax()) == t
+                ids.append(t)
 
 
 def test_stream_joins_to_generate_and_returns_only_new_text(tiny):
@@ -80,6 +100,36 @@ def test_stop_strings_and_tokens(tiny):
     ids = stop_token_ids(gen.processor)
     tok = gen.processor.tokenizer
     assert tok.eos_token_id in ids and tok.convert_tokens_to_ids("<|im_end|>") in ids
+
+
+def forced_decode(tokens: list[int]):
+    """A stand-in for `decode` that answers `tokens` one a step, whatever the model would say."""
+
+    def fake(model, batch, cfg, stop_ids, pad_id, static_cache=None):
+        for t in tokens[: cfg.max_new_tokens]:
+            yield torch.tensor([t]), torch.zeros(1, dtype=torch.bool)
+
+    return fake
+
+
+def char_tokens(tok, text: str) -> list[int]:
+    """One token per character, so every prefix of `text` is a decoded state the stream passes through."""
+    return [i for c in text for i in tok(c, add_special_tokens=False).input_ids]
+
+
+@pytest.mark.parametrize(
+    ("stop", "want"),
+    [(["ab", "xab"], "hello "), (["xab", "ab"], "hello "), (["lo xa!", "o x"], "hell"), (["zz", "xa"], "hello ")],
+)
+def test_stream_with_overlapping_stop_strings_equals_generate(tiny, monkeypatch, stop, want):
+    """A stop string that starts earlier may still complete after a shorter one matched the tail: the stream
+    must hold back the longest tail that starts any stop, or it emits text (the "x") that generate cuts."""
+    gen = Generator(*tiny)
+    monkeypatch.setattr(generate_module, "decode", forced_decode(char_tokens(gen.processor.tokenizer, "hello xab!")))
+    cfg = GenerationConfig(max_new_tokens=16, stop=stop)
+    assert gen.generate("hi", None, cfg) == want
+    pieces = list(gen.stream("hi", None, cfg))
+    assert "".join(pieces) == want, pieces
 
 
 def test_generation_stops_at_eos(tiny):
@@ -106,10 +156,37 @@ def test_sampling_is_seeded(tiny):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_bfloat16_generation(tiny):
-    model, p = tiny
-    gen = Generator(copy.deepcopy(model).to(torch.bfloat16), p)
-    assert isinstance(gen.generate("What is this?", [RED], GREEDY), str)
+def test_bfloat16_generation_follows_float32_where_float32_is_decisive(tiny):
+    """bf16 rounds activations to 8 bits of mantissa, and how the CPU computes (AVX2, AVX-512 BF16, AMX) moves
+    its logits by a little; so compare where that cannot matter. While bf16 has produced the float32 answer so
+    far, each step where float32's best token leads the runner-up by more than DECISIVE logits (several times
+    bf16's error) must give the same token in bf16; the first step is such a step, so the check never is empty.
+    """
+    decisive = 1.0  # logits; bf16's error on this model is ~0.15 here
+    model, p = loud(tiny[0]), tiny[1]
+    s = p.prompt("hi", [RED])
+    answer = raw_tokens(Generator(model, p), [s])[0].tolist()
+    ids = list(s.input_ids) + answer
+    batch = p.collate([type(s)(ids, [-100] * len(ids), s.pixel_values)])
+    with torch.no_grad():  # position t predicts answer token t - len(prompt) + 1
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits[0]
+    logits = logits[len(s.input_ids) - 1 : -1]
+    logits[:, p.image_token_id] = -float("inf")
+    top2 = logits.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    assert margins[0] > decisive, margins  # the fixture's float32 answer starts decisively
+
+    half = Generator(copy.deepcopy(model).to(torch.bfloat16), p)
+    bf16 = raw_tokens(half, [s])[0].tolist()
+    compared = 0
+    for want, got, margin in zip(answer, bf16, margins, strict=True):
+        if margin > decisive:
+            assert got == want, (answer, bf16, margins)
+            compared += 1
+        if got != want:  # a near tie went the other way: the answers part, later steps see other prefixes
+            break
+    assert compared >= 1
+    assert isinstance(half.generate("hi", [RED], GREEDY), str)  # the text path runs in bf16 too
 
 
 def test_precision_rules():

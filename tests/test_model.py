@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from minillava.model import MiniLlava
-from minillava.processor import IGNORE_INDEX
+from minillava.processor import IGNORE_INDEX, Encoded
 
 RED = Image.new("RGB", (40, 30), (200, 10, 10))
 BLUE = Image.new("RGB", (30, 40), (10, 10, 200))
@@ -76,6 +76,24 @@ def test_count_mismatch_raises(tiny):
     batch = p.collate([p.encode(CONV, [RED])])
     with pytest.raises(ValueError, match="16 placeholder tokens in the text, 32 image feature vectors"):
         model(batch["input_ids"], batch["attention_mask"], torch.cat([batch["pixel_values"]] * 2))
+
+
+def test_rows_with_swapped_image_counts_raise(tiny):
+    """Row 0 has two images' slots but one image, row 1 one image but no slots: the batch's totals match, so
+    only the per-row check (from collate's image_counts) stops row 1's image landing in row 0."""
+    model, p = tiny
+    two = p.encode([{"role": "user", "content": "<image> vs <image>"}], [RED, BLUE], add_generation_prompt=True)
+    text = p.encode([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    wrong = [
+        Encoded(two.input_ids, two.labels, two.pixel_values[:1]),
+        Encoded(text.input_ids, text.labels, two.pixel_values[1:]),
+    ]
+    batch = p.collate(wrong)
+    assert batch["image_counts"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="row 0: 32 image placeholder tokens in the text, 16 image feature vectors"):
+        model(**batch)
+    assert p.collate([two, text])["image_counts"].tolist() == [2, 0]
+    model(**p.collate([two, text]))  # the right split passes
 
 
 def test_cached_equals_uncached(tiny):

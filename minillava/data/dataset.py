@@ -188,6 +188,8 @@ class Collator:
         batch.update(self.processor.collate([it.encoded for it in good], padding_side="right"))
         batch["image_keys"] = [k for it in good for k in it.image_keys]
         batch["features"] = [f for it in good for f in it.features]
+        # an item's pixels hold only its feature-cache misses: count its images by its feature slots instead
+        batch["image_counts"] = torch.tensor([len(it.features) for it in good], dtype=torch.long)
         return batch
 
 

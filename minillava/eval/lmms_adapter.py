@@ -228,6 +228,7 @@ class MiniLlavaLMMS(_Base):  # type: ignore[misc,valid-type]
             None if pixels is None else pixels.to(self.device),
             logits_to_keep=keep,
             image_sizes=None if sizes is None else sizes.to(self.device),
+            image_counts=batch["image_counts"],
         )
         logits = out.logits.float()  # (B, keep, V): position t predicts token t + 1
         logprobs = logits.log_softmax(-1)

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from minillava.generate import GenerationConfig, Generator, cut_at_stop, decode, hold_back
+from minillava.generate import AnswerText, GenerationConfig, Generator, decode
 from minillava.processor import Encoded
 
 log = logging.getLogger("minillava.serve")
@@ -84,15 +84,13 @@ class Job:
 
 
 class _Row:
-    """Per-row decoding state: tokens so far, text sent so far, and why it ended."""
+    """Per-row decoding state: the answer so far (the same stop and hold-back logic as `Generator.stream`)."""
 
     def __init__(self, job: Job, engine: BatchEngine) -> None:
         self.job = job
         self.engine = engine
-        self.tokens: list[int] = []
+        self.answer = AnswerText(engine.detokenize, job.stop, stream=job.stream)
         self.steps = 0
-        self.sent = ""
-        self.text = ""
         self.done = False
 
     def step(self, token: int) -> None:
@@ -100,30 +98,21 @@ class _Row:
         if token in self.engine.stop_ids:
             self.finish("stop")
             return
-        self.tokens.append(token)
-        if self.job.stream or self.job.stop:
-            text, stopped = cut_at_stop(self.engine.detokenize(self.tokens), self.job.stop)
-            if stopped:
-                self.text = text
-                self.finish("stop")
-                return
-            if self.job.stream:
-                ready = hold_back(text, self.job.stop)
-                if len(ready) > len(self.sent):
-                    self.job.emit("delta", ready[len(self.sent) :])
-                    self.sent = ready
-        if self.steps >= self.job.max_tokens:
+        self.emit_delta(self.answer.add(token))
+        if self.answer.stopped:
+            self.finish("stop")
+        elif self.steps >= self.job.max_tokens:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
-        if not self.text:
-            self.text, _ = cut_at_stop(self.engine.detokenize(self.tokens), self.job.stop)
-        if self.job.stream and len(self.text) > len(self.sent):
-            self.job.emit("delta", self.text[len(self.sent) :])
-            self.sent = self.text
+        self.emit_delta(self.answer.finish())
         prompt = len(self.job.encoded.input_ids)
-        self.job.emit("done", Finished(self.text, reason, prompt, self.steps))
+        self.job.emit("done", Finished(self.answer.text, reason, prompt, self.steps))
         self.done = True
+
+    def emit_delta(self, piece: str) -> None:
+        if piece:
+            self.job.emit("delta", piece)
 
 
 class BatchEngine:

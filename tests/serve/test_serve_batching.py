@@ -6,9 +6,11 @@ import argparse
 import asyncio
 
 import pytest
+import torch
 
 from minillava.generate import GenerationConfig, Generator, hold_back
 from minillava.model import MiniLlava
+from minillava.serve import batching
 from minillava.serve.batching import BatchEngine, Job
 from minillava.serve.cli import add_commands, main
 
@@ -104,10 +106,29 @@ def test_queue_limit():
     asyncio.run(go())
 
 
+def test_streamed_answer_with_overlapping_stops_equals_the_whole_answer(gen, monkeypatch):
+    """The server streams through the generator's stop logic: stops ["ab", "xab"] on "hello xab!" cut the
+    answer to "hello ", and the deltas must never have sent the "x" (forced tokens, one per character)."""
+    tok = gen.processor.tokenizer
+    forced = [i for c in "hello xab!" for i in tok(c, add_special_tokens=False).input_ids]
+
+    def fake_decode(model, batch, cfg, stop_ids, pad_id, static_cache=None):
+        for t in forced[: cfg.max_new_tokens]:
+            yield torch.tensor([t]), torch.zeros(1, dtype=torch.bool)
+
+    monkeypatch.setattr(batching, "decode", fake_decode)
+    engine = BatchEngine(gen, max_batch_size=1, batch_wait_s=0)
+    jobs = [Job(gen.encode("hi", None), max_tokens=16, stop=["ab", "xab"], stream=s) for s in (True, False)]
+    (deltas, (kind, fin)), (_, (_, whole)) = run_jobs(engine, jobs)
+    assert kind == "done" and fin.text == whole.text == "hello " and fin.finish_reason == "stop"
+    assert "".join(deltas) == "hello ", deltas
+
+
 def test_hold_back():
     assert hold_back("abc</", ["</s>"]) == "abc"
     assert hold_back("abc\ufffd", []) == "abc"
     assert hold_back("abc", ["xyz"]) == "abc"
+    assert hold_back("hello xa", ["ab", "xab"]) == "hello "  # the longest tail that starts a stop
 
 
 def test_cli_registers_serve(tmp_path, capsys):
