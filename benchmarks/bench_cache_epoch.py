@@ -62,8 +62,8 @@ def epoch_seconds(args: list[str], out: Path, reps: int) -> tuple[float, dict | 
     """Best loop time of `reps` one-epoch `minillava train` processes, and the last run's cache counts."""
     best, cache = float("inf"), None
     for _ in range(reps):
-        subprocess.run([sys.executable, "-m", "minillava.cli", "train", *args, "--out", str(out), "--no-progress",
-                        "--no-plot"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "minillava.cli", "train", *args, "--out", str(out), "--overwrite",
+                        "--no-progress", "--no-plot"], check=True, capture_output=True)  # fmt: skip
         summary = json.loads((out / "summary.json").read_text())
         best, cache = min(best, summary["seconds"]), summary["feature_cache"]
     return best, cache

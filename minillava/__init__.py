@@ -5,10 +5,26 @@ projector maps each patch feature into the LLM's embedding space, and the splice
 into the text sequence where `<image>` stood.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
-from minillava.generate import GenerationConfig, Generator
-from minillava.model import MiniLlava
-from minillava.processor import Processor
+
+if TYPE_CHECKING:
+    from minillava.generate import GenerationConfig, Generator
+    from minillava.model import MiniLlava
+    from minillava.processor import Processor
+
+# Imported on first use (PEP 562): these pull in torch and transformers (seconds), and every `minillava.x`
+# import runs this file first, so `minillava --help` and the light CLI modules would pay for them too.
+_LAZY = {
+    "GenerationConfig": "minillava.generate",
+    "Generator": "minillava.generate",
+    "MiniLlava": "minillava.model",
+    "Processor": "minillava.processor",
+}
 
 __all__ = [
     "GenerationConfig",
@@ -24,8 +40,22 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def build(vision: str, llm: str, projector: str = "mlp2x_gelu", **config: object) -> tuple[MiniLlava, Processor]:
     """Assemble an untrained model from two sources (local dir, hub id or `builtin:NAME`)."""
+    from minillava.model import MiniLlava
+
     cfg = ModelConfig(vision=VisionConfig(source=vision), projector=ProjectorConfig(name=projector), llm_source=llm)
     for key, value in config.items():
         setattr(cfg, key, value)
@@ -37,6 +67,7 @@ def load(directory: str, dtype: str = "float32", device: str | None = None) -> t
     from pathlib import Path
 
     from minillava.interop.hf import is_hf_llava_dir, load_hf_llava
+    from minillava.model import MiniLlava
     from minillava.runtime import default_device, parse_dtype
 
     target = default_device() if device is None else device

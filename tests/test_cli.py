@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -95,7 +99,24 @@ def test_train_from_a_model_dir_parses(built, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text('{"image": "nope.png", "caption": "x"}\n')
     code = main(
-        ["train", "--model", str(built), "--data", str(data), "--image-root", str(tmp_path), "--max-steps", "1"]
-    )
+        ["train", "--model", str(built), "--data", str(data), "--image-root", str(tmp_path), "--max-steps", "1",
+         "--out", str(tmp_path / "run")]  # not the default ./runs/minillava: an earlier run there is refused
+    )  # fmt: skip
     err = capsys.readouterr().err
     assert code != 0 and "nope.png" in err and "Traceback" not in err
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`minillava --help` used to take 5-7 s importing torch and transformers; commands import them when they run."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "minillava", "--help"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0 and "train" in proc.stdout and "merge-lora" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "minillava.cli" in imported  # -X importtime did report this checkout's imports
+    assert not imported & {"torch", "transformers", "minillava.model"}
+    probe = ("import sys; from minillava.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]

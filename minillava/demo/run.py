@@ -245,6 +245,7 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         freeze_projector=cfg.freeze_projector and stage == "instruct",
         feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
+        overwrite=True,  # a demo re-run into the same --out replaces its runs (the feature cache stays)
         # a fresh projector first learns to speak in the LLM's word space (seconds), then the LLM steps refine it
         standardize_features=fresh_projector, word_warmup_steps=cfg.word_warmup_steps if fresh_projector else 0,
         word_warmup_objective=cfg.word_warmup_objective, word_warmup_images=cfg.warmup_images,

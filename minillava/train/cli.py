@@ -16,9 +16,9 @@ from minillava.train.config import FIELDS, STRATEGIES
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
-    dest = name.replace("-", "_")
-    parser.add_argument(f"--{name}", dest=dest, action="store_true", default=None, help=help)
-    parser.add_argument(f"--no-{name}", dest=dest, action="store_false", default=None, help=argparse.SUPPRESS)
+    # --NAME / --no-NAME, both listed in --help (the --no- form is how to turn off what defaults on, or what the
+    # config file set); default None so an absent flag leaves the config file's value alone
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
@@ -98,6 +98,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (and always at the end)")
     g.add_argument("--keep-last", type=int)
     g.add_argument("--resume", nargs="?", const="latest", help="continue from OUT's newest checkpoint, or from DIR")
+    _bool_flag(g, "overwrite", "start afresh in an OUT that holds an earlier run, deleting that run's checkpoints, "
+               "model and records (without it, or --resume, such a run is refused)")  # fmt: skip
     _bool_flag(g, "merge-lora", "merge LoRA into the exported model (default on)")
     g.add_argument("--log-every", type=int)
     _bool_flag(g, "progress", "progress bar (default on)")
@@ -110,10 +112,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from minillava.train.config import load_config
-    from minillava.train.loop import train
 
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and v is not None}
     cfg = load_config(args.config, overrides)
+    from minillava.train.loop import train  # torch: only once the config is known to be good
+
     _setup_logging()
     summary = train(cfg)
     return 0 if summary.get("steps") else 1

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +92,8 @@ class TrainConfig:
     save_every: int | None = None
     keep_last: int = 2
     resume: str | None = None  # "latest" or a checkpoint directory
+    # a fresh run into an OUT that holds an earlier run's records: replace them (without it, such a run is refused)
+    overwrite: bool = False
     merge_lora: bool = True  # on export; False writes the base model + `lora_adapter/`
     log_every: int = 1
     progress: bool = True
@@ -100,6 +108,9 @@ class TrainConfig:
 
     # ---- derived ----------------------------------------------------------------------------------
     def validate(self) -> None:
+        """Coerce every option to its declared type, then check ranges and combinations (ValueError, one line)."""
+        for name in FIELDS:
+            setattr(self, name, check_option(name, getattr(self, name)))
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}; use one of {', '.join(STAGES)}")
         if not self.data:
@@ -124,13 +135,10 @@ class TrainConfig:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
-        for name in ("batch_size", "grad_accum", "keep_last", "log_every", "word_warmup_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.save_every is not None and self.save_every < 1:
-            raise ValueError("save_every must be at least 1")
-        if self.epochs <= 0 and not self.max_steps:
-            raise ValueError("epochs must be positive (or give max_steps)")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume continues the run in OUT, --overwrite replaces it: give one of them")
 
     @property
     def use_lora(self) -> bool:
@@ -161,6 +169,127 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)  # the annotations are strings (__future__ annotations): resolve them
+DATA_FORMATS = ("auto", "llava", "coco", "captions")
+
+
+# ---- option types and ranges ------------------------------------------------------------------------
+# A YAML file types its values by their look, not by the option: PyYAML reads `lr: 1e-3` as the string
+# "1e-3" (YAML 1.1 wants a dot in a float), and `max_steps: "two"` or `batch_size: 4.5` would otherwise reach
+# the scheduler or the sampler and fail there with a traceback. Each option is checked against its declared type.
+
+
+def _show(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _to_int(value: Any, name: str) -> int:
+    number: Any = value
+    if isinstance(value, str):
+        number = None
+        with contextlib.suppress(ValueError):
+            number = float(value)  # "1e3" (PyYAML leaves it a string)
+        with contextlib.suppress(ValueError):
+            number = int(value)  # exact, where float would round past 2**53
+    if isinstance(number, int) and not isinstance(number, bool):
+        return number
+    if isinstance(number, float) and number.is_integer():
+        return int(number)
+    raise ValueError(f"{name}: expected an integer, got {_show(value)}")
+
+
+def _to_float(value: Any, name: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            number = float(value)  # "1e-3": what PyYAML makes of an exponent without a dot
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name}: expected a {'finite ' if number is not None else ''}number, got {_show(value)}")
+    return number
+
+
+def _to_bool(value: Any, name: str) -> bool:
+    # no truthiness: bool("no") is True; YAML's bare yes/no/true/false already arrive as booleans
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name}: expected true or false, got {_show(value)}")
+
+
+def _to_str(value: Any, name: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):  # Path objects from Python callers
+        return os.fspath(value)
+    raise ValueError(f"{name}: expected a string, got {_show(value)}")
+
+
+SCALARS: dict[type, Callable[[Any, str], Any]] = {int: _to_int, float: _to_float, bool: _to_bool, str: _to_str}
+
+
+def coerce(kind: Any, value: Any, name: str) -> Any:
+    """`value` as the type `kind` (int, float, bool, str, X | None, list[X], tuple[X, Y], unions), or ValueError."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # plain types first: `lora_targets: all-linear` stays the string, not a list of one
+        for member in sorted((a for a in args if a is not type(None)), key=lambda a: typing.get_origin(a) is not None):
+            try:
+                return coerce(member, value, name)
+            except ValueError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if isinstance(value, str):  # `data: a.json` means a list of one
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {_show(value)}")
+        return [coerce(args[0], v, name) for v in value]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{name}: expected a list of {len(args)} values, got {_show(value)}")
+        return tuple(coerce(a, v, name) for a, v in zip(args, value, strict=True))
+    return SCALARS[kind](value, name)
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be at least {low:g}"
+
+
+_POSITIVE = (lambda v: v > 0), "must be positive"
+_NON_NEGATIVE = (lambda v: v >= 0), "must not be negative"
+_FRACTION = (lambda v: 0 <= v <= 1), "must be between 0 and 1"
+_PROBABILITY = (lambda v: 0 <= v < 1), "must be at least 0 and below 1"
+COUNTS = ("max_length", "lora_r", "lora_layers", "feature_stats_images", "word_warmup_images", "max_steps",
+          "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "halt_at_step")  # fmt: skip
+NON_NEGATIVE = ("num_workers", "word_warmup_steps", "word_warmup_lr", "lr", "projector_lr", "vision_lr",
+                "weight_decay", "max_grad_norm", "seed")  # fmt: skip
+# the range of each numeric option (None, where an option allows it, always passes)
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(COUNTS, _at_least(1)),
+    **dict.fromkeys(NON_NEGATIVE, _NON_NEGATIVE),
+    "lora_alpha": _POSITIVE,
+    "epochs": _POSITIVE,
+    "adam_eps": _POSITIVE,
+    "warmup_ratio": _FRACTION,
+    "lora_dropout": _PROBABILITY,
+}
+
+
+def check_option(name: str, value: Any) -> Any:
+    """Option `name`'s value as its declared type and within its range; ValueError naming the option otherwise."""
+    if name == "resume" and isinstance(value, bool):  # `resume: true` in a YAML file: the newest checkpoint
+        value = "latest" if value else None
+    value = coerce(TYPES[name], value, name)
+    if name == "adam_betas" and not all(0 <= b < 1 for b in value):
+        raise ValueError(f"adam_betas must each be at least 0 and below 1, got {list(value)}")
+    check = RANGES.get(name)
+    if check is not None and value is not None and not check[0](value):
+        raise ValueError(f"{name} {check[1]}, got {value!r}")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -181,7 +310,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         unknown = sorted(set(loaded) - set(FIELDS))
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
-        values.update(loaded)
+        for key, value in loaded.items():
+            try:
+                values[key] = check_option(key, value)
+            except ValueError as e:  # name the file: the merged config no longer knows where a value came from
+                raise ValueError(f"{path}: {e}") from None
     for key, value in (overrides or {}).items():
         if key not in FIELDS:
             raise ValueError(f"unknown option {key!r}")

@@ -18,8 +18,10 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -54,6 +56,11 @@ from minillava.train.warmstart import word_space_warmstart
 
 log = logging.getLogger("minillava.train")
 MODEL_DIR = "model"
+# What a run writes into OUT. A fresh run among an earlier run's files would mix the two: the old checkpoints
+# outlive keep_last (and a later --resume picks the newest, whichever run it came from), and the old model/,
+# summary.json and curve stay until the new run ends, or for good if it crashes.
+RUN_RECORDS = ("checkpoints", MODEL_DIR, "metrics.jsonl", "train_config.json", "summary.json", "loss_curve.png",
+               "tensorboard")  # fmt: skip
 
 
 # ---- process group -----------------------------------------------------------------------------
@@ -196,13 +203,15 @@ class TrainStep(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         vision_features: torch.Tensor | None, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
+        image_counts: torch.Tensor | None = None,  # (B,) images per row: the splice checks each row's slots
     ) -> torch.Tensor:  # fmt: skip
         m = self.model
         if self.tune_vision and pixel_values is not None:
             vision_features = m.vision(pixel_values)
         if vision_features is not None:
             image_features = m.project(vision_features, image_sizes)
-            out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False)
+            out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False,
+                    image_sizes=image_sizes, image_counts=image_counts)  # fmt: skip
             return out.loss
         if self.tune_vision:  # zero images out of the tower: one dummy image's features, none of its rows
             size = m.vision.image_size
@@ -328,6 +337,17 @@ def empty_batch(pad_id: int) -> dict[str, Any]:
             "pixel_values": None, "image_sizes": None, "features": [], "num_samples": 0}  # fmt: skip
 
 
+def skip_update(state: dict[str, Any], scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """A step with no sample left (all skipped as bad): no forward, backward or optimizer step, since AdamW would
+    still move the weights on zero gradients (momentum, weight decay). The step still counts, and the schedule
+    advances with it, so the data position, the LR curve, --max-steps and a resume stay where they would be."""
+    with warnings.catch_warnings():  # torch warns when the very first step is one without optimizer.step()
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        scheduler.step()
+    state["step"] += 1
+    state["step_in_epoch"] += 1
+
+
 def autocast_ctx(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -345,9 +365,32 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         d.close()
 
 
+def claim_out_dir(out: Path, cfg: TrainConfig, main: bool) -> None:
+    """A fresh run needs an OUT without an earlier run's records: refuse, or with --overwrite delete them.
+
+    Every rank checks (so all of them refuse together, none waits at a barrier); only the main one deletes."""
+    if cfg.resume is not None:
+        return
+    found = [name for name in RUN_RECORDS if (out / name).exists()]
+    if not found:
+        return
+    if not cfg.overwrite:
+        raise FileExistsError(f"{out}: holds an earlier run ({', '.join(found)}); give --resume to continue it, "
+                              "--overwrite to replace it, or another --out")  # fmt: skip
+    if main:
+        for name in found:
+            path = out / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        log.info(f"--overwrite: deleted the earlier run's {', '.join(found)} in {out}")
+
+
 def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     say = log.info if d.main else (lambda *_: None)
     out = Path(cfg.out).expanduser()
+    claim_out_dir(out, cfg, d.main)
     device = pick_device(cfg.device, d)
     check_qlora(cfg, device)
     strategy = make_strategy(resolve_strategy(cfg.strategy, os.environ), d.world, device)
@@ -498,6 +541,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     t_start = time.perf_counter()
     tokens_run = samples_run = 0
     halted = False
+    skipped_steps = 0  # steps whose every sample was skipped: counted, but no update
     workers = worker_count(cfg.num_workers)
     # Workers are forked once, not once per epoch: a process forked from the trained-on parent shares the
     # parent's freed heap, and every page the parent reuses then costs a copy-on-write fault (measured: the
@@ -524,73 +568,84 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                 state["skipped"] += [{"id": s.id, "where": s.where, "reason": s.reason} for s in b["skipped"]]
             n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro if b["num_samples"])
             n_global = d.sum(n_local)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
-            samples = sum(b["num_samples"] for b in micro)
-            for j, b in enumerate(micro):
-                if not b["num_samples"]:
-                    if d.world == 1:
-                        continue
-                    b = empty_batch(pad_id)
-                with strategy.grad_sync(step_module, sync=j == len(micro) - 1):
-                    vf = vision_features_for(b, model, cache, device, cfg.tune_vision, cache_stats)
-                    pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
-                    sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
-                    n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                    with autocast_ctx(cfg.precision, device):
-                        loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
-                                           b["labels"].to(device), vf, pv, sizes)  # fmt: skip
-                    scaled = loss * (n * d.world / max(n_global, 1))
-                    strategy.backward(step_module, scaler.scale(scaled) if scaler else scaled)
-                    loss_sum += loss.detach().double().cpu() * n
-            step_loss = d.sum(float(loss_sum)) / n_global if n_global else float("nan")
-            step_no = state["step"] + 1
-            if not math.isfinite(step_loss):
-                keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                if progress:
-                    progress.close()
-                raise FloatingPointError(
-                    f"loss is {step_loss} at step {step_no}"
-                    + (" (every sample of the batch was skipped)" if not n_global else "")
-                    + f"; stopping. {keep}; lower --lr or check the data"
-                )
-            grad_norm = None
-            if strategy.owns_step:  # DeepSpeed: the engine clips and steps the optimizer
-                grad_norm = strategy.step(step_module)
+            if not n_global:  # every sample of the step was skipped (on every rank: n_global is their sum)
+                skip_update(state, scheduler)
+                skipped_steps += 1
+                say(f"step {state['step']}: every sample of its batch was skipped (--on-bad-sample skip); "
+                    "no update")  # fmt: skip
+                if d.main:
+                    metrics.write({"event": "skipped_step", "step": state["step"], "epoch": state["epoch"],
+                                   "skipped_total": len(state["skipped"])})  # fmt: skip
+                    if progress:
+                        progress.update(1)
             else:
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    params = [p for g in optimizer.param_groups for p in g["params"]]
-                    grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
+                samples = sum(b["num_samples"] for b in micro)
+                for j, b in enumerate(micro):
+                    if not b["num_samples"]:
+                        if d.world == 1:
+                            continue
+                        b = empty_batch(pad_id)
+                    with strategy.grad_sync(step_module, sync=j == len(micro) - 1):
+                        vf = vision_features_for(b, model, cache, device, cfg.tune_vision, cache_stats)
+                        pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
+                        sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
+                        n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                        with autocast_ctx(cfg.precision, device):
+                            loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
+                                               b["labels"].to(device), vf, pv, sizes,
+                                               b.get("image_counts"))  # fmt: skip
+                        scaled = loss * (n * d.world / max(n_global, 1))
+                        strategy.backward(step_module, scaler.scale(scaled) if scaler else scaled)
+                        loss_sum += loss.detach().double().cpu() * n
+                step_loss = d.sum(float(loss_sum)) / n_global
+                step_no = state["step"] + 1
+                if not math.isfinite(step_loss):
+                    keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                    if progress:
+                        progress.close()
+                    raise FloatingPointError(
+                        f"loss is {step_loss} at step {step_no}; stopping. {keep}; lower --lr or check the data"
+                    )
+                grad_norm = None
+                if strategy.owns_step:  # DeepSpeed: the engine clips and steps the optimizer
+                    grad_norm = strategy.step(step_module)
                 else:
-                    optimizer.step()
-            lr_now = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] = step_no
-            state["step_in_epoch"] += 1
-            dt = time.perf_counter() - t0
-            tokens_g, samples_g = d.sum(tokens), d.sum(samples)
-            state["tokens"] += int(tokens_g)
-            state["samples"] += int(samples_g)
-            tokens_run += tokens_g
-            samples_run += samples_g
-            losses.append(step_loss)
-            if d.main:
-                rec = {"event": "step", "step": step_no, "epoch": state["epoch"], "loss": step_loss, "lr": lr_now,
-                       "grad_norm": grad_norm, "tokens": int(tokens_g), "samples": int(samples_g),
-                       "step_s": dt, "tokens_per_s": tokens_g / dt, "samples_per_s": samples_g / dt,
-                       "skipped_total": len(state["skipped"])}  # fmt: skip
-                if step_no % cfg.log_every == 0 or step_no == total_steps:
-                    metrics.write(rec)
-                if progress:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_g / dt:.0f}",
-                                         smp_s=f"{samples_g / dt:.1f}")  # fmt: skip
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    if cfg.max_grad_norm:
+                        params = [p for g in optimizer.param_groups for p in g["params"]]
+                        grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
+                lr_now = scheduler.get_last_lr()[0]
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] = step_no
+                state["step_in_epoch"] += 1
+                dt = time.perf_counter() - t0
+                tokens_g, samples_g = d.sum(tokens), d.sum(samples)
+                state["tokens"] += int(tokens_g)
+                state["samples"] += int(samples_g)
+                tokens_run += tokens_g
+                samples_run += samples_g
+                losses.append(step_loss)
+                if d.main:
+                    rec = {"event": "step", "step": step_no, "epoch": state["epoch"], "loss": step_loss, "lr": lr_now,
+                           "grad_norm": grad_norm, "tokens": int(tokens_g), "samples": int(samples_g),
+                           "step_s": dt, "tokens_per_s": tokens_g / dt, "samples_per_s": samples_g / dt,
+                           "skipped_total": len(state["skipped"])}  # fmt: skip
+                    if step_no % cfg.log_every == 0 or step_no == total_steps:
+                        metrics.write(rec)
+                    if progress:
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_g / dt:.0f}",
+                                             smp_s=f"{samples_g / dt:.1f}")  # fmt: skip
+            step_no = state["step"]
             if cfg.save_every and step_no % cfg.save_every == 0 and step_no < total_steps:
                 last_ckpt = save(step_no) or last_ckpt
             if cfg.halt_at_step is not None and step_no >= cfg.halt_at_step:
@@ -612,6 +667,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         "steps": state["step"], "total_steps": total_steps, "seconds": elapsed,
         "tokens_per_s": tokens_run / max(elapsed, 1e-9), "samples_per_s": samples_run / max(elapsed, 1e-9),
         "final_loss": losses[-1] if losses else None, "losses": losses, "skipped": len(all_skipped),
+        "skipped_steps": skipped_steps,
         "skipped_samples": all_skipped, "feature_cache": cache_stats if cache is not None else None,
         "word_warmup": warmstart,
         "trainable": freeze_info["trainable"], "total_params": freeze_info["total"], "out": str(out),
