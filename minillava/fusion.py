@@ -175,15 +175,23 @@ def arrange_media(
     input_ids: torch.Tensor,  # (B, T)
     features: torch.Tensor | None,  # (I, L, D): one image per `<image>` marker, in reading order over the batch
     image_token_id: int,
+    images_per_row: list[int] | None = None,  # (B,) each row's images, when the caller knows them (collate does)
 ) -> tuple[torch.Tensor | None, torch.Tensor]:  # media (B, M, L, D), media_index (B, T)
     """Each row's images (zero-padded to M, the most in one row) and, for every token, the row-local index of
-    the latest image at or before it (-1 before the first); the marker itself reads its own image."""
+    the latest image at or before it (-1 before the first); the marker itself reads its own image.
+
+    With `images_per_row`, every row's markers are checked against its own images: equal totals with a surplus
+    in one row and a shortfall in another would hand one sample's image to another."""
     slots = input_ids == image_token_id
     n_images = 0 if features is None else features.shape[0]
     if int(slots.sum()) != n_images:
         raise ValueError(
             f"image markers and images do not match: {int(slots.sum())} <image> tokens in the text, {n_images} images"
         )
+    if images_per_row is not None:
+        for row, (markers, images) in enumerate(zip(slots.sum(-1).tolist(), images_per_row, strict=True)):
+            if markers != images:
+                raise ValueError(f"row {row}: {markers} <image> markers in the text, {images} images")
     seen = slots.long().cumsum(-1)  # (B, T): images so far in the row, the marker included
     if n_images == 0:
         return None, seen - 1

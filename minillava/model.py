@@ -295,6 +295,7 @@ class MiniLlava(nn.Module):
         image_features: torch.Tensor | None,
         state: MediaState | None,
         continuation: bool,
+        image_counts: torch.Tensor | None = None,  # (B,)
     ) -> tuple[torch.Tensor | None, torch.Tensor]:  # media (B, M, L, D), media_index (B, T)
         """xattn: the media this call cross-attends to. A prefill encodes its images; a KV-cached continuation
         reads its prefill's media, every new token attending to the latest image seen so far in its row."""
@@ -302,7 +303,8 @@ class MiniLlava(nn.Module):
             if image_features is None and pixel_values is not None:
                 image_features = self.encode_images(pixel_values)
             features = None if image_features is None else image_features.to(self.dtype)
-            return arrange_media(input_ids, features, self.config.image_token_id)
+            per_row = None if image_counts is None else [int(c) for c in image_counts.tolist()]
+            return arrange_media(input_ids, features, self.config.image_token_id, per_row)
         if state is None:
             raise ValueError("fusion xattn: a cached continuation needs its prefill's media state (Output.media)")
         if (
@@ -342,7 +344,7 @@ class MiniLlava(nn.Module):
         if self.config.fusion == "xattn":
             embeds = self.llm.get_input_embeddings()(input_ids)  # the <image> marker is an ordinary token here
             features, index = self.xattn_media(
-                input_ids, pixel_values, image_features, media, past_key_values is not None
+                input_ids, pixel_values, image_features, media, past_key_values is not None, image_counts
             )
             layer_kwargs = {"media": features, "media_index": index}
         else:

@@ -121,6 +121,23 @@ def test_a_token_reads_only_its_latest_image():
     torch.testing.assert_close(alone, out[1:, :2])
 
 
+def test_rows_with_swapped_image_counts_raise(build_xattn):
+    """Row 0 has two markers but one image, row 1 an image but no marker: the batch's totals match, so only the
+    per-row check (collate's image_counts) keeps row 1's image out of row 0's cross-attention."""
+    from minillava.processor import Encoded
+
+    model, p = build_xattn()
+    two = prompt_with_prefix(p, [RED, BLUE])
+    text = p.encode([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    wrong = [
+        Encoded(two.input_ids, two.labels, two.pixel_values[:1]),
+        Encoded(text.input_ids, text.labels, two.pixel_values[1:]),
+    ]
+    with pytest.raises(ValueError, match="row 0: 2 <image> markers in the text, 1 images"):
+        model(**p.collate(wrong))
+    model(**p.collate([two, text]))  # the right split passes
+
+
 def test_gradients_reach_xattn_and_resampler_not_the_frozen_parts(build_xattn):
     model, p = build_xattn()
     info = freeze(model, "align", log_fn=lambda s: None)
