@@ -1,8 +1,11 @@
 """`minillava demo --quick` end to end on the real built-ins: every artefact it promises is there and usable."""
 
 import json
+from pathlib import Path
 
 from minillava.cli import main
+from minillava.demo import phrasing
+from minillava.eval.metrics import exact_match, wilson_interval
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -22,8 +25,30 @@ def test_demo_quick(tmp_path, capsys):
     assert report["instruct"]["word_warmup"]["objective"] == "caption"
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == sum(s["n"] for s in report["eval"].values())
+    check_scores(report, predictions, out / "data")
     assert (out / "loss_curve.png").stat().st_size > 1000 and (out / "heldout_grid.png").stat().st_size > 1000
     # the trained model is a normal model directory: generate reads it directly
     image = out / "data" / predictions[0]["image"]
     question = ["--prompt", "What shape is in the image?", "--max-new-tokens", "4"]
     assert main(["generate", "--model", str(out / "model"), "--image", str(image), *question]) == 0
+
+
+def check_scores(report: dict, predictions: list[dict], data: Path) -> None:
+    """Every answer is scored by the rule the docs state, and each split's figures follow from those scores:
+    exact match against every accepted form, descriptions by their facts; Wilson intervals of the counts."""
+    questions = {}
+    for split in report["eval"]:
+        for line in (data / f"{split}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            questions[split, row["question_id"]] = row
+    for p in predictions:
+        row = questions[p["split"], p["question_id"]]
+        if p["category"] == "describe":
+            expected = float(phrasing.describes(p["prediction"], row["facts"]))
+        else:
+            expected = exact_match(p["prediction"], row.get("answers") or [row["answer"]])
+        assert p["score"] == expected, p
+    for split, figures in report["eval"].items():
+        scores = [p["score"] for p in predictions if p["split"] == split]
+        assert figures["n"] == len(scores) and abs(figures["accuracy"] - sum(scores) / len(scores)) < 1e-9
+        assert figures["ci95"] == list(wilson_interval(sum(scores), len(scores)))
