@@ -110,11 +110,19 @@ class ImageTransform:
 
     @classmethod
     def from_dir(cls, directory: Path, size: int, aspect: str) -> ImageTransform:
-        """Mean/std from the tower's `preprocessor_config.json` (CLIP, SigLIP and DINOv2 all differ)."""
+        """Mean/std from the tower's `preprocessor_config.json` (CLIP, SigLIP and DINOv2 all differ).
+
+        Without one the normalisation is unknown: guessing ImageNet's would feed a CLIP or SigLIP tower inputs
+        shifted from the ones it was trained on, silently, so this is an error."""
         path = directory / "preprocessor_config.json"
-        if not path.exists():  # torchvision ViT, or a bare encoder: its training used ImageNet statistics
-            return cls(size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), aspect)
+        if not path.exists():
+            raise ValueError(
+                f"{directory}: no preprocessor_config.json: the vision tower's image_mean / image_std are unknown "
+                "(copy the image processor config it was trained with into the directory)"
+            )
         cfg = json.loads(path.read_text())
+        if "image_mean" not in cfg or "image_std" not in cfg:
+            raise ValueError(f"{path}: needs image_mean and image_std")
         return cls(size, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect)
 
     def to_hf_dict(self) -> dict:

@@ -90,3 +90,11 @@ def test_clip_statistics_come_from_the_tower(tmp_path):
     assert t.mean == (0.48, 0.45, 0.4) and t.std == (0.26, 0.26, 0.27)
     with pytest.raises(ValueError, match="aspect"):
         ImageTransform(aspect="stretch")
+
+
+def test_a_tower_without_normalisation_statistics_is_an_error_not_imagenet(tmp_path):
+    with pytest.raises(ValueError, match="no preprocessor_config.json: the vision tower's image_mean / image_std"):
+        ImageTransform.from_dir(tmp_path, 224, "pad")
+    (tmp_path / "preprocessor_config.json").write_text('{"crop_size": 224}')
+    with pytest.raises(ValueError, match="needs image_mean and image_std"):
+        ImageTransform.from_dir(tmp_path, 224, "pad")
