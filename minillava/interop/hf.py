@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from minillava.model import MiniLlava, build_anyres
 from minillava.processor import Processor
 from minillava.projectors import MLPProjector
 from minillava.vision import HF_TOWERS, HFVisionTower
+
+log = logging.getLogger(__name__)
 
 LLAVA_MODEL_TYPE = "llava"
 LLAVA_NEXT_MODEL_TYPE = "llava_next"  # LLaVA-NeXT: Llava + AnyRes
@@ -138,7 +141,7 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     vision.requires_grad_(False).eval()
     model_cfg = ModelConfig(
         vision=vision.config, projector=ProjectorConfig(name="mlp2x_gelu"), llm_source=str(path),
-        template=_pick_template(tokenizer), aspect=transform.aspect, image_token=image_token,
+        template=_pick_template(tokenizer, path), aspect=transform.aspect, image_token=image_token,
         image_token_id=config.image_token_id, image_grid_pinpoints=pinpoints,
     )  # fmt: skip
     try:
@@ -350,20 +353,27 @@ def _pinpoints(config: PretrainedConfig, image_cfg: dict[str, Any], path: Path) 
     return pinpoints
 
 
-def _pick_template(tokenizer: Any) -> str:
-    """The tokenizer's chat template if it renders plain-string contents, else vicuna_v1.
+def _pick_template(tokenizer: Any, path: Path) -> str:
+    """The tokenizer's chat template if it renders plain-string contents, else vicuna_v1 (LLaVA-1.5's), said in
+    the log: a prompt format is a choice the user must see, not a silent default.
 
     llava-hf templates iterate over `content` as a list of {"type": ...} parts; given minillava's string
     contents they silently drop the user's text, so they must not be used.
     """
     if not getattr(tokenizer, "chat_template", None):
-        return "vicuna_v1"
-    probe = "Zq7 probe"
-    try:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
-    except Exception:  # any template error means we cannot use it
-        return "vicuna_v1"
-    return "auto" if probe in rendered else "vicuna_v1"
+        reason = "the tokenizer has no chat template"
+    else:
+        probe = "Zq7 probe"
+        try:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": probe}], tokenize=False)
+        except Exception as e:  # any template error means we cannot use it
+            rendered, reason = "", f"its chat template fails on a plain-text message ({e})"
+        else:
+            reason = "its chat template drops plain-string message contents"
+        if probe in rendered:
+            return "auto"
+    log.warning("%s: prompt template vicuna_v1 (LLaVA-1.5's): %s; pass --template to choose another", path, reason)
+    return "vicuna_v1"
 
 
 # ---- export -------------------------------------------------------------------------------------------

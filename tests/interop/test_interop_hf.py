@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -199,3 +200,26 @@ def test_export_folds_the_input_standardisation(build_tiny, tmp_path):
     assert_same_logits(model, hf, processor.collate(samples(processor)[:2], padding_side="left"))
     again, _ = load_hf_llava(out)
     assert not again.projector.standardizes  # folded into linear_1, so the import reads raw features
+
+
+class _Tokenizer:
+    def __init__(self, template: str | None, renders: bool) -> None:
+        self.chat_template, self.renders = template, renders
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool) -> str:
+        return f"<user>{messages[0]['content'] if self.renders else ''}</user>"
+
+
+def test_an_unusable_chat_template_is_a_logged_choice_not_a_silent_default(caplog):
+    from pathlib import Path
+
+    from minillava.interop.hf import _pick_template
+
+    with caplog.at_level(logging.WARNING, logger="minillava.interop.hf"):
+        assert _pick_template(_Tokenizer("{{ x }}", renders=True), Path("ok")) == "auto"
+        assert not caplog.records  # the model's own template: nothing to say
+        assert _pick_template(_Tokenizer(None, renders=True), Path("bare")) == "vicuna_v1"
+        assert _pick_template(_Tokenizer("{{ x }}", renders=False), Path("parts")) == "vicuna_v1"
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0].startswith("bare: prompt template vicuna_v1") and "no chat template" in said[0]
+    assert said[1].startswith("parts: prompt template vicuna_v1") and "drops plain-string" in said[1]
