@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minillava.data.dataset import SupervisedDataset, resolve_image
-from minillava.data.formats import BadSampleError, load_records
+from minillava.data.dataset import SupervisedDataset, outside_root, resolve_image
+from minillava.data.formats import BadSampleError, describe_duplicates, duplicate_ids, load_records
 from minillava.images import ImageError, load_image
 from minillava.processor import Processor
 
@@ -28,6 +28,7 @@ class CheckReport:
     reasons: Counter = field(default_factory=Counter)
     lengths: list[int] = field(default_factory=list)
     max_length: int | None = None
+    duplicates: list[str] = field(default_factory=list)  # "file: N duplicate sample ids: ..." (a warning)
 
     @property
     def ok(self) -> bool:
@@ -66,6 +67,7 @@ class CheckReport:
                 lines.append(f"  ... and {len(self.errors) - max_errors} more")
         else:
             lines.append("no errors")
+        lines += [f"warning: {d}" for d in self.duplicates]
         return "\n".join(lines)
 
 
@@ -73,7 +75,8 @@ def _reason_kind(reason: str) -> str:
     """A coarse category for the summary table (the full reason stays in each error line)."""
     for key in ("not found", "not a readable image", "cannot open", "<image> markers", "out of order", "is empty",
                 "exceed max_length", "last turn", "not valid JSON", "no 'conversations'", "empty caption",
-                "too many pixels", "over the limit", "no supervised"):  # fmt: skip
+                "too many pixels", "over the limit", "no supervised", "not valid UTF-8",
+                "leaves the image root"):  # fmt: skip
         if key in reason:
             return key
     return reason.split(":")[0][:60]
@@ -81,7 +84,7 @@ def _reason_kind(reason: str) -> str:
 
 def check_data(
     files: list[str | Path], image_root: str | Path | None = None, processor: Processor | None = None,
-    fmt: str = "auto", decode_images: bool = True,
+    fmt: str = "auto", decode_images: bool = True, allow_outside_image_root: bool = False,
 ) -> CheckReport:  # fmt: skip
     report = CheckReport(max_length=processor.max_length if processor else None)
     root = Path(image_root).expanduser() if image_root else None
@@ -90,13 +93,18 @@ def check_data(
     image_status: dict[Path, str | None] = {}
     tokenizer_view = SupervisedDataset.__new__(SupervisedDataset)  # reuse its tokenise-and-check step
     tokenizer_view.processor, tokenizer_view.truncate, tokenizer_view.image_root = processor, False, root
+    tokenizer_view.allow_outside_image_root = allow_outside_image_root
 
     def fail(where: str, reason: str) -> None:
         report.errors.append(f"{where}: {reason}")
         report.reasons[_reason_kind(reason)] += 1
 
     for f in files:
-        for rec in load_records(f, fmt):
+        records = load_records(f, fmt)
+        dups = duplicate_ids(records)
+        if dups:
+            report.duplicates.append(f"{f}: {describe_duplicates(dups)}")
+        for rec in records:
             report.samples += 1
             report.images += len(rec.images)
             if rec.images:
@@ -108,6 +116,11 @@ def check_data(
                 continue
             bad = False
             for name in rec.images:
+                problem = None if allow_outside_image_root else outside_root(root, name)
+                if problem:
+                    fail(rec.where(), problem)
+                    bad = True
+                    continue
                 path = resolve_image(root, name)
                 if path not in image_status:
                     image_status[path] = _image_problem(path, decode_images)

@@ -51,6 +51,21 @@ def resolve_image(root: Path | None, name: str) -> Path:
     return p if p.is_absolute() or root is None else root / p
 
 
+def outside_root(root: Path | None, name: str) -> str | None:
+    """Why image path `name` may not be used with image root `root` (None: it may).
+
+    With a root, the path (relative to it, or absolute) must resolve, symlinks followed, to a place inside it:
+    `../x.png`, an absolute path elsewhere or a symlink out of the root is refused. No root: no limit.
+    """
+    if root is None:
+        return None
+    try:
+        inside = resolve_image(root, name).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as e:  # a symlink loop, an unreadable directory
+        return f"cannot resolve image path {name}: {e}"
+    return None if inside else f"image path leaves the image root: {name}"
+
+
 class SupervisedDataset(Dataset):
     def __init__(
         self,
@@ -61,6 +76,7 @@ class SupervisedDataset(Dataset):
         on_bad_sample: str = "error",
         truncate: bool = False,
         feature_cache: Any = None,  # minillava.train.cache.FeatureCache (read side), or None
+        allow_outside_image_root: bool = False,  # use image paths that resolve outside `image_root` too
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
@@ -77,6 +93,7 @@ class SupervisedDataset(Dataset):
         if self.image_root is not None and not self.image_root.is_dir():
             raise OSError(f"{self.image_root}: image root is not a directory")
         self.on_bad_sample = on_bad_sample
+        self.allow_outside_image_root = allow_outside_image_root
         self.truncate = truncate
         self.feature_cache = feature_cache
 
@@ -124,12 +141,23 @@ class SupervisedDataset(Dataset):
         return ids, labels
 
     def _bad(self, rec: Record, reason: str) -> BadSampleError:
-        return BadSampleError(f"bad sample {rec.where()}: {reason}")
+        err = BadSampleError(f"bad sample {rec.where()}: {reason}")
+        err.reason = reason
+        return err
+
+    def image_paths(self, rec: Record) -> list[Path]:
+        """The record's image files; raises BadSampleError for a path leaving the image root (unless allowed)."""
+        if not getattr(self, "allow_outside_image_root", False):
+            for name in rec.images:
+                problem = outside_root(self.image_root, name)
+                if problem:
+                    raise self._bad(rec, problem)
+        return [resolve_image(self.image_root, name) for name in rec.images]
 
     def decode(self, rec: Record) -> list[Image.Image]:
+        paths = self.image_paths(rec)
         try:
-            return [load_image(resolve_image(self.image_root, name), max_pixels=self.processor.max_pixels)
-                    for name in rec.images]  # fmt: skip
+            return [load_image(path, max_pixels=self.processor.max_pixels) for path in paths]
         except ImageError as e:
             raise self._bad(rec, str(e)) from None
 
@@ -142,8 +170,8 @@ class SupervisedDataset(Dataset):
             ids, labels = self.tokenize(rec, images)
             sizes = p.size_tensor([(im.height, im.width) for im in images])
             return Item(index, rec.id, Encoded(ids, labels, p.pixels(images), sizes), features=[None] * len(images))
+        paths = self.image_paths(rec)
         ids, labels = self.tokenize(rec)
-        paths = [resolve_image(self.image_root, name) for name in rec.images]
         keys, features, to_decode = [], [], []
         for path in paths:
             try:
@@ -168,7 +196,7 @@ class SupervisedDataset(Dataset):
             if self.on_bad_sample == "error":
                 raise
             rec = self.records[index]
-            reason = str(e).split(": ", 1)[-1] if str(e).startswith("bad sample") else str(e)
+            reason = getattr(e, "reason", str(e))
             return Skipped(index, rec.id, rec.source, reason)
 
 

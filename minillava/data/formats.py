@@ -14,7 +14,9 @@ either raises (naming file, sample id and reason) or skips and counts it.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from typing import Any
 IMAGE_TOKEN = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 FORMATS = ("auto", "llava", "coco", "captions")
+logger = logging.getLogger(__name__)
 
 
 class BadSampleError(ValueError):
@@ -30,43 +33,72 @@ class BadSampleError(ValueError):
 
 @dataclass
 class Record:
-    id: str
-    source: str  # "file:index"
+    id: str  # "" for a row that could not be read at all (no id to name)
+    # "file:N": the 1-based line of a JSONL or CSV row (the CSV header is line 1); "file:[i]": the 0-based index
+    # of a sample in a JSON list; "file:annotations[i]": a COCO annotation
+    source: str
     images: list[str] = field(default_factory=list)  # paths as written in the file (relative to image root)
     messages: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None  # structural problem found while parsing
 
     def where(self) -> str:
-        return f"{self.source} (id {self.id})"
+        return f"{self.source} (id {self.id})" if self.id else self.source
 
 
-def _read_json_or_jsonl(path: Path) -> tuple[Any, bool]:
-    """The parsed JSON document, or a list of JSONL rows (a bad row becomes an error dict)."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if path.suffix != ".jsonl" and stripped[:1] in ("[", "{"):
+class _BadRow:
+    """A JSONL line that could not be read (invalid UTF-8 or JSON): it becomes a bad sample, not a dead file."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _decode_error(path: Path, data: bytes, e: UnicodeDecodeError) -> str:
+    line = data.count(b"\n", 0, e.start) + 1
+    return f"{path}: not valid UTF-8 at byte offset {e.start} (line {line}): {e.reason}"
+
+
+def _read_json_or_jsonl(path: Path) -> tuple[Any, list[int] | None]:
+    """The parsed JSON document and None, or the JSONL rows and their 1-based line numbers.
+
+    A JSONL line that is not valid UTF-8 or not valid JSON becomes a `_BadRow` (a bad sample at that line).
+    """
+    data = path.read_bytes()
+    stripped = data.lstrip(b"\xef\xbb\xbf \t\r\n")
+    whole_file_error = None
+    if path.suffix != ".jsonl" and stripped[:1] in (b"[", b"{"):
         try:
-            return json.loads(text), False
+            return json.loads(data.decode("utf-8-sig")), None
+        except UnicodeDecodeError as e:
+            whole_file_error = _decode_error(path, data, e)
         except json.JSONDecodeError as e:
-            if stripped[:1] == "[":
-                raise ValueError(f"{path}: not valid JSON: {e}") from None
-            # a '{' start may still be JSONL: fall through
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+            whole_file_error = f"{path}: not valid JSON: {e}"
+        if stripped[:1] == b"[":
+            raise ValueError(whole_file_error)
+        # a '{' start may still be JSONL: fall through (and name the whole-file problem if no line parses)
+    rows: list[Any] = []
+    lines: list[int] = []
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        if not raw.strip():
             continue
+        lines.append(lineno)
         try:
-            rows.append(json.loads(line))
+            rows.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            rows.append(_BadRow(f"not valid UTF-8 at byte {e.start} of the line: {e.reason}"))
         except json.JSONDecodeError as e:
-            rows.append({"__error__": f"line {lineno} is not valid JSON: {e.msg}", "__line__": lineno})
-    return rows, True
+            rows.append(_BadRow(f"not valid JSON: {e.msg} (column {e.colno})"))
+    if whole_file_error and all(isinstance(r, _BadRow) for r in rows):
+        raise ValueError(whole_file_error)
+    return rows, lines
 
 
 def detect_format(path: Path, doc: Any) -> str:
     if isinstance(doc, dict) and "annotations" in doc and "images" in doc:
         return "coco"
     rows = doc if isinstance(doc, list) else []
-    first = next((r for r in rows if isinstance(r, dict) and "__error__" not in r), None)
+    first = next((r for r in rows if isinstance(r, dict)), None)
     if first is None:
         if path.suffix == ".csv":
             return "captions"
@@ -90,15 +122,36 @@ def load_records(path: str | Path, fmt: str = "auto") -> list[Record]:
         raise OSError(f"{path}: data file not found")
     if path.suffix == ".csv":
         return _captions_csv(path)
-    doc, _ = _read_json_or_jsonl(path)
+    doc, lines = _read_json_or_jsonl(path)
     fmt = detect_format(path, doc) if fmt == "auto" else fmt
     if fmt == "coco":
-        return _coco(path, doc)
-    if not isinstance(doc, list):
+        records = _coco(path, doc)
+    elif not isinstance(doc, list):
         raise ValueError(f"{path}: expected a JSON list of samples or JSONL rows for format {fmt!r}")
-    if fmt == "llava":
-        return [_llava(path, i, row) for i, row in enumerate(doc)]
-    return [_caption_row(path, i, row) for i, row in enumerate(doc)]
+    else:
+        # positions: a JSONL row by its 1-based line, a JSON list's sample by its 0-based index: "file:[i]"
+        wheres = [f"{path}:{n}" for n in lines] if lines is not None else [f"{path}:[{i}]" for i in range(len(doc))]
+        parse = _llava if fmt == "llava" else _caption_row
+        records = [parse(path, i, row, where) for i, (row, where) in enumerate(zip(doc, wheres, strict=True))]
+    dups = duplicate_ids(records)
+    if dups:
+        logger.warning("%s: %s", path, describe_duplicates(dups))
+    return records
+
+
+def duplicate_ids(records: list[Record]) -> dict[str, int]:
+    """Sample ids used more than once (id -> count), in order of first use; unreadable rows are left out."""
+    counts: dict[str, int] = {}
+    for r in records:
+        if r.id:
+            counts[r.id] = counts.get(r.id, 0) + 1
+    return {k: n for k, n in counts.items() if n > 1}
+
+
+def describe_duplicates(dups: dict[str, int], first: int = 5) -> str:
+    shown = ", ".join(f"{k!r} (x{n})" for k, n in list(dups.items())[:first])
+    more = f" and {len(dups) - first} more" if len(dups) > first else ""
+    return f"{len(dups)} duplicate sample ids: {shown}{more}"
 
 
 def _sample_id(row: Any, index: int) -> str:
@@ -107,14 +160,12 @@ def _sample_id(row: Any, index: int) -> str:
     return f"#{index}"
 
 
-def _llava(path: Path, index: int, row: Any) -> Record:
-    rec = Record(_sample_id(row, index), f"{path}:{index}")
+def _llava(path: Path, index: int, row: Any, where: str) -> Record:
+    if isinstance(row, _BadRow):
+        return Record("", where, error=row.reason)
+    rec = Record(_sample_id(row, index), where)
     if not isinstance(row, dict):
         rec.error = f"sample is a {type(row).__name__}, not an object"
-        return rec
-    if "__error__" in row:
-        rec.error = row["__error__"]
-        rec.source = f"{path}:{row['__line__']}"
         return rec
     image = row.get("image")
     if image is None:
@@ -186,26 +237,30 @@ def _caption_record(path: Path, index: int, sid: str, image: Any, caption: Any, 
     return rec
 
 
-def _caption_row(path: Path, index: int, row: Any) -> Record:
+def _caption_row(path: Path, index: int, row: Any, where: str) -> Record:
+    if isinstance(row, _BadRow):
+        return Record("", where, error=row.reason)
     if not isinstance(row, dict):
-        return Record(f"#{index}", f"{path}:{index}", error=f"row is a {type(row).__name__}, not an object")
-    if "__error__" in row:
-        return Record(f"#{index}", f"{path}:{row['__line__']}", error=row["__error__"])
+        return Record(f"#{index}", where, error=f"row is a {type(row).__name__}, not an object")
     caption = row.get("caption", row.get("text"))
-    return _caption_record(path, index, _sample_id(row, index), row.get("image"), caption)
+    return _caption_record(path, index, _sample_id(row, index), row.get("image"), caption, where)
 
 
 def _captions_csv(path: Path) -> list[Record]:
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "image" not in fields or not ({"caption", "text"} & set(fields)):
-            raise ValueError(f"{path}: a caption CSV needs the columns 'image' and 'caption', found {fields}")
-        return [
-            _caption_record(path, i, _sample_id(row, i), row.get("image"), row.get("caption", row.get("text")),
-                            f"{path}:{i + 2}")  # fmt: skip
-            for i, row in enumerate(reader)
-        ]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(_decode_error(path, data, e)) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fields = reader.fieldnames or []
+    if "image" not in fields or not ({"caption", "text"} & set(fields)):
+        raise ValueError(f"{path}: a caption CSV needs the columns 'image' and 'caption', found {fields}")
+    return [
+        _caption_record(path, i, _sample_id(row, i), row.get("image"), row.get("caption", row.get("text")),
+                        f"{path}:{i + 2}")  # fmt: skip
+        for i, row in enumerate(reader)
+    ]
 
 
 def _coco(path: Path, doc: dict) -> list[Record]:

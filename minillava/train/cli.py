@@ -36,6 +36,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", help="LLaVA JSON/JSONL, COCO captions, or caption JSONL/CSV files")
     g.add_argument("--image-root", help="directory the data's image paths are relative to")
+    _bool_flag(g, "allow-outside-image-root", "use image paths that resolve outside --image-root ('../', absolute, "
+               "symlinks out); without it such a sample is bad")  # fmt: skip
     g.add_argument("--data-format", choices=["auto", "llava", "coco", "captions"])
     g.add_argument("--max-length", type=int, help="max tokens per sample after image expansion")
     _bool_flag(g, "truncate", "truncate long samples (never through an image) instead of rejecting them")
@@ -129,6 +131,11 @@ def add_data_parser(subparsers) -> None:
     c = sub.add_parser("check", help="validate a data set and summarise it; exit 1 if any sample is bad")
     c.add_argument("files", nargs="+", help="LLaVA JSON/JSONL, COCO captions, or caption JSONL/CSV")
     c.add_argument("--image-root", help="directory the image paths are relative to")
+    c.add_argument(
+        "--allow-outside-image-root",
+        action="store_true",
+        help="accept image paths that resolve outside --image-root (default: a bad sample)",
+    )
     c.add_argument("--format", dest="data_format", default="auto", choices=["auto", "llava", "coco", "captions"])
     c.add_argument("--model", help="a saved minillava directory: tokenise to check lengths and draw the histogram")
     c.add_argument("--stage", choices=["align", "instruct"], default="instruct", help="align uses the plain template")
@@ -152,7 +159,14 @@ def run_data_check(args: argparse.Namespace) -> int:
         template = args.template or ("plain" if args.stage == "align" else base.template_name)
         processor = Processor(base.tokenizer, base.image_transform, base.tokens_per_image, base.image_token, template,
                               args.max_length or base.max_length, base.max_pixels, base.anyres)  # fmt: skip
-    report = check_data(args.files, args.image_root, processor, args.data_format, decode_images=not args.no_decode)
+    report = check_data(
+        args.files,
+        args.image_root,
+        processor,
+        args.data_format,
+        decode_images=not args.no_decode,
+        allow_outside_image_root=args.allow_outside_image_root,
+    )
     print(report.format(args.max_errors))
     return 0 if report.ok else 1
 

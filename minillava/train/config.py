@@ -35,6 +35,7 @@ class TrainConfig:
     # data
     data: list[str] = field(default_factory=list)
     image_root: str | None = None
+    allow_outside_image_root: bool = False  # use image paths resolving outside image_root (default: bad sample)
     data_format: str = "auto"
     max_length: int | None = None
     truncate: bool = False

@@ -469,7 +469,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                                                                    feature_dtype), rank=d.rank)  # fmt: skip
             say(f"feature cache {cache.dir}: {len(cache)} images cached")
     dataset = SupervisedDataset(cfg.data, train_processor, cfg.image_root, cfg.data_format, cfg.on_bad_sample,
-                                cfg.truncate, cache)  # fmt: skip
+                                cfg.truncate, cache, cfg.allow_outside_image_root)  # fmt: skip
     if cfg.standardize_features and not model.projector.standardizes:
         fit_feature_stats(model, dataset, Collator(train_processor), cache, device, cfg.feature_stats_images, say)
     warmstart = None

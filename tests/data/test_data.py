@@ -85,7 +85,7 @@ def test_bad_samples_raise_with_file_id_reason_or_skip(tiny, tmp_path):
             {"id": "two", "image": a, "conversations": _turns(("human", "<image><image>"), ("gpt", "x"))}]  # fmt: skip
     (tmp_path / "d.json").write_text(json.dumps(rows))
     ds = SupervisedDataset(tmp_path / "d.json", processor, tmp_path)
-    with pytest.raises(BadSampleError, match=r"d\.json:1 \(id two\): 2 <image> markers in the text but 1 images"):
+    with pytest.raises(BadSampleError, match=r"d\.json:\[1\] \(id two\): 2 <image> markers in the text but 1 images"):
         ds[1]
     ds = SupervisedDataset(tmp_path / "d.json", processor, tmp_path, on_bad_sample="skip")
     batch = Collator(processor)([ds[0], ds[1]])
@@ -150,6 +150,111 @@ def test_data_check_reports_every_bad_case(tiny, tmp_path, capsys):
     assert "no errors" in capsys.readouterr().out
     (tmp_path / "bad.jsonl").write_text('{"id": 1, "conversations": []}\n{oops\n')
     assert cli_main(["data", "check", str(tmp_path / "bad.jsonl")]) == 1
-    assert "line 2 is not valid JSON" in capsys.readouterr().out
+    assert "bad.jsonl:2: not valid JSON: Expecting property name" in capsys.readouterr().out
     assert cli_main(["data", "check", str(tmp_path / "none.json")]) == 1
     assert "data file not found" in capsys.readouterr().err
+
+
+def _sample(sid, image=None):
+    row = {"id": sid, "conversations": _turns(("human", ("<image>\n" if image else "") + "q"), ("gpt", "a"))}
+    return {**row, "image": image} if image else row
+
+
+def test_jsonl_bad_utf8_or_json_line_is_one_bad_sample_at_its_line(tiny, tmp_path, capsys):
+    _, processor = tiny
+    a = _img(tmp_path / "a.png")
+    good = json.dumps(_sample("g1", a)).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b"\n\n" + b'{"id": "x\xff\xfe", "conversations": []}\n' + b"{oops\n"
+                     + json.dumps(_sample("g2", a)).encode() + b"\n")  # fmt: skip
+    recs = load_records(path)
+    assert [r.source.rsplit(":", 1)[1] for r in recs] == ["1", "3", "4", "5"]
+    assert recs[1].error.startswith("not valid UTF-8") and recs[2].error.startswith("not valid JSON")
+    ds = SupervisedDataset(path, processor, tmp_path)
+    with pytest.raises(BadSampleError) as e:
+        ds[1]
+    assert str(e.value).startswith(f"bad sample {path}:3: not valid UTF-8") and "\n" not in str(e.value)
+    with pytest.raises(BadSampleError, match=r"d\.jsonl:4: not valid JSON"):
+        ds[2]
+    ds = SupervisedDataset(path, processor, tmp_path, on_bad_sample="skip")
+    batch = Collator(processor)([ds[i] for i in range(4)])
+    assert batch["ids"] == ["g1", "g2"] and [s.where for s in batch["skipped"]] == [f"{path}:3", f"{path}:4"]
+    assert batch["skipped"][0].reason.startswith("not valid UTF-8")
+    assert cli_main(["data", "check", str(path), "--image-root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:3: not valid UTF-8" in out and f"{path}:4: not valid JSON" in out and "samples: 4" in out
+    # a JSON list: one bad byte spoils the document; the error names the file, byte offset and line
+    (tmp_path / "d.json").write_bytes(b'[\n{"id": "a"},\n{"id": "\xff"}]')
+    with pytest.raises(ValueError, match=r"d\.json: not valid UTF-8 at byte offset 23 \(line 3\)"):
+        load_records(tmp_path / "d.json")
+    assert cli_main(["data", "check", str(tmp_path / "d.json")]) == 1
+    assert "d.json: not valid UTF-8 at byte offset 23 (line 3)" in capsys.readouterr().err
+
+
+def test_jsonl_positions_are_1_based_lines_everywhere(tiny, tmp_path, capsys):
+    _, processor = tiny
+    a = _img(tmp_path / "a.png")
+    path = tmp_path / "d.jsonl"
+    bad = {"id": "two", "image": a, "conversations": _turns(("human", "<image><image>"), ("gpt", "x"))}
+    path.write_text("\n" + json.dumps(_sample("ok", a)) + "\n\n" + json.dumps(bad) + "\n")
+    with pytest.raises(BadSampleError, match=r"d\.jsonl:4 \(id two\): 2 <image> markers"):
+        SupervisedDataset(path, processor, tmp_path)[1]
+    skipped = SupervisedDataset(path, processor, tmp_path, on_bad_sample="skip")[1]
+    assert skipped.where == f"{path}:4"
+    report = check_data([path], tmp_path)
+    assert report.errors == [f"{path}:4 (id two): 2 <image> markers in the text but 1 images"]
+    # a JSON list: by 0-based index, written "file:[i]" so that it never reads as a line
+    (tmp_path / "d.json").write_text(json.dumps([_sample("ok", a), bad]))
+    assert check_data([tmp_path / "d.json"], tmp_path).errors[0].startswith(f"{tmp_path / 'd.json'}:[1] (id two): ")
+
+
+def test_image_paths_leaving_the_image_root_are_bad_unless_allowed(tiny, tmp_path, capsys):
+    _, processor = tiny
+    root = tmp_path / "root"
+    a = _img(root / "a.png")
+    _img(tmp_path / "outside.png")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    rows = [_sample("rel", a), _sample("abs-inside", str(root / a)), _sample("up", "../outside.png"),
+            _sample("abs-outside", str(tmp_path / "outside.png")), _sample("link", "link.png")]  # fmt: skip
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows))
+    ds = SupervisedDataset(data, processor, root)
+    ds[0], ds[1]  # inside the root, relative or absolute: fine
+    with pytest.raises(BadSampleError, match=r"d\.json:\[2\] \(id up\): image path leaves the image root: \.\./out"):
+        ds[2]
+    ds = SupervisedDataset(data, processor, root, on_bad_sample="skip")
+    skipped = Collator(processor)([ds[i] for i in range(5)])["skipped"]
+    assert [s.id for s in skipped] == ["up", "abs-outside", "link"]
+    assert all(s.reason.startswith("image path leaves the image root: ") for s in skipped)
+    ds = SupervisedDataset(data, processor, root, allow_outside_image_root=True)
+    assert all(ds[i].encoded.pixel_values.shape[0] == 1 for i in range(5))
+    report = check_data([data], root)
+    assert sorted(e.split("(id ")[1].split(")")[0] for e in report.errors) == ["abs-outside", "link", "up"]
+    assert check_data([data], root, allow_outside_image_root=True).ok
+    assert cli_main(["data", "check", str(data), "--image-root", str(root)]) == 1
+    assert "image path leaves the image root: ../outside.png" in capsys.readouterr().out
+    assert cli_main(["data", "check", str(data), "--image-root", str(root), "--allow-outside-image-root"]) == 0
+    import argparse
+
+    from minillava.train.cli import add_train_parser
+    from minillava.train.config import TrainConfig
+
+    assert TrainConfig().allow_outside_image_root is False
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_train_parser(sub)
+    args = sub.choices["train"].parse_args(["--allow-outside-image-root"])
+    assert args.allow_outside_image_root is True
+
+
+def test_duplicate_ids_warned_once_and_reported_by_data_check(tmp_path, caplog, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(_sample(s)) + "\n" for s in ["a", "b", "a", "c", "b", "a"]))
+    with caplog.at_level("WARNING", logger="minillava"):
+        recs = load_records(path)
+    assert len(recs) == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{path}: 2 duplicate sample ids: 'a' (x3), 'b' (x2)"]
+    report = check_data([path])
+    assert report.ok and report.duplicates == [f"{path}: 2 duplicate sample ids: 'a' (x3), 'b' (x2)"]
+    assert cli_main(["data", "check", str(path)]) == 0
+    assert "warning: " + report.duplicates[0] in capsys.readouterr().out

@@ -224,7 +224,7 @@ def test_bad_sample_error_names_file_id_reason_or_skips(tmp_path, asset_dir):
     rows.append({"id": "ghost", "image": "missing.png", "conversations": turns})
     data.write_text(json.dumps(rows))
     cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="align", max_steps=2, batch_size=6)
-    with pytest.raises(BadSampleError, match=r"d\.json:5 \(id ghost\): image .*missing\.png not found"):
+    with pytest.raises(BadSampleError, match=r"d\.json:\[5\] \(id ghost\): image .*missing\.png not found"):
         train(cfg)
     cfg.on_bad_sample, cfg.overwrite = "skip", True  # the failed run above left its records in OUT
     summary = train(cfg)
