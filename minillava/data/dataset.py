@@ -147,7 +147,7 @@ class SupervisedDataset(Dataset):
 
     def image_paths(self, rec: Record) -> list[Path]:
         """The record's image files; raises BadSampleError for a path leaving the image root (unless allowed)."""
-        if not getattr(self, "allow_outside_image_root", False):
+        if not self.allow_outside_image_root:
             for name in rec.images:
                 problem = outside_root(self.image_root, name)
                 if problem:

@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from train_helpers import config, write_images, write_llava
+from train_helpers import add_ghost, config, write_images, write_llava
 
 from minillava.cli import main
 from minillava.train import checkpoint as ckpt
@@ -20,10 +20,7 @@ def _events(run) -> list[dict]:
 def test_a_batch_whose_samples_were_all_skipped_is_no_update(tmp_path, asset_dir):
     names = write_images(tmp_path / "images")
     data = write_llava(tmp_path / "d.json", names)
-    rows = json.loads(data.read_text())
-    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}]
-    rows.append({"id": "ghost", "image": "missing.png", "conversations": turns})
-    data.write_text(json.dumps(rows))
+    rows = add_ghost(data)
     # one sample a batch: the ghost's batch is empty after skipping (it used to stop the run with "loss is nan")
     cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="instruct", lr=1e-3, batch_size=1,
                  max_steps=len(rows), on_bad_sample="skip", group_by_length=False)  # fmt: skip

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import CAPTIONS, config, write_images, write_llava
+from train_helpers import CAPTIONS, add_ghost, config, write_images, write_llava
 
 from minillava.data.formats import BadSampleError
 from minillava.model import MiniLlava
@@ -219,10 +219,7 @@ def test_nan_loss_stops_naming_the_step(tmp_path, asset_dir):
 def test_bad_sample_error_names_file_id_reason_or_skips(tmp_path, asset_dir):
     names = write_images(tmp_path / "images")
     data = write_llava(tmp_path / "d.json", names)
-    rows = json.loads(data.read_text())
-    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}]
-    rows.append({"id": "ghost", "image": "missing.png", "conversations": turns})
-    data.write_text(json.dumps(rows))
+    add_ghost(data)
     cfg = config(tmp_path, asset_dir, data, tmp_path / "images", stage="align", max_steps=2, batch_size=6)
     with pytest.raises(BadSampleError, match=r"d\.json:\[5\] \(id ghost\): image .*missing\.png not found"):
         train(cfg)

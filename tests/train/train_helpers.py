@@ -43,6 +43,15 @@ def write_llava(path: Path, names: dict[str, str], text_only: bool = True) -> Pa
     return path
 
 
+def add_ghost(path: Path) -> list[dict]:
+    """Append sample "ghost", whose image file does not exist, to a LLaVA JSON file; the rows it now holds."""
+    rows = json.loads(path.read_text())
+    turns = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}]
+    rows.append({"id": "ghost", "image": "missing.png", "conversations": turns})
+    path.write_text(json.dumps(rows))
+    return rows
+
+
 def config(tmp: Path, asset_dir, data: Path, images: Path, **kw) -> TrainConfig:
     base = dict(
         vision=str(asset_dir("vision", "clip")), llm=str(asset_dir("llm", "llama")), data=[str(data)],
