@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +102,56 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         raise OSError(f"{path}: not a complete checkpoint (needs {WEIGHTS} and {STATE})")
     state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     config = json.loads((path / CONFIG).read_text()) if (path / CONFIG).is_file() else {}
-    return load_file(path / WEIGHTS), state, config
+    weights = load_file(path / WEIGHTS)
+    if not weights_finite(weights):
+        raise ValueError(f"{path}: its weights are not all finite")
+    return weights, state, config
+
+
+def weights_finite(weights: dict[str, torch.Tensor]) -> bool:
+    """Whether every trainable tensor is finite: a checkpoint of exploded weights is no point to go back to."""
+    return all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point())
+
+
+Loaded = tuple[Path, dict[str, torch.Tensor], dict[str, Any]]
+
+
+def _reason(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())  # one line: some loaders put newlines in messages
+
+
+def load_resume(out: Path, resume: str | None, warn: Callable[[str], Any]) -> Loaded | None:
+    """The checkpoint to resume from, loaded: (its path, weights, state); None when there is nothing to resume.
+
+    `latest` tries the newest complete checkpoint first and falls back to older ones when one will not load
+    (a truncated file after a full disk, say), warning each time; an explicit directory gets no fallback,
+    since the user asked for that one."""
+    path = resolve_resume(out, resume)
+    if path is None:
+        return None
+    explicit = resume not in LATEST
+    candidates = [path] if explicit else list(reversed(list_checkpoints(out)))
+    tried = []
+    for cand in candidates:
+        try:
+            weights, state, _ = load_checkpoint(cand)
+            return cand, weights, state
+        except Exception as e:  # safetensors, pickle and JSON each raise their own kind
+            if explicit:
+                raise OSError(f"{cand}: cannot resume from this checkpoint: {_reason(e)}") from e
+            warn(f"--resume: skipping {cand}: {_reason(e)}")
+            tried.append(f"{cand.name}: {_reason(e)}")
+    raise OSError(f"{out}: no checkpoint could be loaded to resume from ({'; '.join(tried)})")
+
+
+LATEST = ("latest", "auto", "true", "True")
 
 
 def resolve_resume(out: Path, resume: str | None) -> Path | None:
     """`latest`: the newest complete checkpoint under OUT (None if there is none); else a directory."""
     if resume is None:
         return None
-    if resume in ("latest", "auto", "true", "True"):
+    if resume in LATEST:
         return latest_checkpoint(out)
     path = Path(resume).expanduser()
     if PATTERN.match(path.name) is None and latest_checkpoint(path) is not None:

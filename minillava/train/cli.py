@@ -70,6 +70,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=["cosine", "linear", "constant"])
     g.add_argument("--warmup-ratio", type=float)
     g.add_argument("--max-grad-norm", type=float)
+    g.add_argument("--collapse-steps", type=int, metavar="K",
+                   help="stop when the gradient norm is ~0 for K steps in a row (default 5; 0: never)")
     g.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
     _bool_flag(
         g,

@@ -82,6 +82,9 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03
     max_grad_norm: float | None = 1.0
+    # stop once the gradient norm is 0 (or not finite) this many optimizer steps in a row: a collapsed run
+    # (e.g. an absurd LR) otherwise trains on silently with its loss pinned; 0 disables the check
+    collapse_steps: int = 5
     precision: str = "auto"  # auto (bf16 where it beats fp32: runtime.fast_bfloat16) | bf16 | fp16 (CUDA) | fp32
     frozen_bf16: bool = False  # store fully frozen modules (vision tower; LLM in align) in bfloat16 (bf16 runs only)
     grad_checkpointing: bool = False
@@ -267,7 +270,7 @@ _PROBABILITY = (lambda v: 0 <= v < 1), "must be at least 0 and below 1"
 COUNTS = ("max_length", "lora_r", "lora_layers", "feature_stats_images", "word_warmup_images", "max_steps",
           "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "halt_at_step")  # fmt: skip
 NON_NEGATIVE = ("num_workers", "word_warmup_steps", "word_warmup_lr", "lr", "projector_lr", "vision_lr",
-                "weight_decay", "max_grad_norm", "seed")  # fmt: skip
+                "weight_decay", "max_grad_norm", "seed", "collapse_steps")  # fmt: skip
 # the range of each numeric option (None, where an option allows it, always passes)
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(COUNTS, _at_least(1)),

@@ -348,6 +348,27 @@ def skip_update(state: dict[str, Any], scheduler: torch.optim.lr_scheduler.LRSch
     state["step_in_epoch"] += 1
 
 
+# a gradient norm this far below the run's peak is dead too: saturated fp32 softmaxes leave ~1e-9, not 0
+COLLAPSE_RATIO = 1e-6
+
+
+def collapse_check(limit: int, run: int, grad_norm: float | None, peak: float, step: int, loss: float) -> int:
+    """The new count of consecutive dead steps; raises once it reaches `limit` (0: never). A step with
+    supervised tokens and a gradient norm of 0 (or not finite) moves nothing: after a few in a row the run
+    has collapsed (saturated activations, e.g. from an absurd LR) and would otherwise finish silently."""
+    if not limit or grad_norm is None:
+        return 0
+    dead = not math.isfinite(grad_norm) or grad_norm <= COLLAPSE_RATIO * peak
+    run = run + 1 if dead else 0
+    if run >= limit:
+        shown = "0" if math.isfinite(grad_norm) else "not finite"
+        raise FloatingPointError(
+            f"training collapsed at step {step}: gradient norm {shown} for {limit} steps (loss {loss:.4f}, last "
+            f"norm {grad_norm:.1e}); lower --lr"
+        )
+    return run
+
+
 def autocast_ctx(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -409,7 +430,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
     d.barrier()
-    resume_dir = ckpt.resolve_resume(out, cfg.resume)
+    resumed = ckpt.load_resume(out, cfg.resume, log.warning if d.main else (lambda *_: None))
+    resume_dir = resumed[0] if resumed else None
     if cfg.resume and resume_dir is None:
         say(f"--resume: no checkpoint under {out}; starting from scratch")
 
@@ -430,8 +452,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
     state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": [], "tokens": 0, "samples": 0}
     resume_state = None
-    if resume_dir is not None:
-        weights, resume_state, _ = ckpt.load_checkpoint(resume_dir)
+    if resumed is not None:
+        resume_dir, weights, resume_state = resumed
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
         if set(weights) != expected:
             raise ValueError(
@@ -524,7 +546,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                   "rng": ckpt.rng_state(), "lora": asdict(lora) if lora else None}  # fmt: skip
             if scaler is not None:
                 st["scaler"] = scaler.state_dict()
-            path = ckpt.save_checkpoint(out, step, weights, st, cfg.to_dict(), cfg.keep_last)
+            if ckpt.weights_finite(weights):
+                path = ckpt.save_checkpoint(out, step, weights, st, cfg.to_dict(), cfg.keep_last)
+            else:  # never let exploded weights become the checkpoint a resume or the NaN message points at
+                log.warning(f"step {step}: trainable weights are not all finite; checkpoint not saved")
         d.barrier()
         return path
 
@@ -537,7 +562,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     cache_stats = {"hits": 0, "misses": 0}
     pad_id = train_processor.tokenizer.pad_token_id or 0
     losses: list[float] = []
-    last_ckpt = ckpt.latest_checkpoint(out)
+    last_ckpt = resume_dir or ckpt.latest_checkpoint(out)  # the newest known to load and hold finite weights
+    zero_grad_run = 0  # consecutive optimizer steps whose gradient norm was 0 or not finite
+    peak_grad_norm = 0.0  # the largest finite one so far: what "0" is measured against
     t_start = time.perf_counter()
     tokens_run = samples_run = 0
     halted = False
@@ -614,14 +641,20 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                 else:
                     if scaler is not None:
                         scaler.unscale_(optimizer)
-                    if cfg.max_grad_norm:
+                    if cfg.max_grad_norm or cfg.collapse_steps:  # inf: the norm alone, for the collapse check
                         params = [p for g in optimizer.param_groups for p in g["params"]]
-                        grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
+                        grad_norm = clip_grad_norm(params, cfg.max_grad_norm or math.inf)
                     if scaler is not None:
                         scaler.step(optimizer)
                         scaler.update()
                     else:
                         optimizer.step()
+                # fp16: an overflowed step is the scaler's business (it skips it and lowers the scale), not a collapse
+                overflow = scaler is not None and grad_norm is not None and not math.isfinite(grad_norm)
+                if grad_norm is not None and math.isfinite(grad_norm):
+                    peak_grad_norm = max(peak_grad_norm, grad_norm)
+                zero_grad_run = collapse_check(cfg.collapse_steps, zero_grad_run, None if overflow else grad_norm,
+                                               peak_grad_norm, step_no, step_loss)  # fmt: skip
                 lr_now = scheduler.get_last_lr()[0]
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

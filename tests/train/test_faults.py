@@ -1,0 +1,123 @@
+"""Training faults: corrupt checkpoints on resume, exploded weights, and a run that collapses without a NaN."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from train_helpers import config, write_images, write_llava
+
+from minillava.train import checkpoint as ckpt
+from minillava.train import strategy
+from minillava.train.loop import train
+
+
+@pytest.fixture
+def data(tmp_path):
+    names = write_images(tmp_path / "images")
+    return write_llava(tmp_path / "d.json", names), tmp_path / "images"
+
+
+def _three_checkpoints(out) -> list:
+    return [ckpt.save_checkpoint(out, s, {"w": torch.full((4,), float(s))}, {"step": s}, {}, keep_last=5)
+            for s in (1, 2, 3)]  # fmt: skip
+
+
+def test_latest_falls_back_past_a_corrupt_checkpoint(tmp_path):
+    p1, p2, p3 = _three_checkpoints(tmp_path)
+    (p3 / ckpt.WEIGHTS).write_bytes((p3 / ckpt.WEIGHTS).read_bytes()[:20])  # truncated: a full disk
+    (p2 / ckpt.CONFIG).write_text("{not json")
+    warnings: list[str] = []
+    path, weights, state = ckpt.load_resume(tmp_path, "latest", warnings.append)
+    assert path == p1 and state["step"] == 1 and weights["w"][0] == 1
+    assert len(warnings) == 2 and str(p3) in warnings[0] and str(p2) in warnings[1]
+    assert "JSONDecodeError" in warnings[1]
+
+
+def test_no_loadable_checkpoint_names_out_and_each_reason(tmp_path):
+    for p in _three_checkpoints(tmp_path):
+        (p / ckpt.STATE).write_bytes(b"garbage")
+    with pytest.raises(OSError) as e:
+        ckpt.load_resume(tmp_path, "latest", lambda _: None)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path) in msg
+    assert all(f"step-0000000{s}" in msg for s in (1, 2, 3))
+
+
+def test_explicit_corrupt_checkpoint_is_an_error_without_fallback(tmp_path):
+    _, _, p3 = _three_checkpoints(tmp_path)
+    (p3 / ckpt.WEIGHTS).write_bytes(b"\x00" * 3)
+    with pytest.raises(OSError, match="cannot resume from this checkpoint") as e:
+        ckpt.load_resume(tmp_path, str(p3), lambda _: None)
+    assert str(p3) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_exploded_weights_are_never_saved_nor_named_good(tmp_path, asset_dir, data, monkeypatch, caplog):
+    # the weights turn NaN right before the step-2 checkpoint: it must be refused, and the NaN loss at step 3
+    # must name step 1, the newest checkpoint with finite weights
+    calls = {"n": 0}
+    original = strategy.DDPStrategy.trainable_state
+
+    def exploding(self, model):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(math.nan)
+        return original(self, model)
+
+    monkeypatch.setattr(strategy.DDPStrategy, "trainable_state", exploding)
+    cfg = config(tmp_path, asset_dir, *data, stage="align", lr=1e-3, max_steps=4, save_every=1, keep_last=5)
+    with pytest.raises(FloatingPointError, match="at step 3") as e:
+        train(cfg)
+    out = tmp_path / "run"
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step-00000001"]
+    assert str(out / "checkpoints" / "step-00000001") in str(e.value)
+    assert "step 2: trainable weights are not all finite; checkpoint not saved" in caplog.text
+
+
+def test_collapse_check_counts_consecutive_dead_steps():
+    from minillava.train.loop import collapse_check
+
+    run = 0
+    for step, norm in enumerate([0.0, 0.0, 1.0, 0.0, 1e-9], 1):
+        run = collapse_check(3, run, norm, 1.0, step, 10.0)
+    assert run == 2
+    with pytest.raises(FloatingPointError, match=r"training collapsed at step 6: gradient norm 0 for 3 steps"):
+        collapse_check(3, run, 1e-9, 1.0, 6, 10.0)  # 1e-9 of the peak: dead too
+    assert collapse_check(0, 99, 0.0, 1.0, 1, 1.0) == 0  # 0 disables
+    with pytest.raises(FloatingPointError, match="gradient norm not finite for 1 steps"):
+        collapse_check(1, 0, math.inf, 1.0, 1, 1.0)
+
+
+def test_collapsed_run_stops_with_an_error(tmp_path, asset_dir, data):
+    cfg = config(tmp_path, asset_dir, *data, stage="align", lr=1e6, max_steps=30)
+    with pytest.raises(FloatingPointError, match=r"training collapsed at step 6: gradient norm 0 for 5 steps"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("which", ["latest", "explicit"])
+def test_cli_corrupt_resume_is_a_one_line_error(tmp_path, asset_dir, data, capsys, which):
+    from minillava.cli import main
+
+    out = tmp_path / "run"
+    for p in _three_checkpoints(out):
+        (p / ckpt.WEIGHTS).write_bytes(b"\x00" * 3)
+    target = out / "checkpoints" / "step-00000002"
+    resume = ["--resume"] if which == "latest" else ["--resume", str(target)]
+    argv = ["train", "--vision", str(asset_dir("vision", "clip")), "--llm", str(asset_dir("llm", "llama")),
+            "--data", str(data[0]), "--image-root", str(data[1]), "--out", str(out), "--stage", "align",
+            "--num-workers", "0", "--precision", "fp32", "--no-progress", "--no-plot", *resume]  # fmt: skip
+    logger = logging.getLogger("minillava")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        assert main(argv) == 1
+    finally:  # the CLI points a handler at capsys's stderr, which closes after this test
+        logger.handlers[:], logger.level = handlers, level
+    err = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert len(err) == 1 and "Traceback" not in err[0]
+    if which == "latest":
+        assert f"{out}: no checkpoint could be loaded" in err[0] and "step-00000001: " in err[0]
+    else:
+        assert f"{target}: cannot resume from this checkpoint" in err[0]
