@@ -34,7 +34,8 @@ from minillava.runtime import fast_bfloat16  # noqa: E402
 from minillava.train import warmstart  # noqa: E402
 from minillava.train.cache import FeatureCache, namespace_for  # noqa: E402
 from minillava.train.config import TrainConfig  # noqa: E402
-from minillava.train.loop import fit_feature_stats, seed_everything  # noqa: E402
+from minillava.train.features import fit_feature_stats  # noqa: E402
+from minillava.train.loop import seed_everything  # noqa: E402
 
 
 def parse_settings(pairs: list[str]) -> dict:

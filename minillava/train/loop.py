@@ -1,13 +1,19 @@
-"""The training loop: one function, `train(config) -> summary`.
+"""The training loop: `train(config) -> summary`, as named phases over a few dataclasses of run state.
 
-    build/load model -> freeze(stage) [+ LoRA] -> dataset + grouped sampler -> AdamW + warmup schedule
-    -> for each step: grad_accum micro-batches (token-weighted loss), clip, step, log, checkpoint
-    -> final checkpoint, export a self-contained model directory (LoRA merged), curve PNG, summary.
+    start_run          options checked against this machine, OUT prepared                  -> Run
+    setup_model        build/load, freeze(stage) [+ LoRA], resumed weights, device         -> Trainee
+    build_data         feature cache, data set, grouped batch sampler, step counts         -> Data
+    prepare_projector  input standardisation, word-space warm start (before any LLM step)
+    build_optimizer    strategy wrap, AdamW, warmup schedule (+ fp16 scaler), resumed      -> Optim
+    open_metrics       metrics JSONL with a start/resume record
+    run_steps          epochs -> run_epoch -> take_step -> train_step (grad_accum micro-batches, token-weighted
+                       loss, clip, step, log) or skip_step; write_checkpoint every --save-every
+    finish             final checkpoint, export a self-contained model directory (LoRA merged), curve, summary
 
 The same code runs in one process or under `torchrun` / `accelerate launch` (DDP or FSDP2, see
 strategy.py; gloo on CPU, NCCL on GPUs). The loss of a step is the mean over every supervised token of the
 global batch, whatever the split over micro-batches and ranks, so 2 processes x batch 2 give the loss of
-1 process x batch 4.
+1 process x batch 4. The frozen tower's features come from features.py.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import torch
@@ -40,8 +46,9 @@ from minillava.model import MiniLlava
 from minillava.processor import IGNORE_INDEX, Processor
 from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train import checkpoint as ckpt
-from minillava.train.cache import FeatureCache, namespace_for
+from minillava.train.cache import FeatureCache
 from minillava.train.config import TrainConfig
+from minillava.train.features import fit_feature_stats, open_feature_cache, vision_features_for
 from minillava.train.metrics import MetricsWriter, plot_curves
 from minillava.train.stages import (
     ADAPTER_DIR,
@@ -51,8 +58,11 @@ from minillava.train.stages import (
     param_groups,
     save_adapter,
 )
-from minillava.train.strategy import clip_grad_norm, make_strategy, resolve_strategy
+from minillava.train.strategy import DDPStrategy, clip_grad_norm, make_strategy, resolve_strategy
 from minillava.train.warmstart import word_space_warmstart
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 log = logging.getLogger("minillava.train")
 MODEL_DIR = "model"
@@ -256,79 +266,7 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -
         return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
-# ---- batches -----------------------------------------------------------------------------------
-def vision_features_for(batch: dict, model: MiniLlava, cache: FeatureCache | None, device: torch.device,
-                        tune_vision: bool, stats: dict) -> torch.Tensor | None:  # fmt: skip
-    """(C, P, Dv) features of the batch's image crops, from the cache or from the frozen tower (then cached)."""
-    feats: list[torch.Tensor | None] = batch.get("features") or []
-    if not feats or tune_vision:
-        return None
-    if cache is None:  # also AnyRes, whose images have several crops each
-        with torch.no_grad():
-            return model.vision(batch["pixel_values"].to(device))
-    missing = [i for i, f in enumerate(feats) if f is None]
-    stats["hits"] += len(feats) - len(missing)
-    stats["misses"] += len(missing)
-    if missing:
-        with torch.no_grad():
-            computed = model.vision(batch["pixel_values"].to(device))
-        for j, i in enumerate(missing):
-            feats[i] = computed[j]
-            if cache is not None:
-                cache.put(batch["image_keys"][i], computed[j])
-    return torch.stack([f.to(device) for f in feats])
-
-
-def frozen_features(
-    model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
-    device: torch.device, indices: list[int], chunk: int = 32,
-) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:  # fmt: skip
-    """(batch, its vision features (C, P, Dv)) for the given samples, `chunk` at a time, from the feature cache
-    or the frozen tower (then cached): what the steps before training (statistics, warm start) read."""
-    for start in range(0, len(indices), chunk):
-        batch = collate([dataset[i] for i in indices[start : start + chunk]])
-        if not batch["num_samples"]:
-            continue
-        feats = vision_features_for(batch, model, cache, device, False, {"hits": 0, "misses": 0})
-        if feats is not None:
-            yield batch, feats
-
-
-T = TypeVar("T")
-
-
-def evenly_spaced(items: list[T], k: int) -> list[T]:
-    """`k` of `items` spread evenly from first to last (all of them when there are no more than `k`)."""
-    if len(items) <= k:
-        return items
-    return [items[j * len(items) // k] for j in range(k)]
-
-
-def fit_feature_stats(model: MiniLlava, dataset: SupervisedDataset, collate: Collator, cache: FeatureCache | None,
-                      device: torch.device, max_images: int, say: Callable[[str], None]) -> None:  # fmt: skip
-    """Fit the projector's input standardisation: per-channel mean and std of the frozen tower's features over
-    `max_images` samples with images spread evenly over the data (several files one after another: each has its
-    share, not just the first file), chosen without randomness, so a resumed run refits the very same numbers;
-    the features land in the feature cache on the way."""
-    with_images = evenly_spaced([i for i, n in enumerate(dataset.modality_lengths()) if n > 0], max_images)
-    total = total_sq = None
-    count, seen = 0, 0
-    for _, feats in frozen_features(model, dataset, collate, cache, device, with_images):
-        flat = feats.reshape(-1, feats.shape[-1]).double()  # (C*P, Dv)
-        total = flat.sum(0) if total is None else total + flat.sum(0)
-        total_sq = flat.square().sum(0) if total_sq is None else total_sq + flat.square().sum(0)
-        count, seen = count + flat.shape[0], seen + feats.shape[0]
-    if not count:
-        raise ValueError("--standardize-features: the training data holds no images to fit the statistics on")
-    mean = total / count
-    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt().clamp_min(1e-6)
-    model.projector.set_feature_stats(mean.float().to(device), std.float().to(device))
-    say(
-        f"projector input standardised: per-channel mean/std of {seen} image crops ({count:,} feature vectors); "
-        f"largest |mean| {mean.abs().max():.2f}, median std {std.median():.2f}"
-    )
-
-
+# ---- step helpers ------------------------------------------------------------------------------
 def empty_batch(pad_id: int) -> dict[str, Any]:
     """One token, nothing supervised: a rank whose samples were all skipped still runs forward and backward
     (the other ranks wait for its gradients) and adds zero to the loss and the gradients."""
@@ -408,7 +346,106 @@ def claim_out_dir(out: Path, cfg: TrainConfig, main: bool) -> None:
         log.info(f"--overwrite: deleted the earlier run's {', '.join(found)} in {out}")
 
 
+@dataclass
+class Run:
+    """What every phase reads and none changes."""
+
+    cfg: TrainConfig
+    d: Dist
+    out: Path
+    device: torch.device
+    strategy: DDPStrategy
+    say: Callable[[str], None]  # log.info on the main rank, silent on the others
+
+
+@dataclass
+class Trainee:
+    """The model being trained, and where a resumed run left it."""
+
+    model: MiniLlava
+    processor: Processor  # the model's own: the exported directory saves it
+    train_processor: Processor  # with this run's chat template and max length
+    lora: LoraSettings | None
+    freeze_info: dict[str, Any]  # freeze()'s account: trainable and total parameter counts, the LoRA settings
+    # the position in the data, which every checkpoint keeps and a resume restores
+    state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": [],
+                                                           "tokens": 0, "samples": 0})  # fmt: skip
+    resume_dir: Path | None = None
+    resume_state: dict[str, Any] | None = None  # the checkpoint's optimizer, scheduler, scaler and RNG states
+
+
+@dataclass
+class Data:
+    """The training data, and the number of steps it makes."""
+
+    dataset: SupervisedDataset
+    sampler: GroupedBatchSampler  # this rank's micro-batches, grad_accum per step
+    cache: FeatureCache | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int  # warmup steps of the LR schedule
+
+
+@dataclass
+class Optim:
+    """What takes a step: the wrapped loss module, AdamW, the LR schedule, the fp16 loss scaler."""
+
+    step_module: nn.Module  # TrainStep as the strategy wraps it: a DDP/FSDP module, or the DeepSpeed engine
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler | None  # fp16 only
+
+
+@dataclass
+class Tally:
+    """What the step loop counts as it goes: the summary's numbers, and what the failure checks compare with."""
+
+    last_ckpt: Path | None  # the newest checkpoint known to load and hold finite weights
+    losses: list[float] = field(default_factory=list)
+    cache_stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
+    zero_grad_run: int = 0  # consecutive optimizer steps whose gradient norm was 0 or not finite
+    peak_grad_norm: float = 0.0  # the largest finite one so far: what "0" is measured against
+    tokens: float = 0  # global tokens and samples of this process's steps (not those before a resume)
+    samples: float = 0
+    skipped_steps: int = 0  # steps whose every sample was skipped: counted, but no update
+    halted: bool = False  # stopped at --halt-at-step: no final checkpoint, no export
+
+
+@dataclass
+class Session:
+    """One run's phases put together: what the step loop, the checkpoints and the summary read and update."""
+
+    run: Run
+    trainee: Trainee
+    data: Data
+    optim: Optim
+    metrics: MetricsWriter | None  # main rank only
+    warmstart: dict[str, Any] | None  # the word-space warm start's account, when one ran
+    tally: Tally
+    progress: tqdm | None  # main rank with --progress
+
+
 def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+    run = start_run(cfg, d)
+    trainee = setup_model(run)
+    data = build_data(run, trainee)
+    warmstart = prepare_projector(run, trainee, data)
+    optim = build_optimizer(run, trainee, data)
+    run.say(f"{len(data.dataset)} samples, global batch {data.sampler.global_batch} ({cfg.batch_size} x "
+            f"{cfg.grad_accum} accum x {d.world} ranks), {data.steps_per_epoch} steps/epoch, {data.total_steps} "
+            f"steps, warmup {data.warmup}")  # fmt: skip
+    metrics = open_metrics(run, trainee)
+    if trainee.resume_state is not None:
+        ckpt.set_rng_state(trainee.resume_state["rng"])  # last: nothing above may consume random numbers after this
+    progress = open_progress(run, trainee.state["step"], data.total_steps)
+    tally = Tally(last_ckpt=trainee.resume_dir or ckpt.latest_checkpoint(run.out))
+    s = Session(run, trainee, data, optim, metrics, warmstart, tally, progress)
+    return finish(s, run_steps(s))
+
+
+# ---- setup phases ------------------------------------------------------------------------------
+def start_run(cfg: TrainConfig, d: Dist) -> Run:
+    """Check the options against this machine (device, strategy, precision) and prepare OUT."""
     say = log.info if d.main else (lambda *_: None)
     out = Path(cfg.out).expanduser()
     claim_out_dir(out, cfg, d.main)
@@ -430,11 +467,16 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(out)
     d.barrier()
-    resumed = ckpt.load_resume(out, cfg.resume, log.warning if d.main else (lambda *_: None))
-    resume_dir = resumed[0] if resumed else None
-    if cfg.resume and resume_dir is None:
-        say(f"--resume: no checkpoint under {out}; starting from scratch")
+    return Run(cfg, d, out, device, strategy, say)
 
+
+def setup_model(run: Run) -> Trainee:
+    """Build (or load) the model, freeze all but what this stage trains (+ LoRA, QLoRA), take a resumed
+    checkpoint's trainable weights and data position, and place the model on the device."""
+    cfg, say = run.cfg, run.say
+    resumed = ckpt.load_resume(run.out, cfg.resume, log.warning if run.d.main else (lambda *_: None))
+    if cfg.resume and resumed is None:
+        say(f"--resume: no checkpoint under {run.out}; starting from scratch")
     seed_everything(cfg.seed)
     model, processor = build_model(cfg)
     train_processor = Processor(
@@ -449,283 +491,398 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     freeze_info = freeze(model, cfg.stage, lora=lora, tune_vision=cfg.tune_vision,
                          freeze_projector=cfg.freeze_projector, log_fn=say)  # fmt: skip
     lora = LoraSettings(**freeze_info["lora"]) if freeze_info["lora"] else None
-
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": [], "tokens": 0, "samples": 0}
-    resume_state = None
+    trainee = Trainee(model, processor, train_processor, lora, freeze_info)
     if resumed is not None:
-        resume_dir, weights, resume_state = resumed
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(weights) != expected:
-            raise ValueError(
-                f"{resume_dir}: its trainable parameters do not match this run's (different stage, LoRA or "
-                f"model?): {len(set(weights) ^ expected)} names differ"
-            )
-        model.load_state_dict(weights, strict=False)
-        state.update({k: resume_state[k] for k in state})
-        say(f"resuming from {resume_dir} at step {state['step']}")
+        load_resumed(trainee, *resumed)
+        say(f"resuming from {trainee.resume_dir} at step {trainee.state['step']}")
+    place_model(run, model)
+    return trainee
 
+
+def load_resumed(trainee: Trainee, resume_dir: Path, weights: dict[str, torch.Tensor],
+                 resume_state: dict[str, Any]) -> None:  # fmt: skip
+    """A checkpoint's trainable weights into the model, its data position into the state; the rest of what it
+    holds (optimizer, scheduler, RNG) waits in `resume_state` for the phases that own those."""
+    expected = {n for n, p in trainee.model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(
+            f"{resume_dir}: its trainable parameters do not match this run's (different stage, LoRA or "
+            f"model?): {len(set(weights) ^ expected)} names differ"
+        )
+    trainee.model.load_state_dict(weights, strict=False)
+    trainee.state.update({k: resume_state[k] for k in trainee.state})
+    trainee.resume_dir, trainee.resume_state = resume_dir, resume_state
+
+
+def place_model(run: Run, model: MiniLlava) -> None:
+    """Storage precision of the frozen parts, the device, gradient checkpointing, torch.compile."""
+    cfg = run.cfg
     if cfg.frozen_bf16 and cfg.precision == "bf16":  # bf16 storage only pays where bf16 kernels are fast
         if not cfg.tune_vision:
             model.vision.to(torch.bfloat16)
         if cfg.stage == "align":
             model.llm.to(torch.bfloat16)
             model.xattn.float()  # the cross-attention blocks live inside the LLM but train: float32 masters
-    model.to(device)
+    model.to(run.device)
     if cfg.grad_checkpointing and cfg.stage == "instruct":
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.use_lora:
             model.llm.enable_input_require_grads()
     if cfg.compile:
-        say(f"compiling {compile_decoder_layers(model.llm)} LLM decoder layers (torch.compile: one graph per kind "
-            f"of layer, e.g. with and without LoRA)")
+        run.say(f"compiling {compile_decoder_layers(model.llm)} LLM decoder layers (torch.compile: one graph per "
+                f"kind of layer, e.g. with and without LoRA)")  # fmt: skip
 
-    cache = None
-    if cfg.feature_cache:
-        if cfg.tune_vision:
-            say("--feature-cache is ignored with --tune-vision (the tower's features change as it trains)")
-        elif model.anyres is not None:
-            say("--feature-cache is ignored with AnyRes (each image has its own number of crops)")
-        else:
-            feature_dtype = next(model.vision.parameters()).dtype
-            cache = FeatureCache(cfg.feature_cache, namespace_for(model.vision, processor.image_transform,
-                                                                   feature_dtype), rank=d.rank)  # fmt: skip
-            say(f"feature cache {cache.dir}: {len(cache)} images cached")
-    dataset = SupervisedDataset(cfg.data, train_processor, cfg.image_root, cfg.data_format, cfg.on_bad_sample,
-                                cfg.truncate, cache, cfg.allow_outside_image_root)  # fmt: skip
-    if cfg.standardize_features and not model.projector.standardizes:
-        fit_feature_stats(model, dataset, Collator(train_processor), cache, device, cfg.feature_stats_images, say)
-    warmstart = None
-    if cfg.word_warmup_steps and resume_dir is None:  # a resumed run's projector comes from its checkpoint
-        if model.config.fusion != "splice" or model.anyres is not None:
-            raise ValueError("--word-warmup-steps needs spliced image tokens, one crop per image (no xattn, no AnyRes)")
-        warmstart = word_space_warmstart(model, dataset, Collator(train_processor), cache, device,
-                                         cfg.word_warmup_steps, cfg.word_warmup_lr, cfg.seed, say,
-                                         cfg.word_warmup_objective, cfg.word_warmup_images)  # fmt: skip
+
+def build_data(run: Run, trainee: Trainee) -> Data:
+    """The feature cache, the data set, this rank's batch sampler, and the step counts they give."""
+    cfg, d = run.cfg, run.d
+    cache = open_feature_cache(cfg, trainee.model, trainee.processor, d.rank, run.say)
+    dataset = SupervisedDataset(cfg.data, trainee.train_processor, cfg.image_root, cfg.data_format,
+                                cfg.on_bad_sample, cfg.truncate, cache, cfg.allow_outside_image_root)  # fmt: skip
     sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
                                   cfg.seed, cfg.group_by_length)  # fmt: skip
     steps_per_epoch = sampler.steps_per_epoch()
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = round(cfg.warmup_ratio * total_steps)
+    return Data(dataset, sampler, cache, steps_per_epoch, total_steps, round(cfg.warmup_ratio * total_steps))
+
+
+def prepare_projector(run: Run, trainee: Trainee, data: Data) -> dict[str, Any] | None:
+    """Before any LLM step: fit the projector's input standardisation, and the word-space warm start (a fresh
+    run only: a resumed run's projector comes from its checkpoint). Returns the warm start's account."""
+    cfg, model = run.cfg, trainee.model
+    collate = Collator(trainee.train_processor)
+    if cfg.standardize_features and not model.projector.standardizes:
+        fit_feature_stats(model, data.dataset, collate, data.cache, run.device, cfg.feature_stats_images, run.say)
+    if not cfg.word_warmup_steps or trainee.resume_dir is not None:
+        return None
+    if model.config.fusion != "splice" or model.anyres is not None:
+        raise ValueError("--word-warmup-steps needs spliced image tokens, one crop per image (no xattn, no AnyRes)")
+    return word_space_warmstart(model, data.dataset, collate, data.cache, run.device, cfg.word_warmup_steps,
+                                cfg.word_warmup_lr, cfg.seed, run.say, cfg.word_warmup_objective,
+                                cfg.word_warmup_images)  # fmt: skip
+
+
+def build_optimizer(run: Run, trainee: Trainee, data: Data) -> Optim:
+    """Wrap the loss module for the strategy, AdamW over the parameter groups, the LR schedule (and the fp16
+    scaler), each restored from a resumed checkpoint."""
+    cfg, model, strategy = run.cfg, trainee.model, run.strategy
     step_module = strategy.wrap(TrainStep(model, cfg.tune_vision), model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
-    optimizer = make_optimizer(groups, cfg, device)  # after wrapping: FSDP replaces parameters by shards
+    optimizer = make_optimizer(groups, cfg, run.device)  # after wrapping: FSDP replaces parameters by shards
     step_module = strategy.attach_optimizer(
         step_module, optimizer, cfg.batch_size, cfg.grad_accum, cfg.max_grad_norm
     )  # DeepSpeed: its engine, which owns the step
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, data.warmup, data.total_steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+    resume_state = trainee.resume_state
     if resume_state is not None:
         strategy.load_optimizer_state(step_module, optimizer, resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
-    say(f"{len(dataset)} samples, global batch {sampler.global_batch} ({cfg.batch_size} x {cfg.grad_accum} accum x "
-        f"{d.world} ranks), {steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup}")  # fmt: skip
+    return Optim(step_module, optimizer, scheduler, scaler)
 
-    metrics = MetricsWriter(out / "metrics.jsonl", state["step"] if resume_state else None, cfg.tensorboard) \
-        if d.main else None  # fmt: skip
-    if d.main:
-        cfg.save(out / "train_config.json")
-        if resume_state is None:
-            metrics.write({"event": "start", "step": 0, "config": cfg.to_dict(), "trainable": freeze_info["trainable"],
-                           "total_params": freeze_info["total"], "world_size": d.world,
-                           "strategy": strategy.name})  # fmt: skip
-        else:
-            metrics.write({"event": "resume", "step": state["step"], "from": str(resume_dir)})
-    if resume_state is not None:
-        ckpt.set_rng_state(resume_state["rng"])  # last: nothing above may consume random numbers after this
 
-    def save(step: int) -> Path | None:
-        if cache is not None:
-            cache.flush()
-        path = None
-        weights = strategy.trainable_state(model)  # collectives under FSDP: every rank takes part
-        optimizer_state = strategy.optimizer_state(step_module, optimizer)
-        if d.main:
-            st = {**state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                  "rng": ckpt.rng_state(), "lora": asdict(lora) if lora else None}  # fmt: skip
-            if scaler is not None:
-                st["scaler"] = scaler.state_dict()
-            if ckpt.weights_finite(weights):
-                path = ckpt.save_checkpoint(out, step, weights, st, cfg.to_dict(), cfg.keep_last)
-            else:  # never let exploded weights become the checkpoint a resume or the NaN message points at
-                log.warning(f"step {step}: trainable weights are not all finite; checkpoint not saved")
-        d.barrier()
-        return path
+def open_metrics(run: Run, trainee: Trainee) -> MetricsWriter | None:
+    """The main rank's metrics JSONL (and TensorBoard), opened with a start or a resume record; the config
+    saved next to it."""
+    if not run.d.main:
+        return None
+    cfg, state, resume_state = run.cfg, trainee.state, trainee.resume_state
+    metrics = MetricsWriter(run.out / "metrics.jsonl", state["step"] if resume_state else None, cfg.tensorboard)
+    cfg.save(run.out / "train_config.json")
+    if resume_state is None:
+        metrics.write({"event": "start", "step": 0, "config": cfg.to_dict(),
+                       "trainable": trainee.freeze_info["trainable"], "total_params": trainee.freeze_info["total"],
+                       "world_size": run.d.world, "strategy": run.strategy.name})  # fmt: skip
+    else:
+        metrics.write({"event": "resume", "step": state["step"], "from": str(trainee.resume_dir)})
+    return metrics
 
-    progress = None
-    if d.main and cfg.progress:
-        from tqdm.auto import tqdm
 
-        progress = tqdm(total=total_steps, initial=state["step"], desc=f"{cfg.stage}", unit="step", file=sys.stderr,
-                        dynamic_ncols=True)  # fmt: skip
-    cache_stats = {"hits": 0, "misses": 0}
-    pad_id = train_processor.tokenizer.pad_token_id or 0
-    losses: list[float] = []
-    last_ckpt = resume_dir or ckpt.latest_checkpoint(out)  # the newest known to load and hold finite weights
-    zero_grad_run = 0  # consecutive optimizer steps whose gradient norm was 0 or not finite
-    peak_grad_norm = 0.0  # the largest finite one so far: what "0" is measured against
-    t_start = time.perf_counter()
-    tokens_run = samples_run = 0
-    halted = False
-    skipped_steps = 0  # steps whose every sample was skipped: counted, but no update
+def open_progress(run: Run, step: int, total_steps: int) -> tqdm | None:
+    """The main rank's progress bar on stderr, with --progress."""
+    if not (run.d.main and run.cfg.progress):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_steps, initial=step, desc=f"{run.cfg.stage}", unit="step", file=sys.stderr,
+                dynamic_ncols=True)  # fmt: skip
+
+
+def make_loader(s: Session) -> DataLoader:
+    """The run's one DataLoader over the batch sampler.
+
+    Workers are forked once, not once per epoch: a process forked from the trained-on parent shares the
+    parent's freed heap, and every page the parent reuses then costs a copy-on-write fault (measured: the
+    first step of each later epoch 3-4x slower, mostly kernel time). The batch sampler runs in this process,
+    so each epoch's iter() still follows set_epoch."""
+    cfg = s.run.cfg
     workers = worker_count(cfg.num_workers)
-    # Workers are forked once, not once per epoch: a process forked from the trained-on parent shares the
-    # parent's freed heap, and every page the parent reuses then costs a copy-on-write fault (measured: the
-    # first step of each later epoch 3-4x slower, mostly kernel time). The batch sampler runs in this process,
-    # so each epoch's iter() still follows set_epoch.
-    loader = DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=Collator(train_processor), num_workers=workers,
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
-        pin_memory=device.type == "cuda",
+    return DataLoader(
+        s.data.dataset, batch_sampler=s.data.sampler, collate_fn=Collator(s.trainee.train_processor),
+        num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
+        pin_memory=s.run.device.type == "cuda",
     )  # fmt: skip
-    while state["step"] < total_steps and not halted:
+
+
+# ---- the steps ---------------------------------------------------------------------------------
+def run_steps(s: Session) -> float:
+    """Epoch after epoch of steps until the last one (or --halt-at-step); returns the seconds they took."""
+    state, sampler, cache = s.trainee.state, s.data.sampler, s.data.cache
+    t_start = time.perf_counter()
+    loader = make_loader(s)
+    while state["step"] < s.data.total_steps and not s.tally.halted:
         sampler.set_epoch(state["epoch"], state["step_in_epoch"])
         if cache is not None:
             cache.flush()  # what earlier epochs and the warm start computed: workers read shards, not memory
-        it = iter(loader)
-        while state["step"] < total_steps:
-            micro = [b for b in (next(it, None) for _ in range(cfg.grad_accum)) if b is not None]
-            if not micro:  # this epoch's batches are used up
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-                break
-            t0 = time.perf_counter()
-            for b in micro:
-                state["skipped"] += [{"id": s.id, "where": s.where, "reason": s.reason} for s in b["skipped"]]
-            n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro if b["num_samples"])
-            n_global = d.sum(n_local)
-            if not n_global:  # every sample of the step was skipped (on every rank: n_global is their sum)
-                skip_update(state, scheduler)
-                skipped_steps += 1
-                say(f"step {state['step']}: every sample of its batch was skipped (--on-bad-sample skip); "
-                    "no update")  # fmt: skip
-                if d.main:
-                    metrics.write({"event": "skipped_step", "step": state["step"], "epoch": state["epoch"],
-                                   "skipped_total": len(state["skipped"])})  # fmt: skip
-                    if progress:
-                        progress.update(1)
-            else:
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
-                samples = sum(b["num_samples"] for b in micro)
-                for j, b in enumerate(micro):
-                    if not b["num_samples"]:
-                        if d.world == 1:
-                            continue
-                        b = empty_batch(pad_id)
-                    with strategy.grad_sync(step_module, sync=j == len(micro) - 1):
-                        vf = vision_features_for(b, model, cache, device, cfg.tune_vision, cache_stats)
-                        pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
-                        sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
-                        n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                        with autocast_ctx(cfg.precision, device):
-                            loss = step_module(b["input_ids"].to(device), b["attention_mask"].to(device),
-                                               b["labels"].to(device), vf, pv, sizes,
-                                               b.get("image_counts"))  # fmt: skip
-                        scaled = loss * (n * d.world / max(n_global, 1))
-                        strategy.backward(step_module, scaler.scale(scaled) if scaler else scaled)
-                        loss_sum += loss.detach().double().cpu() * n
-                step_loss = d.sum(float(loss_sum)) / n_global
-                step_no = state["step"] + 1
-                if not math.isfinite(step_loss):
-                    keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    if progress:
-                        progress.close()
-                    raise FloatingPointError(
-                        f"loss is {step_loss} at step {step_no}; stopping. {keep}; lower --lr or check the data"
-                    )
-                grad_norm = None
-                if strategy.owns_step:  # DeepSpeed: the engine clips and steps the optimizer
-                    grad_norm = strategy.step(step_module)
-                else:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    if cfg.max_grad_norm or cfg.collapse_steps:  # inf: the norm alone, for the collapse check
-                        params = [p for g in optimizer.param_groups for p in g["params"]]
-                        grad_norm = clip_grad_norm(params, cfg.max_grad_norm or math.inf)
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                # fp16: an overflowed step is the scaler's business (it skips it and lowers the scale), not a collapse
-                overflow = scaler is not None and grad_norm is not None and not math.isfinite(grad_norm)
-                if grad_norm is not None and math.isfinite(grad_norm):
-                    peak_grad_norm = max(peak_grad_norm, grad_norm)
-                zero_grad_run = collapse_check(cfg.collapse_steps, zero_grad_run, None if overflow else grad_norm,
-                                               peak_grad_norm, step_no, step_loss)  # fmt: skip
-                lr_now = scheduler.get_last_lr()[0]
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] = step_no
-                state["step_in_epoch"] += 1
-                dt = time.perf_counter() - t0
-                tokens_g, samples_g = d.sum(tokens), d.sum(samples)
-                state["tokens"] += int(tokens_g)
-                state["samples"] += int(samples_g)
-                tokens_run += tokens_g
-                samples_run += samples_g
-                losses.append(step_loss)
-                if d.main:
-                    rec = {"event": "step", "step": step_no, "epoch": state["epoch"], "loss": step_loss, "lr": lr_now,
-                           "grad_norm": grad_norm, "tokens": int(tokens_g), "samples": int(samples_g),
-                           "step_s": dt, "tokens_per_s": tokens_g / dt, "samples_per_s": samples_g / dt,
-                           "skipped_total": len(state["skipped"])}  # fmt: skip
-                    if step_no % cfg.log_every == 0 or step_no == total_steps:
-                        metrics.write(rec)
-                    if progress:
-                        progress.update(1)
-                        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tokens_g / dt:.0f}",
-                                             smp_s=f"{samples_g / dt:.1f}")  # fmt: skip
-            step_no = state["step"]
-            if cfg.save_every and step_no % cfg.save_every == 0 and step_no < total_steps:
-                last_ckpt = save(step_no) or last_ckpt
-            if cfg.halt_at_step is not None and step_no >= cfg.halt_at_step:
-                halted = True
-                break
-            if state["step_in_epoch"] >= steps_per_epoch:
-                state["epoch"] += 1
-                state["step_in_epoch"] = 0
-                break
-        del it
+        run_epoch(s, iter(loader))
     del loader  # stops the workers
-    if progress:
-        progress.close()
-    elapsed = time.perf_counter() - t_start
-    all_skipped = state["skipped"]
-    if d.world > 1:
-        all_skipped = [s for part in d.gather(state["skipped"]) for s in part]
-    summary: dict[str, Any] = {
-        "steps": state["step"], "total_steps": total_steps, "seconds": elapsed,
-        "tokens_per_s": tokens_run / max(elapsed, 1e-9), "samples_per_s": samples_run / max(elapsed, 1e-9),
-        "final_loss": losses[-1] if losses else None, "losses": losses, "skipped": len(all_skipped),
-        "skipped_steps": skipped_steps,
-        "skipped_samples": all_skipped, "feature_cache": cache_stats if cache is not None else None,
-        "word_warmup": warmstart,
-        "trainable": freeze_info["trainable"], "total_params": freeze_info["total"], "out": str(out),
-    }  # fmt: skip
-    if halted:
+    if s.progress:
+        s.progress.close()
+    return time.perf_counter() - t_start
+
+
+def run_epoch(s: Session, batches: Iterator[dict[str, Any]]) -> None:
+    """Steps from where the epoch stands until its batches run out, the last step, or --halt-at-step; with the
+    periodic checkpoints."""
+    cfg, state, data = s.run.cfg, s.trainee.state, s.data
+    while state["step"] < data.total_steps:
+        micro = [b for b in (next(batches, None) for _ in range(cfg.grad_accum)) if b is not None]
+        if not micro:  # this epoch's batches are used up
+            next_epoch(state)
+            return
+        take_step(s, micro)
+        step_no = state["step"]
+        if cfg.save_every and step_no % cfg.save_every == 0 and step_no < data.total_steps:
+            s.tally.last_ckpt = write_checkpoint(s, step_no) or s.tally.last_ckpt
+        if cfg.halt_at_step is not None and step_no >= cfg.halt_at_step:
+            s.tally.halted = True
+            return
+        if state["step_in_epoch"] >= data.steps_per_epoch:
+            next_epoch(state)
+            return
+
+
+def next_epoch(state: dict[str, Any]) -> None:
+    state["epoch"] += 1
+    state["step_in_epoch"] = 0
+
+
+def take_step(s: Session, micro: list[dict[str, Any]]) -> None:
+    """One step over this rank's micro-batches: an optimizer step, or a counted no-op when every sample of the
+    global batch was skipped as bad."""
+    t0 = time.perf_counter()
+    state = s.trainee.state
+    for b in micro:
+        state["skipped"] += [{"id": x.id, "where": x.where, "reason": x.reason} for x in b["skipped"]]
+    n_local = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro if b["num_samples"])
+    n_global = s.run.d.sum(n_local)  # supervised tokens of the global batch, every rank's micro-batches
+    if n_global:
+        train_step(s, micro, n_global, t0)
+    else:
+        skip_step(s)
+
+
+def skip_step(s: Session) -> None:
+    """Every sample of the step was skipped (on every rank: n_global is their sum): no update, but counted."""
+    state = s.trainee.state
+    skip_update(state, s.optim.scheduler)
+    s.tally.skipped_steps += 1
+    s.run.say(f"step {state['step']}: every sample of its batch was skipped (--on-bad-sample skip); no update")
+    if s.metrics is not None:
+        s.metrics.write({"event": "skipped_step", "step": state["step"], "epoch": state["epoch"],
+                         "skipped_total": len(state["skipped"])})  # fmt: skip
+        if s.progress:
+            s.progress.update(1)
+
+
+def train_step(s: Session, micro: list[dict[str, Any]], n_global: float, t0: float) -> None:
+    """Forward and backward over the micro-batches, then clip, step the optimizer and the schedule, and log;
+    stops the run on a loss that is not finite or on a collapsed gradient."""
+    state, optim = s.trainee.state, s.optim
+    step_loss = forward_backward(s, micro, n_global)
+    step_no = state["step"] + 1
+    if not math.isfinite(step_loss):
+        stop_on_bad_loss(s, step_loss, step_no)
+    grad_norm = optimizer_step(s)
+    watch_collapse(s, grad_norm, step_no, step_loss)
+    lr_now = optim.scheduler.get_last_lr()[0]
+    optim.scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    state["step"] = step_no
+    state["step_in_epoch"] += 1
+    record_step(s, micro, step_loss, lr_now, grad_norm, time.perf_counter() - t0)
+
+
+def forward_backward(s: Session, micro: list[dict[str, Any]], n_global: float) -> float:
+    """Backward of each micro-batch's loss weighted by its share of the global batch's supervised tokens, so
+    the gradient is that of the mean over all of them, however they split over micro-batches and ranks
+    (gradients synced on the last micro-batch only). Returns that mean: the step's loss."""
+    d, strategy, optim = s.run.d, s.run.strategy, s.optim
+    pad_id = s.trainee.train_processor.tokenizer.pad_token_id or 0
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for j, b in enumerate(micro):
+        if not b["num_samples"]:
+            if d.world == 1:
+                continue
+            b = empty_batch(pad_id)  # the other ranks wait for this one's gradients
+        with strategy.grad_sync(optim.step_module, sync=j == len(micro) - 1):
+            loss, n = micro_batch_loss(s, b)
+            scaled = loss * (n * d.world / max(n_global, 1))  # DDP averages over ranks: x world undoes it
+            strategy.backward(optim.step_module, optim.scaler.scale(scaled) if optim.scaler else scaled)
+            loss_sum += loss.detach().double().cpu() * n
+    return d.sum(float(loss_sum)) / n_global
+
+
+def micro_batch_loss(s: Session, b: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    """The mean loss over one micro-batch's supervised tokens, and their number."""
+    cfg, device, model = s.run.cfg, s.run.device, s.trainee.model
+    vf = vision_features_for(b, model, s.data.cache, device, cfg.tune_vision, s.tally.cache_stats)  # (C, P, Dv)
+    pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
+    sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
+    n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with autocast_ctx(cfg.precision, device):
+        loss = s.optim.step_module(b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device),
+                                   vf, pv, sizes, b.get("image_counts"))  # fmt: skip
+    return loss, n
+
+
+def stop_on_bad_loss(s: Session, step_loss: float, step_no: int) -> NoReturn:
+    keep = f"the last good checkpoint is {s.tally.last_ckpt}" if s.tally.last_ckpt else "no checkpoint was written yet"
+    if s.progress:
+        s.progress.close()
+    raise FloatingPointError(f"loss is {step_loss} at step {step_no}; stopping. {keep}; lower --lr or check the data")
+
+
+def optimizer_step(s: Session) -> float | None:
+    """Unscale (fp16), clip, step; the gradient norm when it was measured (clipping or the collapse check)."""
+    cfg, optim = s.run.cfg, s.optim
+    if s.run.strategy.owns_step:  # DeepSpeed: the engine clips and steps the optimizer
+        return s.run.strategy.step(optim.step_module)
+    grad_norm = None
+    if optim.scaler is not None:
+        optim.scaler.unscale_(optim.optimizer)
+    if cfg.max_grad_norm or cfg.collapse_steps:  # inf: the norm alone, for the collapse check
+        params = [p for g in optim.optimizer.param_groups for p in g["params"]]
+        grad_norm = clip_grad_norm(params, cfg.max_grad_norm or math.inf)
+    if optim.scaler is not None:
+        optim.scaler.step(optim.optimizer)
+        optim.scaler.update()
+    else:
+        optim.optimizer.step()
+    return grad_norm
+
+
+def watch_collapse(s: Session, grad_norm: float | None, step_no: int, step_loss: float) -> None:
+    """Track the peak gradient norm and the run of dead steps; collapse_check raises once it is too long."""
+    tally = s.tally
+    # fp16: an overflowed step is the scaler's business (it skips it and lowers the scale), not a collapse
+    overflow = s.optim.scaler is not None and grad_norm is not None and not math.isfinite(grad_norm)
+    if grad_norm is not None and math.isfinite(grad_norm):
+        tally.peak_grad_norm = max(tally.peak_grad_norm, grad_norm)
+    tally.zero_grad_run = collapse_check(s.run.cfg.collapse_steps, tally.zero_grad_run,
+                                         None if overflow else grad_norm, tally.peak_grad_norm, step_no,
+                                         step_loss)  # fmt: skip
+
+
+def record_step(s: Session, micro: list[dict[str, Any]], step_loss: float, lr: float, grad_norm: float | None,
+                seconds: float) -> None:  # fmt: skip
+    """Count the step's global tokens and samples; the main rank logs it (every --log-every) and ticks the bar."""
+    cfg, d, state, tally = s.run.cfg, s.run.d, s.trainee.state, s.tally
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
+    samples = sum(b["num_samples"] for b in micro)
+    tokens_g, samples_g = d.sum(tokens), d.sum(samples)
+    state["tokens"] += int(tokens_g)
+    state["samples"] += int(samples_g)
+    tally.tokens += tokens_g
+    tally.samples += samples_g
+    tally.losses.append(step_loss)
+    if s.metrics is None:
+        return
+    step_no = state["step"]
+    rec = {"event": "step", "step": step_no, "epoch": state["epoch"], "loss": step_loss, "lr": lr,
+           "grad_norm": grad_norm, "tokens": int(tokens_g), "samples": int(samples_g), "step_s": seconds,
+           "tokens_per_s": tokens_g / seconds, "samples_per_s": samples_g / seconds,
+           "skipped_total": len(state["skipped"])}  # fmt: skip
+    if step_no % cfg.log_every == 0 or step_no == s.data.total_steps:
+        s.metrics.write(rec)
+    if s.progress:
+        s.progress.update(1)
+        s.progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_g / seconds:.0f}",
+                               smp_s=f"{samples_g / seconds:.1f}")  # fmt: skip
+
+
+# ---- checkpoints and the end -------------------------------------------------------------------
+def write_checkpoint(s: Session, step: int) -> Path | None:
+    """The trainable weights and everything a resume needs (optimizer, schedule, scaler, RNG, data position);
+    None when not written (another rank, or weights that are not all finite). Every rank takes part."""
+    run, optim = s.run, s.optim
+    if s.data.cache is not None:
+        s.data.cache.flush()
+    path = None
+    weights = run.strategy.trainable_state(s.trainee.model)  # collectives under FSDP: every rank takes part
+    optimizer_state = run.strategy.optimizer_state(optim.step_module, optim.optimizer)
+    if run.d.main:
+        lora = s.trainee.lora
+        st = {**s.trainee.state, "optimizer": optimizer_state, "scheduler": optim.scheduler.state_dict(),
+              "rng": ckpt.rng_state(), "lora": asdict(lora) if lora else None}  # fmt: skip
+        if optim.scaler is not None:
+            st["scaler"] = optim.scaler.state_dict()
+        if ckpt.weights_finite(weights):
+            path = ckpt.save_checkpoint(run.out, step, weights, st, run.cfg.to_dict(), run.cfg.keep_last)
+        else:  # never let exploded weights become the checkpoint a resume or the NaN message points at
+            log.warning(f"step {step}: trainable weights are not all finite; checkpoint not saved")
+    run.d.barrier()
+    return path
+
+
+def finish(s: Session, seconds: float) -> dict[str, Any]:
+    """The run's summary; unless halted, after the final checkpoint and the exported model directory."""
+    summary = summarize(s, seconds)
+    if s.tally.halted:
         summary["halted"] = True
         return summary
-    if cache is not None:
-        cache.flush()
-    summary["checkpoint"] = str(save(state["step"]))
-    strategy.gather_model(step_module, d.main)
-    if d.main:
-        if cfg.qlora:
-            dequantize_llm_4bit(model)
-        model_dir = export(model, processor, lora, out / MODEL_DIR, merge=cfg.merge_lora)
-        summary["model"] = str(model_dir)
-        metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "losses"}})
-        if cfg.plot:
-            png = plot_curves(metrics.records(), out / "loss_curve.png")
-            summary["plot"] = str(png) if png else None
-        metrics.close()
-        (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
-        say(format_summary(summary))
-    d.barrier()
+    if s.data.cache is not None:
+        s.data.cache.flush()
+    summary["checkpoint"] = str(write_checkpoint(s, s.trainee.state["step"]))
+    s.run.strategy.gather_model(s.optim.step_module, s.run.d.main)
+    if s.metrics is not None:
+        export_and_report(s, s.metrics, summary)
+    s.run.d.barrier()
     return summary
+
+
+def summarize(s: Session, seconds: float) -> dict[str, Any]:
+    d, state, tally, info = s.run.d, s.trainee.state, s.tally, s.trainee.freeze_info
+    all_skipped = state["skipped"]
+    if d.world > 1:
+        all_skipped = [x for part in d.gather(state["skipped"]) for x in part]
+    return {
+        "steps": state["step"], "total_steps": s.data.total_steps, "seconds": seconds,
+        "tokens_per_s": tally.tokens / max(seconds, 1e-9), "samples_per_s": tally.samples / max(seconds, 1e-9),
+        "final_loss": tally.losses[-1] if tally.losses else None, "losses": tally.losses,
+        "skipped": len(all_skipped), "skipped_steps": tally.skipped_steps, "skipped_samples": all_skipped,
+        "feature_cache": tally.cache_stats if s.data.cache is not None else None, "word_warmup": s.warmstart,
+        "trainable": info["trainable"], "total_params": info["total"], "out": str(s.run.out),
+    }  # fmt: skip
+
+
+def export_and_report(s: Session, metrics: MetricsWriter, summary: dict[str, Any]) -> None:
+    """Main rank: the model directory (QLoRA dequantized, LoRA merged or beside it), the end record, the loss
+    curve, summary.json and the summary lines."""
+    cfg, out, model = s.run.cfg, s.run.out, s.trainee.model
+    if cfg.qlora:
+        dequantize_llm_4bit(model)
+    model_dir = export(model, s.trainee.processor, s.trainee.lora, out / MODEL_DIR, merge=cfg.merge_lora)
+    summary["model"] = str(model_dir)
+    metrics.write({"event": "end", **{k: v for k, v in summary.items() if k != "losses"}})
+    if cfg.plot:
+        png = plot_curves(metrics.records(), out / "loss_curve.png")
+        summary["plot"] = str(png) if png else None
+    metrics.close()
+    (out / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=2))
+    s.run.say(format_summary(summary))
 
 
 def export(model: MiniLlava, processor: Processor, lora: LoraSettings | None, directory: Path, merge: bool) -> Path:

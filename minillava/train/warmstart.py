@@ -36,6 +36,7 @@ from minillava.data.formats import BadSampleError
 from minillava.model import MiniLlava
 from minillava.processor import IGNORE_INDEX
 from minillava.train.cache import FeatureCache
+from minillava.train.features import evenly_spaced, frozen_features
 
 SCALE, OFFSET = 10.0, 5.0  # cosine in [-1, 1] -> logit in [-15, 5]: "matched" needs a cosine above 0.5
 CAPTION_SCALE = 20.0  # a softmax temperature over cosines: 0.1 of cosine is a factor e^2 in probability
@@ -57,8 +58,6 @@ def collect(
     """Features (I, P, Dv) of `max_images` images spread over the data (as the feature statistics pick theirs),
     and each image's answer tokens in order (special tokens left out): the answers of every single-image sample
     that shows it, in data order, so one conversation per image and one question per sample give the same."""
-    from minillava.train.loop import evenly_spaced, frozen_features
-
     # one image per sample: with several, which answer words belong to which image is unknown
     samples_of: dict[str, list[int]] = {}
     for i, r in enumerate(dataset.records):

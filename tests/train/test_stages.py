@@ -345,7 +345,7 @@ def test_warmup_reads_each_images_answers_from_all_its_samples(pretrained, tmp_p
 
 
 def test_evenly_spaced_gives_every_part_of_the_data_its_share():
-    from minillava.train.loop import evenly_spaced
+    from minillava.train.features import evenly_spaced
 
     assert evenly_spaced(list(range(10)), 3) == [0, 3, 6]
     assert evenly_spaced([4, 5], 3) == [4, 5]
