@@ -120,12 +120,29 @@ def _reason(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())  # one line: some loaders put newlines in messages
 
 
-def load_resume(out: Path, resume: str | None, warn: Callable[[str], Any]) -> Loaded | None:
+# What decides which samples each step sees: a resume that changes one of them is not the same run continued
+# (the saved data position would point into a different order), so it is refused rather than silently reshuffled.
+SAME_RUN = ("data", "image_root", "batch_size", "grad_accum", "seed", "stage", "max_length")
+
+
+def check_same_run(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse to resume `path` (saved with config `saved`) under a config that would draw different batches."""
+    changed = [k for k in SAME_RUN if k in saved and k in current and saved[k] != current[k]]
+    if changed:
+        diffs = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"{path}: cannot resume with a changed {diffs}: the saved data position would not "
+                         "continue the same run; restore the setting, or train into a new --out")  # fmt: skip
+
+
+def load_resume(
+    out: Path, resume: str | None, warn: Callable[[str], Any], config: dict[str, Any] | None = None
+) -> Loaded | None:
     """The checkpoint to resume from, loaded: (its path, weights, state); None when there is nothing to resume.
 
     `latest` tries the newest complete checkpoint first and falls back to older ones when one will not load
     (a truncated file after a full disk, say), warning each time; an explicit directory gets no fallback,
-    since the user asked for that one."""
+    since the user asked for that one. With `config` (this run's), a checkpoint saved under settings that draw
+    other batches is refused (`check_same_run`)."""
     path = resolve_resume(out, resume)
     if path is None:
         return None
@@ -134,13 +151,16 @@ def load_resume(out: Path, resume: str | None, warn: Callable[[str], Any]) -> Lo
     tried = []
     for cand in candidates:
         try:
-            weights, state, _ = load_checkpoint(cand)
-            return cand, weights, state
+            weights, state, saved = load_checkpoint(cand)
         except Exception as e:  # safetensors, pickle and JSON each raise their own kind
             if explicit:
                 raise OSError(f"{cand}: cannot resume from this checkpoint: {_reason(e)}") from e
             warn(f"--resume: skipping {cand}: {_reason(e)}")
             tried.append(f"{cand.name}: {_reason(e)}")
+            continue
+        if config is not None:
+            check_same_run(cand, saved, config)
+        return cand, weights, state
     raise OSError(f"{out}: no checkpoint could be loaded to resume from ({'; '.join(tried)})")
 
 

@@ -121,3 +121,15 @@ def test_cli_corrupt_resume_is_a_one_line_error(tmp_path, asset_dir, data, capsy
         assert f"{out}: no checkpoint could be loaded" in err[0] and "step-00000001: " in err[0]
     else:
         assert f"{target}: cannot resume from this checkpoint" in err[0]
+
+
+def test_resume_with_settings_that_draw_other_batches_is_refused(tmp_path):
+    saved = {"data": ["a.json"], "batch_size": 4, "grad_accum": 1, "seed": 0, "lr": 1e-3}
+    ckpt.save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"step": 1}, saved, keep_last=2)
+    # the learning rate may change on a resume; the batch size and the data may not
+    assert ckpt.load_resume(tmp_path, "latest", lambda _: None, saved | {"lr": 1e-4}) is not None
+    with pytest.raises(ValueError, match=r"batch_size 4 -> 8") as e:
+        ckpt.load_resume(tmp_path, "latest", lambda _: None, saved | {"batch_size": 8})
+    assert "step-00000001" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"data \['a.json'\] -> \['b.json'\]"):
+        ckpt.load_resume(tmp_path, "latest", lambda _: None, saved | {"data": ["b.json"]})
