@@ -474,7 +474,8 @@ def setup_model(run: Run) -> Trainee:
     """Build (or load) the model, freeze all but what this stage trains (+ LoRA, QLoRA), take a resumed
     checkpoint's trainable weights and data position, and place the model on the device."""
     cfg, say = run.cfg, run.say
-    resumed = ckpt.load_resume(run.out, cfg.resume, log.warning if run.d.main else (lambda *_: None))
+    warn = log.warning if run.d.main else (lambda *_: None)
+    resumed = ckpt.load_resume(run.out, cfg.resume, warn, cfg.to_dict())
     if cfg.resume and resumed is None:
         say(f"--resume: no checkpoint under {run.out}; starting from scratch")
     seed_everything(cfg.seed)
