@@ -89,8 +89,12 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):  # a full disk: torch.save says RuntimeError, safetensors OSError
+            kept = latest_checkpoint(out)
+            raise OSError(f"{final}: could not write the checkpoint ({_reason(e)}); nothing half-written is left, "
+                          f"the newest complete checkpoint is {kept or 'none'}") from e  # fmt: skip
         raise
     for old in list_checkpoints(out)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

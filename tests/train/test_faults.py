@@ -133,3 +133,20 @@ def test_resume_with_settings_that_draw_other_batches_is_refused(tmp_path):
     assert "step-00000001" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"data \['a.json'\] -> \['b.json'\]"):
         ckpt.load_resume(tmp_path, "latest", lambda _: None, saved | {"data": ["b.json"]})
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_and_no_partial_one(tmp_path, monkeypatch):
+    import errno
+
+    first = ckpt.save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"step": 1}, {}, keep_last=2)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(OSError, match="No space left on device") as e:
+        ckpt.save_checkpoint(tmp_path, 2, {"w": torch.ones(2)}, {"step": 2}, {}, keep_last=2)
+    msg = str(e.value)
+    assert "step-00000002" in msg and str(first) in msg and "\n" not in msg
+    assert ckpt.list_checkpoints(tmp_path) == [first]
+    assert not [p for p in ckpt.checkpoint_root(tmp_path).iterdir() if p.name.startswith(".tmp")]
