@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -80,7 +81,16 @@ def test_training_stages(executed):
 
 
 def test_evaluation(executed):
-    _, printed = executed
+    """Every question of each split is scored, and the answers printed are the last split's, beside their truth
+    (ten steps teach the answer format, not the pictures, and precision follows the CPU: accuracy is only bounded)."""
+    work, printed = executed
     found = re.findall(r"(test|combo): exact match ([\d.]+) on (\d+) questions", printed)
     assert [split for split, _, _ in found] == ["test", "combo"]
-    assert all(0.0 <= float(acc) <= 1.0 and int(n) > 0 for _, acc, n in found)
+    data = work / "quickstart-run" / "data"
+    for split, acc, n in found:
+        assert int(n) == len((data / f"{split}.jsonl").read_text().splitlines()), split
+        assert 0.0 <= float(acc) <= 1.0
+    lines = re.findall(r"^  ('.*'|\".*\") -> .* \(truth ('.*'|\".*\")\)$", printed, flags=re.M)
+    shown = [(ast.literal_eval(q), ast.literal_eval(t)) for q, t in lines]  # printed with !r
+    combo = [json.loads(line) for line in (data / "combo.jsonl").read_text().splitlines()]
+    assert len(shown) == 4 and all(any(r["question"] == q and t in r["answers"] for r in combo) for q, t in shown)
