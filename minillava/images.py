@@ -150,6 +150,9 @@ def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
 
 
 def resize_shortest_edge(img: Image.Image, size: int) -> Image.Image:
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    """Shortest edge to `size`, the other floored as transformers' `get_resize_output_image_size` does
+    (`int(size * long / short)`): rounding instead made a 64 x 48 image 299 x 224, not 298 x 224."""
+    short, long = sorted(img.size)
+    new_long = int(size * long / short)
+    w, h = (size, new_long) if img.width <= img.height else (new_long, size)
     return img.resize((w, h), Image.Resampling.BICUBIC)

@@ -105,25 +105,41 @@ class Processor:
     def tokenize_segments(
         self, segments: list[Segment], image_sizes: list[Size] | None = None
     ) -> tuple[list[int], list[int]]:
-        """Tokenize each segment on its own and concatenate: labels come from the same pieces as ids.
+        """Tokenize the rendered text once, then label the tokens that fall in supervised segments.
 
-        `image_sizes` ((height, width) per image, in order) are needed with AnyRes only.
+        The ids are exactly the tokenizer's own for the whole prompt (`tokenizer(text)`, and its
+        `apply_chat_template` for the `auto` template), each `<image>` then expanded to its N placeholders:
+        tokenizing segment by segment instead adds a `'▁'` at every piece start with SentencePiece tokenizers
+        and changes merges across boundaries. Labels come from character spans: a token is supervised when its
+        characters overlap a supervised segment (the answer and its end-of-turn). `image_sizes` ((height,
+        width) per image, in order) are needed with AnyRes only.
         """
-        sizes = iter(image_sizes or [])
-        bos = self.tokenizer.bos_token
-        template_has_bos = bool(bos) and bool(segments) and segments[0].text.startswith(bos)
-        ids: list[int] = [] if template_has_bos else list(self.bos_ids)
-        labels: list[int] = [IGNORE_INDEX] * len(ids)
+        text = "".join(seg.text for seg in segments)
+        spans, pos = [], 0
         for seg in segments:
-            for k, piece in enumerate(seg.text.split(self.image_token)):
-                if k > 0:  # an <image> stood here: N placeholder ids, never supervised
-                    n = self.image_tokens(next(sizes, None))
-                    ids += [self.image_token_id] * n
-                    labels += [IGNORE_INDEX] * n
-                if piece:
-                    piece_ids = self.tokenizer(piece, add_special_tokens=False).input_ids
-                    ids += piece_ids
-                    labels += piece_ids if seg.supervised else [IGNORE_INDEX] * len(piece_ids)
+            if seg.supervised and seg.text:
+                spans.append((pos, pos + len(seg.text)))
+            pos += len(seg.text)
+        bos = self.tokenizer.bos_token
+        lead = [] if bos and text.startswith(bos) else list(self.bos_ids)
+        body, supervised = _tokenize_with_spans(self.tokenizer, text, spans)
+        n_marked = text.count(self.image_token)
+        if body.count(self.image_token_id) != n_marked:
+            raise ValueError(
+                f"the tokenizer does not keep {self.image_token!r} as one token: the text has {n_marked} markers "
+                f"but its ids hold {body.count(self.image_token_id)}"
+            )
+        sizes = iter(image_sizes or [])
+        ids: list[int] = list(lead)
+        labels: list[int] = [IGNORE_INDEX] * len(lead)
+        for tok, sup in zip(body, supervised, strict=True):
+            if tok == self.image_token_id:  # an <image>: N placeholder ids, never supervised
+                n = self.image_tokens(next(sizes, None))
+                ids += [tok] * n
+                labels += [IGNORE_INDEX] * n
+            else:
+                ids.append(tok)
+                labels.append(tok if sup else IGNORE_INDEX)
         return ids, labels
 
     def encode(
@@ -238,3 +254,41 @@ def _leading_special_ids(tokenizer: Any) -> list[int]:
     with_special = tokenizer("a", add_special_tokens=True).input_ids
     without = tokenizer("a", add_special_tokens=False).input_ids
     return with_special[: len(with_special) - len(without)] if with_special[-len(without) :] == without else []
+
+
+def _tokenize_with_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """`text`'s ids (no special tokens added) and, per token, whether it overlaps one of the character spans.
+
+    Fast tokenizers give each token's characters (offset mapping); a token that straddles a span's edge is
+    supervised, so no answer character is ever left out of the loss. Tokenizers without offsets (the
+    sentencepiece-backed slow ones) place each span edge at the longest common prefix of the full ids and the
+    ids of the text up to that edge.
+    """
+    if not text:
+        return [], []
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        flags = []
+        for start, end in offsets:
+            if end > start:
+                flags.append(any(max(start, a) < min(end, b) for a, b in spans))
+            else:  # a token with no characters of its own: it belongs where it stands
+                flags.append(any(a <= start < b for a, b in spans))
+        return ids, flags
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def edge(i: int) -> int:
+        if i >= len(text):
+            return len(ids)
+        prefix = tokenizer(text[:i], add_special_tokens=False)["input_ids"] if i > 0 else []
+        n = 0
+        while n < min(len(prefix), len(ids)) and prefix[n] == ids[n]:
+            n += 1
+        return n
+
+    flags = [False] * len(ids)
+    for a, b in spans:
+        for k in range(edge(a), edge(b)):
+            flags[k] = True
+    return ids, flags

@@ -29,6 +29,10 @@ class Template:
     def render(self, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
         raise NotImplementedError
 
+    def jinja(self) -> str | None:
+        """This template as a transformers chat template (written on export), or None when it has none."""
+        return None
+
 
 class PlainTemplate(Template):
     """Stage-1 alignment (LLaVA `plain`): the image, then the caption. User text is not used."""
@@ -61,12 +65,33 @@ class VicunaTemplate(Template):
         if messages and messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
         segments = [Segment(system + " ")]
-        for m in messages:
+        for i, m in enumerate(messages):
             if m["role"] == "user":
                 segments.append(Segment(f"USER: {m['content']} ASSISTANT:"))
-            else:
+            elif m["role"] == "assistant":
                 segments.append(Segment(" " + m["content"] + self.end_of_turn, supervised=True))
+            else:  # a system message after the first turn has no place in vicuna_v1; never supervise it
+                raise ValueError(
+                    f"vicuna_v1: message {i} has role {m['role']!r}; only a leading 'system', then 'user' and "
+                    "'assistant' turns, are supported"
+                )
         return segments
+
+    def jinja(self) -> str:
+        """The same prompt as a transformers chat template (for export), BOS left to the tokenizer's caller."""
+        return (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+            "{%- else -%}{%- set system = " + _jinja_str(VICUNA_SYSTEM) + " -%}{%- set turns = messages -%}"
+            "{%- endif -%}"
+            "{{ system + ' ' }}"
+            "{%- for m in turns -%}"
+            "{%- if m['role'] == 'user' -%}{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}"
+            "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + " + _jinja_str(self.end_of_turn) + " }}"
+            "{%- else -%}{{ raise_exception('vicuna_v1: only a leading system message, then user and assistant') }}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
 
 
 class ChatMLTemplate(Template):
@@ -87,6 +112,12 @@ class ChatMLTemplate(Template):
         if add_generation_prompt:
             segments.append(Segment("<|im_start|>assistant\n"))
         return segments
+
+    def jinja(self) -> str:
+        return (
+            "{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+            "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+        )
 
 
 class TokenizerTemplate(Template):
@@ -136,6 +167,11 @@ class TokenizerTemplate(Template):
             raise ValueError("the tokenizer's chat template does not render turns as a growing prefix")
         segments.append(Segment(final[len(done) :]))
         return [s for s in segments if s.text]
+
+
+def _jinja_str(text: str) -> str:
+    """A Python string as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 TEMPLATE_NAMES = ("auto", "plain", "vicuna_v1", "chatml")

@@ -98,3 +98,68 @@ def test_a_tower_without_normalisation_statistics_is_an_error_not_imagenet(tmp_p
     (tmp_path / "preprocessor_config.json").write_text('{"crop_size": 224}')
     with pytest.raises(ValueError, match="needs image_mean and image_std"):
         ImageTransform.from_dir(tmp_path, 224, "pad")
+
+
+# ---- pixel parity with transformers' own image processors -------------------------------------------------------
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ODD_SIZES = [(64, 48), (37, 101), (1, 500), (4000, 3), (300, 225)]  # (width, height)
+# Both sides resize with PIL's bicubic on the same uint8 image and crop the same pixels, so the only difference left
+# is float32 arithmetic: transformers rescales by x * (1/255) then normalises, we divide by 255. That is a few ulps of
+# values in [-2.2, 2.7] (~1e-6); 1e-5 allows that and nothing else: one resized pixel off by a single grey level
+# moves a value by 1/255/0.27 = 0.015, and the old rounding of the long side (64 x 48 -> 299 x 224, transformers
+# 298 x 224) differed by up to 0.95.
+PIXEL_TOL = 1e-5
+
+
+def _noise(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(width * 10_007 + height)  # noise: any one-pixel shift of the resize shows
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _hf_processor(transform: ImageTransform, backend: str):
+    """The transformers image processor that export writes for `transform`, built from that very config."""
+    import transformers
+
+    from minillava.interop.hf import _image_processor_dict
+
+    cfg = _image_processor_dict(transform, None)
+    name = cfg.pop("image_processor_type") + ("Pil" if backend == "pil" else "")
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        module = "clip" if name.startswith("CLIP") else "llava"
+        cls = getattr(__import__(f"transformers.models.{module}", fromlist=[name]), name, None)
+    if cls is None:
+        pytest.skip(f"this transformers has no {name}")
+    return cls(**cfg)
+
+
+# the torchvision back end: tests/torchvision_backend/test_pixel_parity.py (torchvision needs its own environment)
+@pytest.mark.parametrize("backend", ["pil"])
+@pytest.mark.parametrize("aspect", ["center_crop", "resize", "pad"])
+@pytest.mark.parametrize("width, height", ODD_SIZES)
+def test_pixels_equal_transformers_processors_on_odd_sizes(width, height, aspect, backend):
+    transform = ImageTransform(224, CLIP_MEAN, CLIP_STD, aspect)
+    hf = _hf_processor(transform, backend)
+    img = _noise(width, height)
+    expected = torch.as_tensor(np.asarray(hf(img, return_tensors="pt")["pixel_values"][0]))
+    ours = transform(img)
+    assert ours.shape == expected.shape == (3, 224, 224)
+    diff = (ours - expected).abs().max().item()
+    assert diff <= PIXEL_TOL, f"{width}x{height} {aspect} ({backend}): max |diff| {diff}"
+
+
+@pytest.mark.parametrize(
+    "width, height, resized",
+    [
+        (64, 48, (298, 224)),
+        (48, 64, (224, 298)),
+        (37, 101, (224, 611)),
+        (4000, 3, (298666, 224)),
+        (1, 500, (224, 112000)),
+    ],
+)
+def test_shortest_edge_resize_floors_the_long_side_like_transformers(width, height, resized):
+    from minillava.images import resize_shortest_edge
+
+    assert resize_shortest_edge(Image.new("RGB", (width, height)), 224).size == resized

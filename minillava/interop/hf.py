@@ -561,8 +561,35 @@ def _image_processor_dict(transform: ImageTransform, anyres: AnyRes | None) -> d
     return cfg
 
 
+def _export_chat_template(processor: Processor) -> str | None:
+    """The prompt format of `processor` as a transformers chat template, or None (plain: no chat format)."""
+    if processor.template_name == "auto" and getattr(processor.tokenizer, "chat_template", None):
+        return processor.tokenizer.chat_template
+    jinja = processor.template.jinja()
+    if jinja is None:
+        return None
+    # apply_chat_template tokenizes without special tokens: the BOS our processor adds goes into the template.
+    return ("{{ bos_token }}" + jinja) if processor.bos_ids and processor.tokenizer.bos_token else jinja
+
+
 def _save_processor(model: MiniLlava, processor: Processor, strategy: str, extra_tokens: int, directory: Path) -> None:
-    """Tokenizer and image processor always; a Llava(Next)Processor on top when this transformers can build one."""
+    """Tokenizer and image processor always; a Llava(Next)Processor on top when this transformers can build one.
+
+    The tokenizer carries the chat template the model was trained with (its own for `auto`; vicuna_v1 and
+    chatml written as Jinja), so transformers' `apply_chat_template` gives the training prompt's ids."""
+    chat_template = _export_chat_template(processor)
+    tokenizer = processor.tokenizer
+    saved_template = getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = chat_template  # for the files written here only; the user's tokenizer is restored
+    try:
+        _save_tokenizer_and_processors(model, processor, strategy, extra_tokens, directory, chat_template)
+    finally:
+        tokenizer.chat_template = saved_template
+
+
+def _save_tokenizer_and_processors(
+    model: MiniLlava, processor: Processor, strategy: str, extra_tokens: int, directory: Path, chat_template: str | None
+) -> None:
     processor.tokenizer.save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text(
         json.dumps(_image_processor_dict(processor.image_transform, processor.anyres), indent=2) + "\n"
@@ -577,7 +604,7 @@ def _save_processor(model: MiniLlava, processor: Processor, strategy: str, extra
             vision_feature_select_strategy=strategy,
             num_additional_image_tokens=extra_tokens,
             image_token=processor.image_token,
-            chat_template=processor.tokenizer.chat_template if processor.template_name == "auto" else None,
+            chat_template=chat_template,
         )
         llava_processor.save_pretrained(directory)
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
