@@ -1,15 +1,19 @@
 """Load test for `minillava serve`: N concurrent `openai` clients, a bounded number of requests, on loopback.
 
-    # start a server per batch size (the CLI, in a subprocess) and compare them:
-    python benchmarks/serve_load.py --model DIR --clients 8 --requests 64 --max-tokens 32 --batch-sizes 8,1
+    # start a server per mode (the CLI, in a subprocess) and compare them: continuous vs static batching vs
+    # one request at a time, with mixed answer lengths and streaming (time to first token):
+    python benchmarks/serve_load.py --model DIR --clients 8 --requests 64 --max-tokens 32 --mixed --stream \
+        --modes continuous:8,static:8,static:1
     # the same on a tiny random model built on the spot (no downloads):
     python benchmarks/serve_load.py --tiny
     # or load a server that is already running:
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY
 
-Prints one JSON object: per batch size the throughput (requests/s and completion tokens/s), latency
-p50/p99, error count and the server's own batch statistics; with batch size 1 among them, each run's
-throughput ratio to it. Every request carries one image (a data: URL) and greedy decoding.
+Prints one JSON object: per mode (batching:max-batch-size) the throughput (requests/s and completion tokens/s), latency
+p50/p99 (and time-to-first-token p50/p99 with --stream), error count and the server's own batch statistics;
+with a batch size 1 run among them, each run's throughput ratio to it. Arrivals are closed-loop (each
+client sends its next request when its last one is answered), not Poisson. Every request carries one
+image (a data: URL) and greedy decoding.
 Only 127.0.0.1 is ever contacted; request count and time are bounded.
 """
 
@@ -51,7 +55,7 @@ def image_url(seed: int) -> str:
 
 
 def run_load(url: str, api_key: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool,
-             deadline_s: float) -> dict:  # fmt: skip
+             deadline_s: float, mixed: bool = False) -> dict:  # fmt: skip
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -72,12 +76,14 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
                 {"type": "image_url", "image_url": {"url": image_url(i)}},
                 {"type": "text", "text": questions[i % len(questions)]},
             ]}]  # fmt: skip
+            # mixed: one answer in four is long, the rest a quarter of it, so short ones meet long ones
+            n_max = max_tokens if not mixed or i % 4 == 0 else max(1, max_tokens // 4)
             t0 = time.perf_counter()
             try:
                 if stream:
                     first, n = None, 0
                     for chunk in client.chat.completions.create(
-                        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                        model=model, messages=messages, max_tokens=n_max, temperature=0, stream=True,
                         stream_options={"include_usage": True},
                     ):  # fmt: skip
                         if first is None and chunk.choices and chunk.choices[0].delta.content:
@@ -86,7 +92,7 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
                             n = chunk.usage.completion_tokens
                 else:
                     r = client.chat.completions.create(
-                        model=model, messages=messages, max_tokens=max_tokens, temperature=0
+                        model=model, messages=messages, max_tokens=n_max, temperature=0
                     )
                     first, n = None, r.usage.completion_tokens
             except Exception as e:  # counted, never fatal
@@ -129,6 +135,7 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
     }
     if first_tokens:
         out["ttft_p50_s"] = round(percentile(first_tokens, 50), 4)
+        out["ttft_p99_s"] = round(percentile(first_tokens, 99), 4)
     if errors:
         out["error_samples"] = sorted(set(errors))[:5]
     return out
@@ -144,13 +151,14 @@ class ServerProcess:
     """`python -m minillava.serve.cli serve ...` on a free loopback port."""
 
     def __init__(
-        self, model: str, batch_size: int, threads: int | None, log: Path, wait_ms: float | None = None
-    ) -> None:
+        self, model: str, batch_size: int, threads: int | None, log: Path, wait_ms: float | None = None,
+        batching: str = "continuous",
+    ) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "minillava.serve.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--max-batch-size", str(batch_size), "--served-model-name", "bench",
-               "--log-level", "warning", "--device", "cpu"]  # fmt: skip
+               "--log-level", "warning", "--device", "cpu", "--batching", batching]  # fmt: skip
         if threads:
             cmd += ["--threads", str(threads)]
         if wait_ms is not None:
@@ -231,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--batch-sizes", default="8,1", help="servers to compare, e.g. 8,1 (ignored with --url)")
+    p.add_argument(
+        "--modes", default="continuous:8,static:8,static:1",
+        help="servers to compare, BATCHING:MAX_BATCH_SIZE each (ignored with --url)",
+    )  # fmt: skip
+    p.add_argument("--mixed", action="store_true", help="mixed answer lengths: 1 in 4 long, the rest 1/4 of it")
     p.add_argument("--threads", type=int, default=None, help="torch threads for each server (default: torch's)")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the servers' --batch-wait-ms (default: theirs)")
     p.add_argument("--stream", action="store_true", help="stream the answers (adds time-to-first-token)")
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clients < 1 or args.requests < 1 or args.max_tokens < 1:
         p.error("--clients, --requests and --max-tokens must be positive")
 
-    config = {k: getattr(args, k) for k in ("clients", "requests", "max_tokens", "stream", "threads", "batch_wait_ms")}
+    keys = ("clients", "requests", "max_tokens", "mixed", "stream", "threads", "batch_wait_ms")
+    config = {k: getattr(args, k) for k in keys}
     if args.url:
         host = httpx.URL(args.url).host
         if host not in ("127.0.0.1", "localhost", "::1"):
@@ -248,22 +261,26 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"Authorization": f"Bearer {args.api_key}"}
         model = args.served_model or httpx.get(args.url + "/v1/models", headers=headers).json()["data"][0]["id"]
         result = run_load(args.url.rstrip("/"), args.api_key, model, args.clients, args.requests, args.max_tokens,
-                          args.stream, args.deadline_s)  # fmt: skip
+                          args.stream, args.deadline_s, args.mixed)  # fmt: skip
         print(json.dumps({"config": {**config, "url": args.url}, "runs": [result]}, indent=2))
         return 0 if result["errors"] == 0 else 1
 
-    sizes = [int(s) for s in args.batch_sizes.split(",") if s.strip()]
+    try:
+        modes = [(m.split(":")[0], int(m.split(":")[1])) for m in args.modes.split(",") if m.strip()]
+    except (IndexError, ValueError):
+        p.error("--modes takes BATCHING:SIZE entries, e.g. continuous:8,static:8,static:1")
+    if any(b not in ("continuous", "static") or n < 1 for b, n in modes):
+        p.error("--modes: BATCHING is continuous or static, SIZE at least 1")
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         model_dir = str(build_tiny(Path(tmp) / "tiny")) if args.tiny else args.model
         runs = []
-        for size in sizes:
-            with ServerProcess(
-                model_dir, size, args.threads, Path(tmp) / f"server-{size}.log", args.batch_wait_ms
-            ) as server:
+        for batching, size in modes:
+            log = Path(tmp) / f"server-{batching}-{size}.log"
+            with ServerProcess(model_dir, size, args.threads, log, args.batch_wait_ms, batching) as server:
                 run_load(server.url, "none", "bench", 1, 2, args.max_tokens, False, 60)  # warm-up
-                runs.append({"max_batch_size": size, **run_load(
+                runs.append({"batching": batching, "max_batch_size": size, **run_load(
                     server.url, "none", "bench", args.clients, args.requests, args.max_tokens, args.stream,
-                    args.deadline_s,
+                    args.deadline_s, args.mixed,
                 )})  # fmt: skip
     base = next((r for r in runs if r["max_batch_size"] == 1), None)
     if base and base["throughput_rps"]:

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -29,7 +30,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -38,8 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from minillava.generate import Generator
 from minillava.images import ImageError, load_image
 from minillava.model import MiniLlava
-from minillava.processor import Processor
-from minillava.serve.batching import BatchEngine, Finished, Job, QueueFull
+from minillava.processor import Encoded, Processor
+from minillava.serve.batching import BatchEngine, ContinuousEngine, Finished, Job, QueueFull
 
 log = logging.getLogger("minillava.serve")
 
@@ -61,6 +63,12 @@ class ServeSettings:
     max_image_pixels: int | None = None  # None: the processor's max_pixels
     default_max_tokens: int = 512  # when the request names none (still capped by the context)
     remote_timeout_s: float = 10.0
+    # characters of text per request, checked before tokenizing; None: 32 per token of context (no real
+    # tokenizer averages that many, so only prompts that could never fit are refused without tokenizing)
+    max_text_chars: int | None = None
+    allowed_origins: tuple[str, ...] = ()
+    # "continuous": requests join the running batch at the next decode step; "static": a batch runs to its end
+    batching: Literal["continuous", "static"] = "continuous"  # CORS; empty: same-origin only (the page at / needs none)
 
 
 class ApiError(Exception):
@@ -75,7 +83,12 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+# `<_io.BytesIO object at 0x7f...>` and the like, from exception messages: internals, not for clients
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    message = _OBJECT_REPR.sub("the data", message)
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -104,7 +117,7 @@ Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[Part] | None = None
+    content: str | list[Part]  # null (an assistant's tool call) is refused: there are no tools
     name: str | None = None
 
 
@@ -113,6 +126,9 @@ class StreamOptions(_Strict):
 
 
 class ChatRequest(_Strict):
+    # unknown top-level fields are refused (a field we do not know is a field we would silently drop)
+    model_config = ConfigDict(strict=True, extra="forbid")
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -125,6 +141,68 @@ class ChatRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # identifiers with no effect on the answer, accepted like `user`
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+
+class CompletionRequest(_Strict):
+    """`/v1/completions`: a verbatim text prompt (no chat template, no images)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+def _is_neutral(value: Any, *allowed: Any) -> bool:
+    """A field sent with its no-op value (null, false, 0, empty) or one of `allowed`: nothing to honour."""
+    return value is None or value is False or value == 0 or value == {} or value == [] or value in allowed
+
+
+# Known OpenAI fields this server does not honour: refused with 400 unless sent with a no-op value, so a
+# client never gets an answer that silently ignored what it asked for. field -> (no-op values, why)
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((), "tool calling is not supported"),
+    "tool_choice": (("none",), "tool calling is not supported"),
+    "functions": ((), "function calling is not supported"),
+    "function_call": (("none",), "function calling is not supported"),
+    "parallel_tool_calls": ((), "tool calling is not supported"),
+    "response_format": (({"type": "text"},), 'only {"type": "text"} is supported (no JSON mode)'),
+    "logprobs": ((), "logprobs are not supported"),
+    "top_logprobs": ((), "logprobs are not supported"),
+    "logit_bias": ((), "logit_bias is not supported"),
+    "frequency_penalty": ((), "frequency_penalty is not supported (only 0)"),
+    "presence_penalty": ((), "presence_penalty is not supported (only 0)"),
+    "audio": ((), "audio output is not supported"),
+    "modalities": ((["text"],), "only text output is supported"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "reasoning_effort": ((), "reasoning_effort is not supported"),
+    "verbosity": ((), "verbosity is not supported"),
+    "web_search_options": ((), "web search is not supported"),
+    "store": ((), "stored completions are not supported"),
+    "metadata": ((), "metadata is only for stored completions, which are not supported"),
+    "service_tier": (("auto", "default"), "service tiers are not supported"),
+    # /v1/completions only
+    "echo": ((), "echo is not supported"),
+    "suffix": (("",), "suffix (insertion) is not supported"),
+    "best_of": ((1,), "best_of is not supported (only 1)"),
+}
+
+
+def refuse_unsupported(data: dict) -> None:
+    for name, (allowed, why) in UNSUPPORTED.items():
+        if name in data and not _is_neutral(data[name], *allowed):
+            raise ApiError(400, f"{name}: {why}", name, "unsupported_parameter")
 
 
 # ---- images -----------------------------------------------------------------------------------------
@@ -245,7 +323,11 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as probe:  # reads the header only
             fmt, (w, h) = probe.format, probe.size
+    except Image.DecompressionBombError as e:  # a header size over Pillow's own limit: too large, not corrupt
+        raise _bomb(param, e) from None
     except Exception as e:
+        if _BOMB_WORDS.search(str(e)):  # e.g. a PNG text chunk that inflates past Pillow's limit
+            raise _bomb(param, e) from None
         raise ApiError(
             400, f"{param}: not a readable image ({type(e).__name__}: {e})", param, "invalid_image"
         ) from None
@@ -261,12 +343,26 @@ def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
         )  # fmt: skip
     try:
         return load_image(data, name=param, max_pixels=max_pixels)
+    except Image.DecompressionBombError as e:
+        raise _bomb(param, e) from None
     except ImageError as e:
+        if _BOMB_WORDS.search(str(e)):  # e.g. a PNG text chunk that inflates past Pillow's limit
+            raise _bomb(param, e) from None
         raise ApiError(400, str(e), param, "invalid_image") from None
     except Exception as e:  # a decoder bug must not become a 500
         raise ApiError(
             400, f"{param}: not a readable image ({type(e).__name__}: {e})", param, "invalid_image"
         ) from None
+
+
+# Pillow's words for data that decompresses past its limits (DecompressionBombError, PNG's MAX_TEXT_CHUNK, ...)
+_BOMB_WORDS = re.compile(r"decompression bomb|decompressed data too large", re.IGNORECASE)
+
+
+def _bomb(param: str, e: Exception) -> ApiError:
+    return ApiError(
+        413, f"{param}: image decompresses past the server's limits ({e})", param, "image_too_large"
+    )
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -282,19 +378,35 @@ class ChatService:
         self.max_pixels = limit
         positions = getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
         self.context = min(processor.max_length, positions) if positions else processor.max_length
-        self.engine = BatchEngine(
-            Generator(model, processor), settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_queue
-        )
+        generator = Generator(model, processor)
+        engine: type[BatchEngine] = BatchEngine
+        if settings.batching == "continuous" and ContinuousEngine.supports(generator):
+            engine = ContinuousEngine
+        elif settings.batching == "continuous":
+            log.info("continuous batching needs fusion splice and full-attention layers; using static batches")
+        self.engine = engine(generator, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_queue)
         self.fetcher = ImageFetcher(settings)
-        self.max_body = settings.max_images * (settings.max_image_bytes * 4 // 3 + 1024) + 2**20
+        self.max_text = settings.max_text_chars or 32 * self.context
+        self.max_body = settings.max_images * (settings.max_image_bytes * 4 // 3 + 1024) + 2**20 + 4 * self.max_text
+
+    def check_text_length(self, texts: list[str]) -> None:
+        """Refuse long text before tokenizing: a huge prompt must not hold the tokenizer (and its lock)."""
+        chars = sum(len(t) for t in texts)
+        if chars > self.max_text:
+            raise ApiError(
+                413, f"the request has {chars} characters of text, over the limit of {self.max_text}",
+                "messages", "text_too_long",
+            )  # fmt: skip
 
     def to_messages(self, req: ChatRequest) -> tuple[list[dict[str, str]], list[tuple[str, str]]]:
         """OpenAI messages -> minillava messages with `<image>` markers, and the image URLs in order."""
         token = self.processor.image_token
         messages: list[dict[str, str]] = []
         images: list[tuple[str, str]] = []
+        parts = [p for m in req.messages for p in _parts(m)]
+        self.check_text_length([p if isinstance(p, str) else p.text for p in parts if not isinstance(p, ImagePart)])
         for i, m in enumerate(req.messages):
-            parts = [] if m.content is None else [m.content] if isinstance(m.content, str) else m.content
+            parts = _parts(m)
             pieces = []
             for j, part in enumerate(parts):
                 param = f"messages[{i}].content" if isinstance(part, str) else f"messages[{i}].content[{j}]"
@@ -322,8 +434,8 @@ class ChatService:
             )  # fmt: skip
         return messages, images
 
-    def prepare(self, req: ChatRequest) -> Job:
-        """Everything that may fail on the request's account, run in a worker thread (images are slow)."""
+    def check_common(self, req: ChatRequest | CompletionRequest) -> list[str]:
+        """Checks both endpoints share; the stop strings."""
         if req.n not in (None, 1):
             raise ApiError(400, "only n=1 is supported", "n", "invalid_value")
         if req.model != self.settings.model_name:
@@ -334,25 +446,54 @@ class ChatService:
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stops) > 4:
             raise ApiError(400, "at most 4 stop sequences", "stop", "invalid_value")
+        return stops
+
+    def prepare(self, req: ChatRequest) -> Job:
+        """Everything that may fail on the request's account, run in a worker thread (images are slow)."""
+        stops = self.check_common(req)
         messages, refs = self.to_messages(req)
         images = [decode_image(self.fetcher.fetch(url, param), param, self.max_pixels) for url, param in refs]
         try:
-            encoded = self.engine.encode(messages, images)
+            return self.job(req, lambda: self.engine.encode(messages, images), stops)
+        finally:
+            for image in images:  # their pixels now live in the prompt's tensor; free the decoded copies now
+                image.close()
+
+    def prepare_completion(self, req: CompletionRequest) -> Job:
+        stops = self.check_common(req)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) != 1:
+            raise ApiError(400, "prompt: exactly one prompt per request is supported", "prompt", "invalid_value")
+        self.check_text_length(prompts)
+        if self.processor.image_token in prompts[0]:
+            raise ApiError(
+                400, f"prompt: may not contain the image token {self.processor.image_token!r} (/v1/completions is "
+                "text-only; send images to /v1/chat/completions)", "prompt", "invalid_value",
+            )  # fmt: skip
+        return self.job(req, lambda: self.engine.encode_text(prompts[0]), stops, "prompt")
+
+    def job(
+        self, req: ChatRequest | CompletionRequest, encode: Callable[[], Encoded], stops: list[str],
+        param: str = "messages",
+    ) -> Job:  # fmt: skip
+        """Encode the prompt, check it against the context -> a job for the batcher."""
+        try:
+            encoded = encode()
         except ImageError as e:
             raise ApiError(400, str(e), "messages", "invalid_image") from None
         except Exception as e:  # ValueError from the processor; jinja2 errors from a chat template's checks
             if not isinstance(e, ValueError) and not type(e).__module__.startswith("jinja2"):
                 raise
             code = "context_length_exceeded" if "max_length" in str(e) else "invalid_value"
-            raise ApiError(400, f"cannot build the prompt: {e}", "messages", code) from None
+            raise ApiError(400, f"cannot build the prompt: {e}", param, code) from None
         prompt = len(encoded.input_ids)
         room = self.context - prompt
-        asked = req.max_completion_tokens or req.max_tokens
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if room < 1 or (asked is not None and asked > room):
             raise ApiError(
                 400, f"This model's maximum context length is {self.context} tokens. However, you requested "
-                f"{prompt + (asked or 1)} tokens ({prompt} in the messages, {asked or 1} in the completion).",
-                "messages", "context_length_exceeded",
+                f"{prompt + (asked or 1)} tokens ({prompt} in the {param}, {asked or 1} in the completion).",
+                param, "context_length_exceeded",
             )  # fmt: skip
         return Job(
             encoded,
@@ -367,15 +508,62 @@ class ChatService:
         )
 
 
-def parse_request(data: Any) -> ChatRequest:
+def _parts(m: ChatMessage) -> list[str | TextPart | ImagePart]:
+    return [m.content] if isinstance(m.content, str) else list(m.content)
+
+
+def parse_request(data: Any, schema: type[BaseModel] = ChatRequest) -> Any:
+    """A JSON body -> `schema`, or a 400 naming the field, in OpenAI's `param` style (`messages[0].content`)."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_value")
+    refuse_unsupported(data)
+    data = {k: v for k, v in data.items() if k not in UNSUPPORTED}  # what is left of them are no-ops
     try:
-        return ChatRequest.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as e:
-        err = max(e.errors(), key=lambda x: len(x["loc"]))  # the deepest is the most specific
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param, "invalid_value") from None
+        raise validation_error(e) from None
+
+
+_TYPE_WORDS = {"str": "a string", "int": "an integer", "float": "a number", "bool": "a boolean", "list": "a list"}
+
+
+def validation_error(e: ValidationError) -> ApiError:
+    """The most specific of pydantic's errors, without its union-branch names (`str`, `list[...]`)."""
+    found = [(_param_of(err["loc"]), err) for err in e.errors()]
+    param, err = max(found, key=lambda f: len(f[0]))  # the deepest is the most specific
+    branches = [_branch_of(x["loc"]) for p, x in found if p == param]
+    if err["type"] == "extra_forbidden":
+        message = f"{param}: unknown field (not an OpenAI parameter this server knows)"
+    elif err.get("input", ...) is None and err["type"].endswith("_type"):
+        message = f"{param}: must not be null"
+    elif len(branches) > 1 and all(branches):  # every branch of a union failed at the same place
+        message = f"{param}: must be {' or '.join(_TYPE_WORDS.get(b, b) for b in branches)}"
+    else:
+        message = f"{param}: {err['msg']}" if param else err["msg"]
+    return ApiError(400, message, param or None, "invalid_value")
+
+
+def _param_of(loc: tuple) -> str:
+    """('messages', 0, 'content', 'list[tagged-union[...]]', 0, 'text', 'text') -> 'messages[0].content[0].text'."""
+    out, tag_next = "", False
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "tagged-union[" in part:
+            tag_next = True  # after its index comes the tag value (the part's "type"), not a field
+        elif tag_next and out.endswith("]"):
+            tag_next = False
+        elif part.isidentifier() and part not in _TYPE_WORDS:
+            out += f".{part}" if out else part
+    return out
+
+
+def _branch_of(loc: tuple) -> str | None:
+    """The union branch a pydantic error belongs to, as a plain type word: 'str', 'list', ..."""
+    for part in reversed(loc):
+        if isinstance(part, str) and (part in _TYPE_WORDS or not part.isidentifier()):
+            return part.split("[", 1)[0]
+    return None
 
 
 def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings | None = None) -> FastAPI:
@@ -394,11 +582,18 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
     app = FastAPI(title="minillava", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.engine = engine
+    if settings.allowed_origins:  # without it, browsers allow same-origin calls only (the page at / is one)
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"], max_age=600,
+        )  # fmt: skip
     created = int(time.time())
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 503:
+            headers = {"Retry-After": "1"}  # a full queue drains in about a batch's time
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -421,6 +616,13 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
             raise ApiError(401, message, None, "invalid_api_key")
 
     async def read_json(request: Request) -> Any:
+        # Only application/json: a cross-site form or text/plain POST (which a browser sends without a CORS
+        # preflight) must not reach the model, even on a server with no key.
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(
+                415, f"Content-Type must be application/json, not {media or 'missing'}", None, "unsupported_media_type"
+            )
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > service.max_body:
             raise ApiError(413, f"request body over the limit of {service.max_body} bytes", None, "request_too_large")
@@ -431,10 +633,14 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
                 raise ApiError(
                     413, f"request body over the limit of {service.max_body} bytes", None, "request_too_large"
                 )
+        return bytes(body)
+
+    def parse_json(body: bytes, schema: type[BaseModel]) -> Any:
         try:
-            return json.loads(body)
+            data = json.loads(body)
         except (ValueError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})", None, "invalid_json") from None
+        return parse_request(data, schema)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -446,10 +652,15 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
         ok = engine.alive
         body = {
             "status": "ok" if ok else "error", "model": settings.model_name, "queued": engine.queued,
-            "running": engine.running, "max_batch_size": engine.max_batch_size, **engine.stats,
+            "running": engine.running, "max_batch_size": engine.max_batch_size,
+            "batching": "continuous" if isinstance(engine, ContinuousEngine) else "static", **engine.stats,
             "batch_sizes": {str(k): v for k, v in sorted(engine.batch_sizes.items())},
         }  # fmt: skip
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(engine.metrics.exposition(engine), media_type="text/plain; version=0.0.4")
 
     def model_card() -> dict:
         return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "minillava"}
@@ -466,12 +677,13 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
             raise ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def accept(request: Request, schema: type[BaseModel], prepare: Callable[[Any], Job]) -> Job:
+        """Check, parse and prepare a request off the event loop, then queue its job."""
         check_key(request)
+        body = await read_json(request)
         engine.expect()  # a batch forming now may wait for this request's validation
         try:
-            job = await run_in_threadpool(service.prepare, parse_request(await read_json(request)))
+            job = await run_in_threadpool(lambda: prepare(parse_json(body, schema)))
             engine.submit(job)
         except QueueFull as e:
             raise ApiError(
@@ -479,14 +691,14 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
             ) from None
         finally:
             engine.expected()
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
+        return job
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        job = await accept(request, ChatRequest, service.prepare)
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if job.stream:
-            return StreamingResponse(
-                sse(job, rid, now, job.include_usage, request),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return stream_response(job, rid, now, request, chat=True)
         result = await wait_for_result(job, request)
         return {
             "id": rid, "object": "chat.completion", "created": now, "model": settings.model_name,
@@ -495,6 +707,20 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
                 "index": 0, "message": {"role": "assistant", "content": result.text},
                 "logprobs": None, "finish_reason": result.finish_reason,
             }],
+            "usage": usage_of(result),
+        }  # fmt: skip
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        job = await accept(request, CompletionRequest, service.prepare_completion)
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if job.stream:
+            return stream_response(job, rid, now, request, chat=False)
+        result = await wait_for_result(job, request)
+        return {
+            "id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
             "usage": usage_of(result),
         }  # fmt: skip
 
@@ -522,26 +748,42 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
             if not nxt.done():
                 nxt.cancel()
 
-    async def sse(job: Job, rid: str, now: int, include_usage: bool, request: Request):
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+    def stream_response(job: Job, rid: str, now: int, request: Request, chat: bool) -> StreamingResponse:
+        return StreamingResponse(
+            sse(job, rid, now, chat),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def sse(job: Job, rid: str, now: int, chat: bool):
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
             body: dict[str, Any] = {
-                "id": rid, "object": "chat.completion.chunk", "created": now, "model": settings.model_name,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}] if choices else [],
+                "id": rid, "object": kind_name, "created": now, "model": settings.model_name,
+                "system_fingerprint": None, "choices": [choice] if choices else [],
             }  # fmt: skip
-            if include_usage:
+            if job.include_usage:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            if chat:
+                first = json.loads(chunk("")[6:])
+                first["choices"][0]["delta"]["role"] = "assistant"
+                yield f"data: {json.dumps(first)}\n\n"
             async for kind, value in job.events():
                 if kind == "delta":
-                    yield chunk({"content": value})
+                    yield chunk(value)  # type: ignore[arg-type]
                 elif kind == "done":
-                    yield chunk({}, value.finish_reason)  # type: ignore[union-attr]
-                    if include_usage:
-                        yield chunk({}, usage=usage_of(value), choices=False)  # type: ignore[arg-type]
+                    yield chunk(None, value.finish_reason)  # type: ignore[union-attr]
+                    if job.include_usage:
+                        yield chunk(None, usage=usage_of(value), choices=False)  # type: ignore[arg-type]
                 else:
                     err = error_body(str(value), "server_error", None, "generation_failed")
                     yield f"data: {json.dumps(err)}\n\n"

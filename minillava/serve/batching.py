@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from minillava.generate import AnswerText, GenerationConfig, Generator, decode
+from minillava.model import positions_from_mask
 from minillava.processor import Encoded
 
 log = logging.getLogger("minillava.serve")
@@ -55,6 +62,7 @@ class Job:
     queue: asyncio.Queue | None = None  # ("delta", str) ... then ("done", Finished) or ("error", str)
     cancelled: threading.Event = field(default_factory=threading.Event)
     number: int = 0
+    submitted: float = 0.0  # time.monotonic() when queued, for the time-to-first-token histogram
 
     @property
     def key(self) -> tuple:
@@ -92,9 +100,14 @@ class _Row:
         self.answer = AnswerText(engine.detokenize, job.stop, stream=job.stream)
         self.steps = 0
         self.done = False
+        self.sampler: Any = None  # ContinuousEngine: this row's sampler
+        self.last = 0  # ContinuousEngine: the token fed at the next step
 
     def step(self, token: int) -> None:
         self.steps += 1
+        self.engine.metrics.tokens(1)
+        if self.steps == 1:
+            self.engine.metrics.first_token(time.monotonic() - self.job.submitted)
         if token in self.engine.stop_ids:
             self.finish("stop")
             return
@@ -113,6 +126,97 @@ class _Row:
     def emit_delta(self, piece: str) -> None:
         if piece:
             self.job.emit("delta", piece)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps freed image buffers (tens of MB per large image) in
+    its arenas, so the server's RSS stays at its burst peak without this; a no-op off glibc."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """Counters for `/metrics` (Prometheus text format), written by the worker, read by the event loop."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.window_s = window_s
+        self.generated = 0
+        self.ttft_counts = [0] * len(TTFT_BUCKETS)  # per bucket, not cumulative
+        self.ttft_sum, self.ttft_count = 0.0, 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last window, for tokens/s
+        self._lock = threading.Lock()
+
+    def tokens(self, n: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.generated += n
+            if self._recent and now - self._recent[-1][0] < 0.05:  # one entry per 50 ms keeps the deque short
+                self._recent[-1] = (self._recent[-1][0], self._recent[-1][1] + n)
+            else:
+                self._recent.append((now, n))
+
+    def first_token(self, seconds: float) -> None:
+        with self._lock:
+            self.ttft_sum += seconds
+            self.ttft_count += 1
+            for i, edge in enumerate(TTFT_BUCKETS):
+                if seconds <= edge:
+                    self.ttft_counts[i] += 1
+                    break
+
+    def tokens_per_second(self) -> float:
+        with self._lock:
+            cutoff = time.monotonic() - self.window_s
+            while self._recent and self._recent[0][0] < cutoff:
+                self._recent.popleft()
+            return sum(n for _, n in self._recent) / self.window_s
+
+    def exposition(self, engine: BatchEngine) -> str:
+        stats = engine.stats
+        lines = [
+            *_metric("minillava_queue_depth", "gauge", "requests waiting for a batch", engine.queued),
+            *_metric("minillava_batch_size", "gauge", "rows in the batch being generated now", engine.running),
+            *_metric("minillava_batches_total", "counter", "batches run", stats["batches"]),
+            *_metric("minillava_requests_completed_total", "counter", "requests answered", stats["completed"]),
+            *_metric("minillava_requests_cancelled_total", "counter", "requests cancelled", stats["cancelled"]),
+            *_metric("minillava_generation_errors_total", "counter", "batches that failed", stats["errors"]),
+            *_metric("minillava_generated_tokens_total", "counter", "tokens sampled", self.generated),
+            *_metric(
+                "minillava_tokens_per_second", "gauge", f"tokens sampled per second over the last {self.window_s:g} s",
+                round(self.tokens_per_second(), 3),
+            ),  # fmt: skip
+            "# HELP minillava_time_to_first_token_seconds from queueing a request to its first token",
+            "# TYPE minillava_time_to_first_token_seconds histogram",
+        ]
+        with self._lock:
+            total = 0
+            for edge, n in zip(TTFT_BUCKETS, self.ttft_counts, strict=True):
+                total += n
+                lines.append(f'minillava_time_to_first_token_seconds_bucket{{le="{edge:g}"}} {total}')
+            lines += [
+                f'minillava_time_to_first_token_seconds_bucket{{le="+Inf"}} {self.ttft_count}',
+                f"minillava_time_to_first_token_seconds_sum {self.ttft_sum:.6f}",
+                f"minillava_time_to_first_token_seconds_count {self.ttft_count}",
+            ]
+        return "\n".join(lines) + "\n"
+
+
+def _metric(name: str, kind: str, help: str, value: float) -> list[str]:
+    return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value}"]
 
 
 class BatchEngine:
@@ -144,6 +248,7 @@ class BatchEngine:
         self._incoming = 0
         self._last_rows, self._last_end, self._pending_at_end = 0, 0.0, 0  # the previous batch, for the wait
         self.running = 0
+        self.metrics = Metrics()
         self.batch_sizes: dict[int, int] = {}  # batch size -> how many batches had it
         self.stats = {"batches": 0, "rows": 0, "completed": 0, "cancelled": 0, "errors": 0, "max_batch": 0}
 
@@ -190,6 +295,7 @@ class BatchEngine:
         job.loop = asyncio.get_running_loop()
         job.queue = asyncio.Queue()
         job.number = next(self._numbers)
+        job.submitted = time.monotonic()
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -203,6 +309,11 @@ class BatchEngine:
         """Chat messages and decoded images -> one prompt; call from a worker thread, not the loop."""
         with self.tokenizer_lock:
             return self.processor.encode(messages, images, add_generation_prompt=True)
+
+    def encode_text(self, text: str) -> Encoded:
+        """A verbatim text prompt (no chat template, no images), for /v1/completions."""
+        with self.tokenizer_lock:
+            return self.processor.encode_raw(text)
 
     def detokenize(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
@@ -283,6 +394,17 @@ class BatchEngine:
         )
         rows = [_Row(job, self) for job in batch]
         data = self.processor.collate([job.encoded for job in batch], padding_side="left")
+        had_images = data.get("pixel_values") is not None
+        for job in batch:  # the batch tensor holds the pixels now; a finished job keeps none of them
+            job.encoded = dataclasses.replace(job.encoded, pixel_values=None, image_sizes=None)
+        try:
+            self._decode(rows, data, cfg)
+        finally:
+            del data
+            if had_images:
+                release_memory()
+
+    def _decode(self, rows: list[_Row], data: dict, cfg: GenerationConfig) -> None:
         gen = self.generator
         steps = decode(gen.model, data, cfg, gen.stop_ids, self.processor.pad_token_id)
         try:
@@ -308,3 +430,215 @@ class BatchEngine:
                 else:
                     row.finish("length")
                     self.stats["completed"] += 1
+
+
+class _Running:
+    """The continuous batch: its rows, their shared KV cache, attention mask, rotary positions and next logits."""
+
+    def __init__(self, rows: list[_Row], cache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        self.rows, self.cache, self.mask, self.logits = rows, cache, mask, logits
+        self.position = positions_from_mask(mask)[:, -1:]  # (B, 1): the last real token's position
+
+    def merge(self, other: _Running) -> None:
+        """Append `other`'s rows; the shorter side is left-padded (masked slots, as in a left-padded batch)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        self.position = torch.cat([self.position, other.position])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.rows += other.rows
+
+    def keep(self, live: list[int]) -> None:
+        """Drop the finished rows, then the leading columns no remaining row attends to."""
+        index = torch.tensor(live, device=self.mask.device)
+        self.mask, self.position, self.logits = self.mask[index], self.position[index], self.logits[index]
+        self.rows = [self.rows[i] for i in live]
+        used = self.mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros on the left of the sequence axis (-2 for (B, H, T, D) caches, -1 for (B, T) masks) up to `width`."""
+    axis = -2 if t.dim() == 4 else -1
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+class ContinuousEngine(BatchEngine):
+    """Iteration-level batching: a waiting request is prefilled and joins the running batch before the next
+    decode step, and a finished (or cancelled) one leaves it at once, so a short request never waits for a long
+    one. Every row samples with its own settings (and its own seeded generator). Left padding and position ids
+    counted over real tokens keep each row's greedy answer that of the row alone (float32).
+
+    Needs fusion splice and a cache of full-attention layers (`supports`); otherwise use `BatchEngine`.
+    """
+
+    @staticmethod
+    def supports(generator: Generator) -> bool:
+        model = generator.model
+        layers = getattr(model.llm.config, "layer_types", None) or []
+        return model.config.fusion == "splice" and all(t == "full_attention" for t in layers)
+
+    def _worker(self) -> None:
+        running: _Running | None = None
+        while True:
+            try:
+                newcomers = self._take(wait=running is None)
+                if newcomers is None:
+                    self._abort(running)
+                    return
+                running = self._admit(running, newcomers)
+                if running is not None:
+                    running = self._step(running)
+            except Exception as e:  # never let one bad step take the server down
+                log.exception("generation failed")
+                self.stats["errors"] += 1
+                for row in running.rows if running else []:
+                    if not row.done:
+                        row.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                running = None
+            self.running = len(running.rows) if running else 0
+
+    def _take(self, wait: bool) -> list[Job] | None:
+        """Waiting jobs that fit in the batch (none: stopping); idle, wait for one and `batch_wait_s` more."""
+        with self._cond:
+            if wait:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._pending) < self.max_batch_size and not self._stopping:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self._stopping:
+                return None
+            room = self.max_batch_size - self.running
+            taken = []
+            while self._pending and len(taken) < room:
+                job = self._pending.popleft()
+                if job.cancelled.is_set():
+                    self.stats["cancelled"] += 1
+                else:
+                    taken.append(job)
+            return taken
+
+    def _admit(self, running: _Running | None, jobs: list[Job]) -> _Running | None:
+        """Prefill the newcomers in one forward pass and merge them into the batch; if that fails, one at a
+        time, so a failing prompt fails only itself."""
+        if not jobs:
+            return running
+        try:
+            groups = [self._prefill(jobs)]
+        except Exception:
+            groups = []
+            for job in jobs:
+                try:
+                    groups.append(self._prefill([job]))
+                except Exception as e:
+                    log.exception("prefill failed")
+                    self.stats["errors"] += 1
+                    job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+        for joined in groups:
+            self.stats["rows"] += len(joined.rows)
+            if running is None:  # "batches": runs of the batch from idle to idle
+                self.stats["batches"] += 1
+                running = joined
+            else:
+                running.merge(joined)
+            self.running = len(running.rows)
+            self.stats["max_batch"] = max(self.stats["max_batch"], self.running)
+            self.batch_sizes[self.running] = self.batch_sizes.get(self.running, 0) + 1
+        return running
+
+    @torch.inference_mode()
+    def _prefill(self, jobs: list[Job]) -> _Running:
+        data = self.processor.collate([job.encoded for job in jobs], padding_side="left")
+        model = self.generator.model
+        dev = model.device
+        pixels, sizes, counts = data["pixel_values"], data.get("image_sizes"), data.get("image_counts")
+        mask = data["attention_mask"].to(dev)
+        out = model(
+            data["input_ids"].to(dev), mask, None if pixels is None else pixels.to(dev), use_cache=True,
+            logits_to_keep=1, image_sizes=None if sizes is None else sizes.to(dev), image_counts=counts,
+        )  # fmt: skip
+        del data
+        rows = []
+        for job in jobs:  # the prompt's pixels were consumed by the prefill; a job keeps none of them
+            job.encoded = dataclasses.replace(job.encoded, pixel_values=None, image_sizes=None)
+            rows.append(_Row(job, self))
+            rows[-1].sampler = _row_sampler(job, dev)
+        if pixels is not None:
+            del pixels
+            release_memory()
+        return _Running(rows, out.past_key_values, mask, out.logits[:, -1])
+
+    @torch.inference_mode()
+    def _step(self, running: _Running) -> _Running | None:
+        """Sample every row's next token, drop the rows that finished, run one decode step for the rest."""
+        logits = running.logits.float()
+        logits[:, self.generator.model.config.image_token_id] = -float("inf")  # never a valid output
+        greedy = logits.argmax(-1).tolist()  # one op for all greedy rows; sampled rows sample on their own
+        live = []
+        for i, row in enumerate(running.rows):
+            if row.job.cancelled.is_set():
+                self.stats["cancelled"] += 1
+                continue
+            token = greedy[i] if row.sampler is None else row.sampler(logits[i])
+            row.last = token
+            row.step(token)
+            if row.done:
+                self.stats["completed"] += 1
+            else:
+                live.append(i)
+        if self._stopping:
+            self._abort(running)
+            return None
+        if not live:
+            return None
+        if len(live) < len(running.rows):
+            running.keep(live)
+        dev = running.mask.device
+        tokens = torch.tensor([[row.last] for row in running.rows], device=dev)
+        running.mask = torch.cat([running.mask, torch.ones_like(running.mask[:, :1])], dim=1)
+        running.position = running.position + 1
+        out = self.generator.model(
+            tokens, running.mask, position_ids=running.position, past_key_values=running.cache, use_cache=True
+        )
+        running.cache, running.logits = out.past_key_values, out.logits[:, -1]
+        return running
+
+    def _abort(self, running: _Running | None) -> None:
+        for row in running.rows if running else []:
+            if not row.done:
+                row.job.emit("error", "the server is shutting down")
+
+
+def _row_sampler(job: Job, device: torch.device) -> Callable[[torch.Tensor], int] | None:
+    """One row's sampler over its (V,) logits: greedy, or temperature/top-p with its own (seeded) generator."""
+    if job.temperature == 0:
+        return None  # greedy: the batch's argmax
+    gen = torch.Generator(device=device)
+    if job.seed is not None:
+        gen.manual_seed(job.seed)
+    else:
+        gen.seed()
+
+    def pick(logits: torch.Tensor) -> int:
+        probs = (logits / job.temperature).softmax(-1)
+        if job.top_p < 1:
+            ordered, index = probs.sort(descending=True)
+            drop = ordered.cumsum(-1) - ordered > job.top_p  # keep the smallest set reaching top_p
+            probs = probs.scatter(0, index, ordered.masked_fill(drop, 0))
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    return pick

@@ -8,6 +8,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("minillava.serve")
 
@@ -37,11 +41,40 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-image-bytes", type=_positive, default=20 * 2**20, help="per image (default 20 MiB)")
     p.add_argument("--max-image-pixels", type=_positive, help="per image (default: the processor's max_pixels)")
     p.add_argument("--default-max-tokens", type=_positive, default=512, help="when a request sets no max_tokens")
-    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (CUDA only)")
+    p.add_argument(
+        "--max-text-chars", type=_positive,
+        help="characters of text per request, refused (413) before tokenizing (default: 32 per token of context)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-origins", type=_origins, default=(), metavar="ORIGINS",
+        help="comma-separated origins (https://app.example.com, or *) that browsers may call the API from "
+        "(CORS); default: none, same-origin only",
+    )  # fmt: skip
+    p.add_argument(
+        "--batching", choices=["continuous", "static"], default="continuous",
+        help="continuous (default): requests join the running batch at the next token; static: whole batches",
+    )  # fmt: skip
+    p.add_argument(
+        "--shutdown-timeout", type=float, default=30.0, metavar="S",
+        help="on SIGTERM, seconds to let in-flight requests finish before they are cut off (default 30)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dtype", default="float32",
+        help="float32 (default: batched greedy answers equal one-at-a-time ones) | auto | bfloat16 (bf16) | "
+        "float16 (fp16, CUDA only); anything but float32 may make batched answers differ",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=serve)
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for o in origins:
+        if o != "*" and not o.startswith(("http://", "https://")):
+            raise argparse.ArgumentTypeError(f"{o!r} is not an origin like https://app.example.com (or *)")
+    return origins
 
 
 def _positive(text: str) -> int:
@@ -51,15 +84,46 @@ def _positive(text: str) -> int:
     return value
 
 
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The serving precision for `--dtype` on `device`, and the reason, for the log."""
+    from minillava.runtime import fast_bfloat16, parse_dtype
+
+    name = _DTYPE_ALIASES.get(requested.lower(), requested.lower())
+    if name != "auto":
+        return parse_dtype(name, device), f"--dtype {requested}"
+    if fast_bfloat16(device):
+        why = "bf16 is supported natively" if device.type == "cuda" else "bf16 matmuls measured faster on this CPU"
+        return parse_dtype("bfloat16", device), f"--dtype auto: {why}"
+    return parse_dtype("float32", device), f"--dtype auto: bf16 is not faster than float32 on this {device.type}"
+
+
+def log_precision(dtype: torch.dtype, why: str) -> None:
+    import torch
+
+    if dtype == torch.float32:
+        log.info("precision: float32 (%s); batched greedy answers equal one-at-a-time answers", why)
+    else:
+        log.warning(
+            "precision: %s (%s); batched requests may get different greedy answers than one at a time "
+            "(rounding depends on the batch); use --dtype float32 for exact ones", str(dtype).removeprefix("torch."),
+            why,
+        )  # fmt: skip
+
+
 def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto"):
-    """(model, processor) in eval mode on the chosen device."""
+    """(model, processor) in eval mode on the chosen device; logs the precision chosen and why."""
     import torch
 
     import minillava
-    from minillava.runtime import default_device, parse_dtype
+    from minillava.runtime import default_device
 
     dev = default_device() if device == "auto" else torch.device(device)
-    want = parse_dtype(dtype, dev)
+    want, why = choose_dtype(dtype, dev)
+    log_precision(want, why)
+    dtype = str(want).removeprefix("torch.")
     # minillava.load checks dtypes for CPU; load float16 as float32 and cast once it is on the GPU.
     model, processor = minillava.load(directory, "float32" if want == torch.float16 else dtype)
     model = model.to(device=dev, dtype=want).eval()
@@ -102,12 +166,18 @@ def serve(args: argparse.Namespace) -> int:
         max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels,
         default_max_tokens=args.default_max_tokens,
+        max_text_chars=args.max_text_chars,
+        allowed_origins=args.allowed_origins,
+        batching=args.batching,
     )
     if not settings.api_key and not _is_loopback(args.host):
         log.warning("serving on %s without --api-key: anyone who can reach it can use the model", args.host)
     app = create_app(model, processor, settings)
     log.info("serving %s as %r on http://%s:%d", args.model, settings.model_name, args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn stops accepting on SIGTERM, waits up to this long for in-flight requests, then cancels them
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
+    )
     return 0
 
 

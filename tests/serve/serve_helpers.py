@@ -23,14 +23,14 @@ MODEL_NAME = "tiny"
 class LiveServer:
     """uvicorn on a random free loopback port, in a daemon thread."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, shutdown_timeout: float = 2) -> None:
         self.app = app
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=shutdown_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -49,11 +49,11 @@ class LiveServer:
         self.sock.close()
 
 
-def start_server(directory: Path, **settings) -> LiveServer:
+def start_server(directory: Path, shutdown_timeout: float = 2, **settings) -> LiveServer:
     model, processor = load_for_serving(str(directory), "float32", "cpu")
     defaults = dict(model_name=MODEL_NAME, api_key=API_KEY, batch_wait_ms=30)
     app = create_app(model, processor, ServeSettings(**{**defaults, **settings}))
-    return LiveServer(app)
+    return LiveServer(app, shutdown_timeout)
 
 
 def png_bytes(size=(40, 30), color=(200, 30, 30), noise: bool = False, fmt: str = "PNG") -> bytes:

@@ -141,3 +141,31 @@ def test_cli_registers_serve(tmp_path, capsys):
         parser.parse_args(["serve", "--model", str(tmp_path), "--max-batch-size", "0"])
     assert main(["serve", "--model", str(tmp_path / "missing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_a_finished_batch_keeps_no_pixels_and_returns_memory(gen, monkeypatch):
+    from PIL import Image
+
+    calls = []
+    monkeypatch.setattr(batching, "release_memory", lambda: calls.append(1))
+    engine = BatchEngine(gen, max_batch_size=2, batch_wait_s=0)
+    image = Image.new("RGB", (32, 32), (10, 200, 30))
+    jobs = [Job(gen.encode("what is it?", [image]), 3), Job(gen.encode("hello", None), 3)]
+    results = run_jobs(engine, jobs)
+    assert [r[1][0] for r in results] == ["done", "done"]
+    assert all(job.encoded.pixel_values is None for job in jobs) and calls == [1]
+    assert results[0][1][1].prompt_tokens == len(jobs[0].encoded.input_ids) > 16  # the image tokens still count
+
+
+def test_cli_limits_flags(tmp_path):
+    parser = argparse.ArgumentParser(prog="minillava")
+    add_commands(parser.add_subparsers(dest="command"))
+    base = ["serve", "--model", str(tmp_path)]
+    args = parser.parse_args(base)
+    assert args.allowed_origins == () and args.shutdown_timeout == 30.0 and args.max_text_chars is None
+    args = parser.parse_args([*base, "--allowed-origins", "https://a.example, http://b.example:8080/",
+                              "--shutdown-timeout", "2.5", "--max-text-chars", "1000"])  # fmt: skip
+    assert args.allowed_origins == ("https://a.example", "http://b.example:8080")
+    assert args.shutdown_timeout == 2.5 and args.max_text_chars == 1000
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--allowed-origins", "a.example"])
