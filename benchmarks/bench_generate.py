@@ -4,9 +4,13 @@ Both hold the very same random weights (the peer is saved and imported into mini
 prompt tokens, 32 new tokens, greedy, batch 1 and 4; peer and ours on the same device (CUDA-synchronised
 timing on a GPU). bf16 variants: weights cast to bfloat16 (both), and the peer's float32 weights under
 autocast. On CUDA ours decodes through a replayed CUDA graph (the default there); `ours_bf16_eager` times the
-eager decode steps as well, to show what the graph gains. Prints one JSON object (and writes it to --out).
+eager decode steps as well, to show what the graph gains. `ours_int8`: the float32 model with its LLM's Linear
+layers (LM head included) quantized to per-channel int8 weights (`minillava.quantize`), CPU only; its greedy
+tokens are compared with the float32 ones (`gen_bN_int8_token_agreement`: the fraction of positions that agree
+with the peer float32, the same tokens as ours float32 where `gen_bN_same_greedy_tokens_fp32`).
+Prints one JSON object (and writes it to --out).
 
-    python benchmarks/bench_generate.py [--repeats 3] [--threads N] [--device cuda] [--out FILE.json]
+    python benchmarks/bench_generate.py [--repeats 3] [--threads N] [--device cuda] [--int8 no] [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from common import (
 
 from minillava.generate import GenerationConfig, decode
 from minillava.interop.hf import load_hf_llava
+from minillava.quantize import quantize_model
 from minillava.runtime import fast_bfloat16
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 32
@@ -71,6 +76,7 @@ def main() -> None:
         help="time the bf16 variants (auto: only where bf16 matmuls run on hardware units)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda: peer and ours both run there")
+    ap.add_argument("--int8", choices=["yes", "no"], default="yes", help="time ours with int8 weights (CPU only)")
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -84,9 +90,12 @@ def main() -> None:
     peer, ours32 = peer.to(device), ours32.to(device)
     ours16 = copy.deepcopy(ours32).to(torch.bfloat16) if with_bf16 else None
     peer16 = copy.deepcopy(peer).to(torch.bfloat16) if with_bf16 else None
+    with_int8 = args.int8 == "yes" and device.type == "cpu"
+    ours8 = quantize_model(copy.deepcopy(ours32), "int8") if with_int8 else None
     result: dict[str, object] = {"bench": "generate", **machine(device), "repeats": args.repeats,
                                  "prompt_tokens": IMAGE_TOKENS + PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-                                 "bf16_timed": with_bf16, "cuda_graphs": device.type == "cuda"}  # fmt: skip
+                                 "bf16_timed": with_bf16, "int8_timed": with_int8,
+                                 "cuda_graphs": device.type == "cuda"}  # fmt: skip
     for b in (1, 4):
         inputs = make_inputs(b, device)
         peer_tokens = peer_generate(peer, inputs)
@@ -103,6 +112,10 @@ def main() -> None:
             }
             if device.type == "cuda":  # the same decode without the graph
                 runs["ours_bf16_eager"] = lambda inputs=inputs: ours_generate(ours16, inputs, cuda_graphs=False)
+        if with_int8:
+            runs["ours_int8"] = lambda inputs=inputs: ours_generate(ours8, inputs)
+            int8_tokens = ours_generate(ours8, inputs)
+            result[f"gen_b{b}_int8_token_agreement"] = round(float((int8_tokens == peer_tokens).float().mean()), 3)
         tps = {k: b * NEW_TOKENS / best_of(fn, args.repeats, device) for k, fn in runs.items()}
         for k, v in tps.items():
             result[f"gen_b{b}_tok_per_s_{k}"] = round(v, 2)
@@ -111,6 +124,9 @@ def main() -> None:
             eager = ours_generate(ours32, inputs, cuda_graphs=False)
             result[f"gen_b{b}_same_greedy_tokens_fp32_eager"] = torch.equal(peer_tokens, eager)
         result[f"gen_b{b}_ratio_ours_fp32_vs_peer_fp32"] = round(tps["ours_fp32"] / tps["peer_fp32"], 3)
+        if with_int8:
+            result[f"gen_b{b}_ratio_ours_int8_vs_peer_fp32"] = round(tps["ours_int8"] / tps["peer_fp32"], 3)
+            result[f"gen_b{b}_ratio_ours_int8_vs_ours_fp32"] = round(tps["ours_int8"] / tps["ours_fp32"], 3)
         if with_bf16:
             for peer_kind in ("fp32", "bf16", "autocast"):
                 result[f"gen_b{b}_ratio_ours_bf16_vs_peer_{peer_kind}"] = round(

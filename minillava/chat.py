@@ -19,10 +19,12 @@ class ChatSession:
     messages: list[dict[str, str]] = field(default_factory=list)
 
     @classmethod
-    def open(cls, model_dir: str, dtype: str, max_new_tokens: int, temperature: float) -> ChatSession:
-        import minillava
+    def open(
+        cls, model_dir: str, dtype: str, max_new_tokens: int, temperature: float, quantize: str | None = None
+    ) -> ChatSession:
+        from minillava.quantize import load
 
-        model, processor = minillava.load(model_dir, dtype)
+        model, processor = load(model_dir, dtype, quantize=quantize)
         return cls(
             Generator(model, processor), GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
         )

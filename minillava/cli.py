@@ -82,10 +82,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import minillava
     from minillava.generate import GenerationConfig, Generator
+    from minillava.quantize import load
 
-    model, processor = minillava.load(args.model, args.dtype)
+    model, processor = load(args.model, args.dtype, quantize=args.quantize)
     if args.template not in (None, "none"):
         processor = processor.with_template(args.template)
     gen_cfg = GenerationConfig(
@@ -104,6 +104,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
     else:
         print(generator.generate(args.prompt, args.image or [], gen_cfg, raw=raw))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from minillava.quantize import quantize_dir
+
+    out = quantize_dir(args.model, args.out, args.scheme, args.dtype)
+    print(f"quantized {args.model} -> {out} ({args.scheme}, per-output-channel symmetric, LM head included)")
     return 0
 
 
@@ -148,6 +156,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    """`--quantize`: weight-only int8 for the LLM (a directory saved by `minillava quantize` is int8 already)."""
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="int8: per-channel int8 weights for the LLM and its LM head (faster CPU decoding)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillava", description="Build, train, evaluate and serve LLaVA-style VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,7 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="override the chat template; 'none' = prompt verbatim")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--stream", action="store_true")
+    add_quantize_flag(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("quantize", help="quantize the LLM's weights to int8 and save (loads without re-quantizing)")
+    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava dir")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--scheme", default="int8", choices=["int8"], help="per-output-channel symmetric int8 weights")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the layers left float")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export", help="write a transformers Llava (or, with AnyRes, LlavaNext) directory")
     p.add_argument("--model", required=True)

@@ -28,6 +28,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--quantize", default=None, choices=["none", "int8"], help="int8: per-channel int8 LLM weights")
     p.set_defaults(func=cmd_chat)
 
 
@@ -50,5 +51,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace, stdin=None, stdout=None) -> int:
     from minillava.chat import ChatSession
 
-    session = ChatSession.open(args.model, args.dtype, args.max_new_tokens, args.temperature)
+    session = ChatSession.open(args.model, args.dtype, args.max_new_tokens, args.temperature, args.quantize)
     return session.repl(args.image, stdin or sys.stdin, stdout or sys.stdout)

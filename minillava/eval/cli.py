@@ -38,6 +38,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--template", help="override the chat template")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: CUDA if available)")
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="int8: per-channel int8 weights for the LLM and its LM head (faster CPU decoding)")  # fmt: skip
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -70,6 +72,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         template=args.template,
         progress=args.progress,
+        quantize=args.quantize,
     )
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out / 'metrics.json'} and {out / 'predictions.jsonl'}", file=sys.stderr)

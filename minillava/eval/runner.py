@@ -384,9 +384,14 @@ def run(
     device: str | None = None,
     template: str | None = None,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
-    """The `minillava eval` command as a function: check the data, load the model, evaluate, write results."""
-    import minillava
+    """The `minillava eval` command as a function: check the data, load the model, evaluate, write results.
+
+    `quantize`: "int8" for int8 LLM weights (a directory saved by `minillava quantize` is int8 regardless)."""
+    from minillava.quantize import load, parse_scheme
+
+    parse_scheme(quantize)  # a bad name fails before the data and the model load
 
     samples = load_samples(data, metric, image_root)  # before the (slow) model load: fail fast on bad data
     if limit is not None:
@@ -395,7 +400,7 @@ def run(
         samples = samples[:limit]
     if not Path(model_dir).is_dir():
         raise OSError(f"--model {model_dir}: not a directory")
-    model, processor = minillava.load(str(model_dir), dtype, device)
+    model, processor = load(str(model_dir), dtype, device, quantize=quantize)
     if template:
         processor = processor.with_template(template)
     start = time.perf_counter()
