@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from minillava.anyres import AnyRes, AnyResPacker
 from minillava.config import ModelConfig
+from minillava.data.packing import packed_attention
 from minillava.fileio import atomic_dir
 from minillava.fusion import XATTN_WEIGHTS, MediaState, add_xattn, arrange_media, bare_llm_state, xattn_blocks
 from minillava.images import ImageTransform
@@ -335,7 +336,10 @@ class MiniLlava(nn.Module):
         media: MediaState | None = None,
         image_sizes: torch.Tensor | None = None,  # (I, 2) (height, width) of each image, AnyRes only
         image_counts: torch.Tensor | None = None,  # (B,) images of each row: the splice checks rows, not the total
+        segment_ids: torch.Tensor | None = None,  # (B, T) packed rows: sample 1, 2, ... of each row, 0 padding
     ) -> Output:
+        if segment_ids is not None:
+            self.check_packable(past_key_values, use_cache)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
@@ -349,6 +353,9 @@ class MiniLlava(nn.Module):
             layer_kwargs = {"media": features, "media_index": index}
         else:
             embeds = self.embed(input_ids, pixel_values, image_features, image_sizes, image_counts)
+        if segment_ids is not None:  # once per forward: every decoder layer reads the same mask
+            attention_mask, position_ids = packed_attention(segment_ids, self.llm.config._attn_implementation,
+                                                            embeds.dtype)  # fmt: skip
         base = self.llm.base_model
         cache_kw = _cache_keyword(type(base))
         out = base(
@@ -368,6 +375,14 @@ class MiniLlava(nn.Module):
         if return_logits:
             result.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return result
+
+    def check_packable(self, past_key_values: object | None, use_cache: bool) -> None:
+        """Packed rows (segment_ids) are a training layout: no KV cache, and spliced image tokens only (xattn
+        would let a sample cross-attend to the previous sample's image)."""
+        if self.config.fusion != "splice":
+            raise ValueError("packed rows (--packing) need fusion splice, not xattn")
+        if past_key_values is not None or use_cache:
+            raise ValueError("packed rows (segment_ids) are for training forwards, not with a KV cache")
 
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Next-token loss, with the vocabulary projection only at the supervised positions."""

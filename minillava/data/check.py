@@ -13,6 +13,8 @@ from pathlib import Path
 
 from minillava.data.dataset import SupervisedDataset, outside_root, resolve_image
 from minillava.data.formats import BadSampleError, describe_duplicates, duplicate_ids, load_records
+from minillava.data.packing import padding_waste
+from minillava.data.sampler import global_batches
 from minillava.images import ImageError, load_image
 from minillava.processor import Processor
 
@@ -41,6 +43,14 @@ class CheckReport:
         width = max(1, -(-(hi - lo + 1) // bins))
         counts = Counter((n - lo) // width for n in self.lengths)
         return [(lo + b * width, lo + (b + 1) * width - 1, counts.get(b, 0)) for b in range(-(-(hi - lo + 1) // width))]
+
+    def padding_line(self, batch_size: int, budget: int | None = None) -> str:
+        """Padding waste of length-grouped micro-batches of `batch_size`: padded to the longest vs --packing."""
+        batches = [[self.lengths[i] for i in b] for b in global_batches(self.lengths, batch_size, seed=0, epoch=0)]
+        budget = budget or self.max_length or max(self.lengths)
+        budget = max(budget, max(self.lengths))
+        return (f"padding waste (batch {batch_size}, length-grouped): padded {padding_waste(batches):.1%}, "
+                f"packed into rows of {budget} tokens {padding_waste(batches, budget):.1%}")  # fmt: skip
 
     def format(self, max_errors: int = 20) -> str:
         lines = [

@@ -7,6 +7,7 @@ becomes a `Skipped` item that the collator counts and the training loop reports.
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from minillava.data.formats import BadSampleError, Record, load_records
+from minillava.data.packing import pack_batch, plan_rows
 from minillava.images import ImageError, load_image
 from minillava.processor import IGNORE_INDEX, Encoded, Processor
 
@@ -201,13 +203,23 @@ class SupervisedDataset(Dataset):
 
 
 class Collator:
-    """Right-padded batch of the good items, plus what the loop needs to account for the rest."""
+    """Right-padded batch of the good items, plus what the loop needs to account for the rest.
 
-    def __init__(self, processor: Processor) -> None:
+    With `pack_budget` (--packing) the good items are packed into rows of at most that many tokens (packing.py):
+    collated in row order, then laid end to end, with segment and position ids for per-sample attention."""
+
+    def __init__(self, processor: Processor, pack_budget: int | None = None) -> None:
         self.processor = processor
+        self.pack_budget = pack_budget
 
     def __call__(self, items: list[Item | Skipped]) -> dict[str, Any]:
         good = [it for it in items if isinstance(it, Item)]
+        rows = None
+        if self.pack_budget is not None and good:
+            plan = plan_rows([len(it.encoded.input_ids) for it in good], self.pack_budget, [it.id for it in good])
+            good = [good[i] for row in plan for i in row]  # row order: images stay in reading order
+            sizes = itertools.accumulate(len(row) for row in plan)
+            rows = [list(range(end - len(row), end)) for row, end in zip(plan, sizes, strict=True)]
         skipped = [it for it in items if isinstance(it, Skipped)]
         batch: dict[str, Any] = {"skipped": skipped, "num_samples": len(good), "ids": [it.id for it in good],
                                  "indices": [it.index for it in good]}  # fmt: skip
@@ -218,7 +230,7 @@ class Collator:
         batch["features"] = [f for it in good for f in it.features]
         # an item's pixels hold only its feature-cache misses: count its images by its feature slots instead
         batch["image_counts"] = torch.tensor([len(it.features) for it in good], dtype=torch.long)
-        return batch
+        return batch if rows is None else pack_batch(batch, rows, self.processor.pad_token_id)
 
 
 def worker_count(requested: int) -> int:

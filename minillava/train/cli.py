@@ -44,6 +44,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--on-bad-sample", choices=["error", "skip"], help="stop on a bad sample (default) or skip+count")
     g.add_argument("--num-workers", type=int, help="data loading worker processes (default 2)")
     _bool_flag(g, "group-by-length", "group batches by modality and length (default on)")
+    _bool_flag(g, "packing", "pack each micro-batch's samples into rows of at most --max-tokens-per-batch tokens, "
+               "attention and positions per sample (no padding between samples)")
+    g.add_argument("--max-tokens-per-batch", type=int, metavar="N",
+                   help="--packing: tokens per packed row (default: --max-length)")
     g.add_argument("--feature-cache", help="directory caching the frozen vision tower's features")
     g = p.add_argument_group("what trains")
     g.add_argument("--stage", choices=["align", "instruct"])
@@ -143,6 +147,8 @@ def add_data_parser(subparsers) -> None:
     c.add_argument("--stage", choices=["align", "instruct"], default="instruct", help="align uses the plain template")
     c.add_argument("--template", help="chat template override")
     c.add_argument("--max-length", type=int, help="max tokens after image expansion (default: the model's)")
+    c.add_argument("--batch-size", type=int, default=16, help="micro-batch for the padding-waste estimate")
+    c.add_argument("--max-tokens-per-batch", type=int, help="packed row budget for the estimate (default: max length)")
     c.add_argument("--no-decode", action="store_true", help="only check that image files exist (faster)")
     c.add_argument("--max-errors", type=int, default=20, help="error lines to print")
     c.set_defaults(func=run_data_check)
@@ -170,6 +176,8 @@ def run_data_check(args: argparse.Namespace) -> int:
         allow_outside_image_root=args.allow_outside_image_root,
     )
     print(report.format(args.max_errors))
+    if report.lengths:
+        print(report.padding_line(args.batch_size, args.max_tokens_per_batch))
     return 0 if report.ok else 1
 
 

@@ -42,6 +42,10 @@ class TrainConfig:
     on_bad_sample: str = "error"  # error | skip
     num_workers: int = 2
     group_by_length: bool = True
+    # pack each micro-batch's samples into rows of at most max_tokens_per_batch tokens (default: max_length),
+    # with per-sample (block-diagonal causal) attention and positions restarting per sample: data/packing.py
+    packing: bool = False
+    max_tokens_per_batch: int | None = None
     feature_cache: str | None = None
     # what trains
     stage: str = "align"
@@ -127,6 +131,8 @@ class TrainConfig:
             raise ValueError("--lora/--qlora train the LLM: use --stage instruct (align trains the projector only)")
         if self.lora_layers is not None and (not (self.lora or self.qlora) or self.lora_layers < 1):
             raise ValueError("--lora-layers N needs --lora or --qlora and N >= 1")
+        if self.max_tokens_per_batch is not None and not self.packing:
+            raise ValueError("--max-tokens-per-batch sizes packed rows: give it with --packing")
         if self.freeze_projector and self.stage != "instruct":
             raise ValueError("--freeze-projector: the align stage trains nothing but the projector")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -267,8 +273,9 @@ _POSITIVE = (lambda v: v > 0), "must be positive"
 _NON_NEGATIVE = (lambda v: v >= 0), "must not be negative"
 _FRACTION = (lambda v: 0 <= v <= 1), "must be between 0 and 1"
 _PROBABILITY = (lambda v: 0 <= v < 1), "must be at least 0 and below 1"
-COUNTS = ("max_length", "lora_r", "lora_layers", "feature_stats_images", "word_warmup_images", "max_steps",
-          "batch_size", "grad_accum", "save_every", "keep_last", "log_every", "halt_at_step")  # fmt: skip
+COUNTS = ("max_length", "max_tokens_per_batch", "lora_r", "lora_layers", "feature_stats_images",
+          "word_warmup_images", "max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every",
+          "halt_at_step")  # fmt: skip
 NON_NEGATIVE = ("num_workers", "word_warmup_steps", "word_warmup_lr", "lr", "projector_lr", "vision_lr",
                 "weight_decay", "max_grad_norm", "seed", "collapse_steps")  # fmt: skip
 # the range of each numeric option (None, where an option allows it, always passes)

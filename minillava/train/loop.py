@@ -214,6 +214,7 @@ class TrainStep(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
         vision_features: torch.Tensor | None, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None,
         image_counts: torch.Tensor | None = None,  # (B,) images per row: the splice checks each row's slots
+        segment_ids: torch.Tensor | None = None,  # (B, T) --packing: each row's samples 1, 2, ...; 0 padding
     ) -> torch.Tensor:  # fmt: skip
         m = self.model
         if self.tune_vision and pixel_values is not None:
@@ -221,7 +222,7 @@ class TrainStep(nn.Module):
         if vision_features is not None:
             image_features = m.project(vision_features, image_sizes)
             out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False,
-                    image_sizes=image_sizes, image_counts=image_counts)  # fmt: skip
+                    image_sizes=image_sizes, image_counts=image_counts, segment_ids=segment_ids)  # fmt: skip
             return out.loss
         if self.tune_vision:  # zero images out of the tower: one dummy image's features, none of its rows
             size = m.vision.image_size
@@ -236,7 +237,8 @@ class TrainStep(nn.Module):
             zero = zero + m.anyres.image_newline.sum() * 0.0
         hook = m.llm.get_input_embeddings().register_forward_hook(lambda _m, _a, text: text + zero.to(text.dtype))
         try:
-            out = m(input_ids, attention_mask, labels=labels, image_features=None, return_logits=False)
+            out = m(input_ids, attention_mask, labels=labels, image_features=None, return_logits=False,
+                    segment_ids=segment_ids)
         finally:
             hook.remove()
         return out.loss
@@ -384,6 +386,7 @@ class Data:
     steps_per_epoch: int
     total_steps: int
     warmup: int  # warmup steps of the LR schedule
+    pack_budget: int | None = None  # --packing: tokens per packed row
 
 
 @dataclass
@@ -544,7 +547,17 @@ def build_data(run: Run, trainee: Trainee) -> Data:
                                   cfg.seed, cfg.group_by_length)  # fmt: skip
     steps_per_epoch = sampler.steps_per_epoch()
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    return Data(dataset, sampler, cache, steps_per_epoch, total_steps, round(cfg.warmup_ratio * total_steps))
+    return Data(dataset, sampler, cache, steps_per_epoch, total_steps, round(cfg.warmup_ratio * total_steps),
+                pack_budget(cfg, trainee))
+
+
+def pack_budget(cfg: TrainConfig, trainee: Trainee) -> int | None:
+    """--packing: the tokens of one packed row (--max-tokens-per-batch, else the longest sample allowed)."""
+    if not cfg.packing:
+        return None
+    if trainee.model.config.fusion != "splice":
+        raise ValueError("--packing needs fusion splice: under xattn a sample would see the previous sample's image")
+    return cfg.max_tokens_per_batch or trainee.train_processor.max_length
 
 
 def prepare_projector(run: Run, trainee: Trainee, data: Data) -> dict[str, Any] | None:
@@ -621,7 +634,8 @@ def make_loader(s: Session) -> DataLoader:
     cfg = s.run.cfg
     workers = worker_count(cfg.num_workers)
     return DataLoader(
-        s.data.dataset, batch_sampler=s.data.sampler, collate_fn=Collator(s.trainee.train_processor),
+        s.data.dataset, batch_sampler=s.data.sampler,
+        collate_fn=Collator(s.trainee.train_processor, s.data.pack_budget),
         num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator().manual_seed(cfg.seed),
         pin_memory=s.run.device.type == "cuda",
     )  # fmt: skip
@@ -743,9 +757,11 @@ def micro_batch_loss(s: Session, b: dict[str, Any]) -> tuple[torch.Tensor, int]:
     pv = b["pixel_values"].to(device) if cfg.tune_vision and b["pixel_values"] is not None else None
     sizes = None if b["image_sizes"] is None else b["image_sizes"].to(device)
     n = int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+    segments = b.get("segment_ids")
     with autocast_ctx(cfg.precision, device):
         loss = s.optim.step_module(b["input_ids"].to(device), b["attention_mask"].to(device), b["labels"].to(device),
-                                   vf, pv, sizes, b.get("image_counts"))  # fmt: skip
+                                   vf, pv, sizes, b.get("image_counts"),
+                                   None if segments is None else segments.to(device))  # fmt: skip
     return loss, n
 
 
