@@ -106,6 +106,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (and always at the end)")
     g.add_argument("--keep-last", type=int)
     g.add_argument("--resume", nargs="?", const="latest", help="continue from OUT's newest checkpoint, or from DIR")
+    _bool_flag(g, "resume-changed", "resume even with other data, batch size, seed, ... than the checkpoint's "
+               "(refused without it: the saved data position would not continue the same run)")  # fmt: skip
     _bool_flag(g, "overwrite", "start afresh in an OUT that holds an earlier run, deleting that run's checkpoints, "
                "model and records (without it, or --resume, such a run is refused)")  # fmt: skip
     _bool_flag(g, "merge-lora", "merge LoRA into the exported model (default on)")

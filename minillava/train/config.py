@@ -100,6 +100,9 @@ class TrainConfig:
     save_every: int | None = None
     keep_last: int = 2
     resume: str | None = None  # "latest" or a checkpoint directory
+    # resume even though data / batch size / seed ... differ from the checkpoint's (the data position is then reused
+    # on other batches: the continued run is not the one that was saved)
+    resume_changed: bool = False
     # a fresh run into an OUT that holds an earlier run's records: replace them (without it, such a run is refused)
     overwrite: bool = False
     merge_lora: bool = True  # on export; False writes the base model + `lora_adapter/`

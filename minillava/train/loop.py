@@ -478,7 +478,7 @@ def setup_model(run: Run) -> Trainee:
     checkpoint's trainable weights and data position, and place the model on the device."""
     cfg, say = run.cfg, run.say
     warn = log.warning if run.d.main else (lambda *_: None)
-    resumed = ckpt.load_resume(run.out, cfg.resume, warn, cfg.to_dict())
+    resumed = ckpt.load_resume(run.out, cfg.resume, warn, None if cfg.resume_changed else cfg.to_dict())
     if cfg.resume and resumed is None:
         say(f"--resume: no checkpoint under {run.out}; starting from scratch")
     seed_everything(cfg.seed)

@@ -150,3 +150,13 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_checkpoint_and_no_p
     assert "step-00000002" in msg and str(first) in msg and "\n" not in msg
     assert ckpt.list_checkpoints(tmp_path) == [first]
     assert not [p for p in ckpt.checkpoint_root(tmp_path).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_a_real_resume_with_another_batch_size_is_refused_unless_asked(tmp_path, asset_dir, data):
+    path, images = data
+    train(config(tmp_path, asset_dir, path, images, max_steps=2, save_every=1, batch_size=2, halt_at_step=1))
+    with pytest.raises(ValueError, match="batch_size 2 -> 3"):
+        train(config(tmp_path, asset_dir, path, images, max_steps=2, batch_size=3, resume="latest"))
+    summary = train(config(tmp_path, asset_dir, path, images, max_steps=2, batch_size=3, resume="latest",
+                           resume_changed=True))  # fmt: skip
+    assert summary["steps"] == 2
