@@ -67,7 +67,7 @@ def test_late_arrivals_join_the_running_batch_and_match_one_at_a_time(gen):
     for name, (kind, fin) in out.items():
         assert kind == "done" and fin.text == want[name], (name, fin, want[name])
     assert engine.stats["max_batch"] >= 2, engine.stats  # they really shared decode steps
-    assert order[-1] == "long" or out["long"][1].completion_tokens < 60  # the short ones did not wait for it
+    # the short one did not wait for the long one ("late" arrives after "short" ends: it may end either side of "long")
     assert order.index("short") < order.index("long") or out["long"][1].finish_reason == "stop"
 
 
