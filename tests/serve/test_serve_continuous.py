@@ -32,7 +32,7 @@ async def collect(job: Job, log: list[str]) -> tuple[str, object]:
 def test_late_arrivals_join_the_running_batch_and_match_one_at_a_time(gen):
     red, blue = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (24, 48), (20, 40, 220))
     specs = [  # name, prompt, images, max_tokens, stop
-        ("long", "hello", [], 60, []), ("img", "What is in the picture?", [red], 9, []),
+        ("long", "hello", [], 200, []), ("img", "What is in the picture?", [red], 9, []),
         ("short", "yes no one two", [], 4, []), ("two", "hello world", [red, blue], 12, []),
         ("late", "The capital of France is", [], 10, []),
     ]  # fmt: skip
@@ -67,7 +67,8 @@ def test_late_arrivals_join_the_running_batch_and_match_one_at_a_time(gen):
     for name, (kind, fin) in out.items():
         assert kind == "done" and fin.text == want[name], (name, fin, want[name])
     assert engine.stats["max_batch"] >= 2, engine.stats  # they really shared decode steps
-    # the short one did not wait for the long one ("late" arrives after "short" ends: it may end either side of "long")
+    # the short one joined the long one and left first (200 tokens outlast the 60 ms the others take to arrive;
+    # "late" arrives after "short" ends: it may end either side of "long")
     assert order.index("short") < order.index("long") or out["long"][1].finish_reason == "stop"
 
 
