@@ -63,6 +63,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="float32 (default: batched greedy answers equal one-at-a-time ones) | auto | bfloat16 (bf16) | "
         "float16 (fp16, CUDA only); anything but float32 may make batched answers differ",
     )  # fmt: skip
+    p.add_argument(
+        "--quantize", default=None, choices=["none", "int8"],
+        help="int8: per-channel int8 LLM weights (faster CPU decoding; a `minillava quantize` directory is int8 "
+        "already); answers may differ from float32's",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="auto (CUDA if available) | cpu | cuda | cuda:N")
     p.add_argument("--threads", type=_positive, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -113,13 +118,18 @@ def log_precision(dtype: torch.dtype, why: str) -> None:
         )  # fmt: skip
 
 
-def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto"):
-    """(model, processor) in eval mode on the chosen device; logs the precision chosen and why."""
+def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto", quantize: str | None = None):
+    """(model, processor) in eval mode on the chosen device; logs the precision chosen and why.
+
+    `quantize` "int8" swaps the LLM's Linear layers for int8 ones after the move to the device; a directory saved
+    by `minillava quantize` gets its stored int8 layers whatever `quantize` says."""
     import torch
 
     import minillava
+    from minillava import quantize as q8
     from minillava.runtime import default_device
 
+    scheme = q8.parse_scheme(quantize)
     dev = default_device() if device == "auto" else torch.device(device)
     want, why = choose_dtype(dtype, dev)
     log_precision(want, why)
@@ -127,6 +137,13 @@ def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto
     # minillava.load checks dtypes for CPU; load float16 as float32 and cast once it is on the GPU.
     model, processor = minillava.load(directory, "float32" if want == torch.float16 else dtype)
     model = model.to(device=dev, dtype=want).eval()
+    if q8.is_quantized_dir(directory):
+        q8.load_quantized_weights(model, directory)
+    elif scheme != "none":
+        q8.quantize_model(model, scheme)
+    if q8.quantized_scheme(model) != "none":
+        log.warning("weights: int8 LLM layers (activations %s in the kernel); answers may differ from float32's",
+                    str(q8.compute_dtype(dev)).removeprefix("torch."))  # fmt: skip
     return model, processor
 
 
@@ -150,7 +167,7 @@ def serve(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     try:
-        model, processor = load_for_serving(args.model, args.dtype, args.device)
+        model, processor = load_for_serving(args.model, args.dtype, args.device, args.quantize)
     except (OSError, ValueError) as e:
         print(f"cannot load {args.model}: {e}", file=sys.stderr)
         return 2

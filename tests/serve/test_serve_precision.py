@@ -56,3 +56,24 @@ def test_serve_reports_a_bad_dtype_in_one_line(serve_dir, capsys):
     assert cli.main(["serve", "--model", str(serve_dir), "--dtype", "int3"]) == 2
     err = capsys.readouterr().err
     assert "unknown dtype" in err and "Traceback" not in err
+
+
+def test_quantize_int8_swaps_the_llm_layers_and_says_so(serve_dir, tmp_path, caplog):
+    from minillava.quantize import Int8Linear, quantize_dir
+
+    float_model, processor = load_for_serving(str(serve_dir), "float32", "cpu")
+    with caplog.at_level(logging.INFO, logger="minillava.serve"):
+        model, _ = load_for_serving(str(serve_dir), "float32", "cpu", "int8")
+    assert any(isinstance(m, Int8Linear) for m in model.llm.modules())
+    assert not any(isinstance(m, Int8Linear) for m in float_model.llm.modules())
+    assert any(r.levelno == logging.WARNING and "int8" in r.message for r in caplog.records)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        a, b = float_model.llm(input_ids=ids).logits, model.llm(input_ids=ids).logits
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.05 * a.abs().max().item())
+    # a `minillava quantize` directory serves its stored int8 layers without --quantize
+    saved = quantize_dir(str(serve_dir), tmp_path / "q8")
+    stored, _ = load_for_serving(str(saved), "float32", "cpu")
+    layers = [m for m in stored.llm.modules() if isinstance(m, Int8Linear)]
+    fresh = [m for m in model.llm.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == len(fresh) and all(torch.equal(x.weight_int8, y.weight_int8) for x, y in zip(layers, fresh))
