@@ -76,4 +76,5 @@ def test_quantize_int8_swaps_the_llm_layers_and_says_so(serve_dir, tmp_path, cap
     stored, _ = load_for_serving(str(saved), "float32", "cpu")
     layers = [m for m in stored.llm.modules() if isinstance(m, Int8Linear)]
     fresh = [m for m in model.llm.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == len(fresh) and all(torch.equal(x.weight_int8, y.weight_int8) for x, y in zip(layers, fresh))
+    assert len(layers) == len(fresh)
+    assert all(torch.equal(x.weight_int8, y.weight_int8) for x, y in zip(layers, fresh, strict=True))
