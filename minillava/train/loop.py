@@ -409,6 +409,7 @@ class Tally:
     zero_grad_run: int = 0  # consecutive optimizer steps whose gradient norm was 0 or not finite
     peak_grad_norm: float = 0.0  # the largest finite one so far: what "0" is measured against
     tokens: float = 0  # global tokens and samples of this process's steps (not those before a resume)
+    slots: float = 0  # token positions computed, padding included: 1 - tokens / slots is the padding waste
     samples: float = 0
     skipped_steps: int = 0  # steps whose every sample was skipped: counted, but no update
     halted: bool = False  # stopped at --halt-at-step: no final checkpoint, no export
@@ -808,11 +809,13 @@ def record_step(s: Session, micro: list[dict[str, Any]], step_loss: float, lr: f
     """Count the step's global tokens and samples; the main rank logs it (every --log-every) and ticks the bar."""
     cfg, d, state, tally = s.run.cfg, s.run.d, s.trainee.state, s.tally
     tokens = sum(int(b["attention_mask"].sum()) for b in micro if b["num_samples"])
+    slots = sum(b["input_ids"].numel() for b in micro if b["num_samples"])  # what the LLM computed, padding too
     samples = sum(b["num_samples"] for b in micro)
-    tokens_g, samples_g = d.sum(tokens), d.sum(samples)
+    tokens_g, slots_g, samples_g = d.sum(tokens), d.sum(slots), d.sum(samples)
     state["tokens"] += int(tokens_g)
     state["samples"] += int(samples_g)
     tally.tokens += tokens_g
+    tally.slots += slots_g
     tally.samples += samples_g
     tally.losses.append(step_loss)
     if s.metrics is None:
@@ -821,7 +824,7 @@ def record_step(s: Session, micro: list[dict[str, Any]], step_loss: float, lr: f
     rec = {"event": "step", "step": step_no, "epoch": state["epoch"], "loss": step_loss, "lr": lr,
            "grad_norm": grad_norm, "tokens": int(tokens_g), "samples": int(samples_g), "step_s": seconds,
            "tokens_per_s": tokens_g / seconds, "samples_per_s": samples_g / seconds,
-           "skipped_total": len(state["skipped"])}  # fmt: skip
+           "padding": 1 - tokens_g / max(slots_g, 1), "skipped_total": len(state["skipped"])}  # fmt: skip
     if step_no % cfg.log_every == 0 or step_no == s.data.total_steps:
         s.metrics.write(rec)
     if s.progress:
@@ -878,6 +881,7 @@ def summarize(s: Session, seconds: float) -> dict[str, Any]:
     return {
         "steps": state["step"], "total_steps": s.data.total_steps, "seconds": seconds,
         "tokens_per_s": tally.tokens / max(seconds, 1e-9), "samples_per_s": tally.samples / max(seconds, 1e-9),
+        "padding": 1 - tally.tokens / max(tally.slots, 1),
         "final_loss": tally.losses[-1] if tally.losses else None, "losses": tally.losses,
         "skipped": len(all_skipped), "skipped_steps": tally.skipped_steps, "skipped_samples": all_skipped,
         "feature_cache": tally.cache_stats if s.data.cache is not None else None, "word_warmup": s.warmstart,
@@ -938,7 +942,7 @@ def _strip_lora(model: MiniLlava) -> int:
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"done: {s['steps']} steps in {s['seconds']:.1f}s, {s['tokens_per_s']:.0f} tokens/s, "
-        f"{s['samples_per_s']:.2f} samples/s, final loss {s['final_loss']:.4f}"
+        f"{s['samples_per_s']:.2f} samples/s, padding {s['padding']:.1%}, final loss {s['final_loss']:.4f}"
         if s["final_loss"] is not None else f"done: {s['steps']} steps",
         f"skipped samples: {s['skipped']}" + (" (ids: " + ", ".join(x["id"] for x in s["skipped_samples"][:20]) + ")"
                                               if s["skipped"] else ""),

@@ -201,6 +201,9 @@ def test_packed_run_trains_like_the_padded_one_and_resumes_exactly(tmp_path, ass
     padded = train(_run_cfg(tmp_path, asset_dir, "padded", path, images))
     packed = train(_run_cfg(tmp_path, asset_dir, "packed", path, images, packing=True, max_tokens_per_batch=256))
     torch.testing.assert_close(torch.tensor(packed["losses"]), torch.tensor(padded["losses"]), rtol=1e-5, atol=0)
+    assert 0 <= packed["padding"] < padded["padding"]  # the metric the packing exists for, measured per run
+    steps = [json.loads(x) for x in (tmp_path / "packed" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= r["padding"] < 1 for r in steps if r.get("event") == "step")
     assert packed["feature_cache"]["hits"] > 0  # later epochs read the cache through the packed collator
     halted = train(_run_cfg(tmp_path, asset_dir, "resumed", path, images, packing=True, max_tokens_per_batch=256,
                             save_every=2, halt_at_step=3))  # fmt: skip
