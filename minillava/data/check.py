@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minillava.data.dataset import SupervisedDataset, outside_root, resolve_image
+from minillava.data.dataset import SupervisedDataset
 from minillava.data.formats import BadSampleError, describe_duplicates, duplicate_ids, load_records
 from minillava.data.packing import padding_waste
 from minillava.data.sampler import global_batches
@@ -124,14 +124,13 @@ def check_data(
             if rec.error:
                 fail(rec.where(), rec.error)
                 continue
+            try:
+                paths = tokenizer_view.image_paths(rec)  # the training loader's own path rules
+            except BadSampleError as e:
+                fail(rec.where(), str(e).split(f"{rec.where()}: ", 1)[-1])
+                continue
             bad = False
-            for name in rec.images:
-                problem = None if allow_outside_image_root else outside_root(root, name)
-                if problem:
-                    fail(rec.where(), problem)
-                    bad = True
-                    continue
-                path = resolve_image(root, name)
+            for path in paths:
                 if path not in image_status:
                     image_status[path] = _image_problem(path, decode_images)
                 if image_status[path]:
