@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pixel_parity import CLIP_MEAN, CLIP_STD, ODD_SIZES, noise
 
 from minillava.images import ImageError, ImageTransform, load_image
 
@@ -101,20 +102,12 @@ def test_a_tower_without_normalisation_statistics_is_an_error_not_imagenet(tmp_p
 
 
 # ---- pixel parity with transformers' own image processors -------------------------------------------------------
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ODD_SIZES = [(64, 48), (37, 101), (1, 500), (4000, 3), (300, 225)]  # (width, height)
 # Both sides resize with PIL's bicubic on the same uint8 image and crop the same pixels, so the only difference left
 # is float32 arithmetic: transformers rescales by x * (1/255) then normalises, we divide by 255. That is a few ulps of
 # values in [-2.2, 2.7] (~1e-6); 1e-5 allows that and nothing else: one resized pixel off by a single grey level
 # moves a value by 1/255/0.27 = 0.015, and the old rounding of the long side (64 x 48 -> 299 x 224, transformers
 # 298 x 224) differed by up to 0.95.
 PIXEL_TOL = 1e-5
-
-
-def _noise(width: int, height: int) -> Image.Image:
-    rng = np.random.default_rng(width * 10_007 + height)  # noise: any one-pixel shift of the resize shows
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def _hf_processor(transform: ImageTransform, backend: str):
@@ -141,7 +134,7 @@ def _hf_processor(transform: ImageTransform, backend: str):
 def test_pixels_equal_transformers_processors_on_odd_sizes(width, height, aspect, backend):
     transform = ImageTransform(224, CLIP_MEAN, CLIP_STD, aspect)
     hf = _hf_processor(transform, backend)
-    img = _noise(width, height)
+    img = noise(width, height)
     expected = torch.as_tensor(np.asarray(hf(img, return_tensors="pt")["pixel_values"][0]))
     ours = transform(img)
     assert ours.shape == expected.shape == (3, 224, 224)
