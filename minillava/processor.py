@@ -103,7 +103,7 @@ class Processor:
 
     # ---- text -----------------------------------------------------------------------------------
     def tokenize_segments(
-        self, segments: list[Segment], image_sizes: list[Size] | None = None
+        self, segments: list[Segment], image_sizes: list[Size] | None = None, template: bool = True
     ) -> tuple[list[int], list[int]]:
         """Tokenize the rendered text once, then label the tokens that fall in supervised segments.
 
@@ -112,7 +112,9 @@ class Processor:
         tokenizing segment by segment instead adds a `'▁'` at every piece start with SentencePiece tokenizers
         and changes merges across boundaries. Labels come from character spans: a token is supervised when its
         characters overlap a supervised segment (the answer and its end-of-turn). `image_sizes` ((height,
-        width) per image, in order) are needed with AnyRes only.
+        width) per image, in order) are needed with AnyRes only. `template`: the segments are the chat
+        template's, which decides whether the tokenizer's BOS goes in front (the tokenizer's own template
+        writes its BOS, if any, into the text); raw text gets the tokenizer's BOS as `tokenizer(text)` would.
         """
         text = "".join(seg.text for seg in segments)
         spans, pos = [], 0
@@ -121,7 +123,8 @@ class Processor:
                 spans.append((pos, pos + len(seg.text)))
             pos += len(seg.text)
         bos = self.tokenizer.bos_token
-        lead = [] if bos and text.startswith(bos) else list(self.bos_ids)
+        wants_bos = self.template.bos_from_tokenizer or not template
+        lead = [] if (bos and text.startswith(bos)) or not wants_bos else list(self.bos_ids)
         body, supervised = _tokenize_with_spans(self.tokenizer, text, spans)
         n_marked = text.count(self.image_token)
         if body.count(self.image_token_id) != n_marked:
@@ -151,19 +154,19 @@ class Processor:
     ) -> Encoded:
         """A conversation (with `<image>` markers in its text) -> ids, labels and pixels."""
         segments = self.template.render(messages, add_generation_prompt)
-        return self._finish(segments, images or [], truncate)
+        return self._finish(segments, images or [], truncate, template=True)
 
     def encode_raw(self, text: str, images: list[ImageInput] | None = None) -> Encoded:
         """A verbatim prompt (no chat template); each `<image>` is still expanded."""
-        return self._finish([Segment(text)], images or [], truncate=False)
+        return self._finish([Segment(text)], images or [], truncate=False, template=False)
 
-    def _finish(self, segments: list[Segment], images: list[ImageInput], truncate: bool) -> Encoded:
+    def _finish(self, segments: list[Segment], images: list[ImageInput], truncate: bool, template: bool) -> Encoded:
         n_marked = sum(seg.text.count(self.image_token) for seg in segments)
         if n_marked != len(images):
             raise ValueError(f"the text has {n_marked} <image> markers but {len(images)} images were given")
         decoded = [load_image(im, max_pixels=self.max_pixels) for im in images]
         sizes = [(im.height, im.width) for im in decoded]
-        ids, labels = self.tokenize_segments(segments, sizes)
+        ids, labels = self.tokenize_segments(segments, sizes, template)
         if len(ids) > self.max_length:
             last_image_end = max((i + 1 for i, t in enumerate(ids) if t == self.image_token_id), default=0)
             if not truncate or last_image_end > self.max_length:

@@ -25,6 +25,9 @@ class Segment:
 class Template:
     name: str
     end_of_turn: str  # text that ends an assistant turn; generation stops on it
+    # Our templates leave BOS to the tokenizer (LLaVA's tokenizer_image_token adds it); a tokenizer's own chat
+    # template writes whatever BOS it wants into its text, and apply_chat_template adds none on top
+    bos_from_tokenizer: bool = True
 
     def render(self, messages: list[Message], add_generation_prompt: bool) -> list[Segment]:
         raise NotImplementedError
@@ -129,6 +132,7 @@ class TokenizerTemplate(Template):
     """
 
     name = "auto"
+    bos_from_tokenizer = False
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer

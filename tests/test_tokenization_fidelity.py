@@ -245,6 +245,23 @@ def test_llama2_chat_template_ids_equal_apply_chat_template(llama2_chat):
     assert collapse(p, gen.input_ids) == chat_ids(llama2_chat, CONV[:3], True)
 
 
+# Zephyr's (TinyLlama-Chat's) template writes no BOS, while its Llama tokenizer puts one in front of every text
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")  # fmt: skip
+
+
+def test_a_chat_template_without_bos_gets_none_added(sp_model):
+    tok = _llama(sp_model, legacy=False, chat_template=ZEPHYR)
+    p = processor(tok, "auto")
+    enc = p.encode(CONV, [IMG])
+    assert collapse(p, enc.input_ids) == chat_ids(tok, CONV, False) and enc.input_ids[0] != tok.bos_token_id
+    gen = p.encode(CONV[:3], [IMG], add_generation_prompt=True)
+    assert collapse(p, gen.input_ids) == chat_ids(tok, CONV[:3], True)
+    # raw text and our own templates still get the tokenizer's BOS, as tokenizer(text) and LLaVA give it
+    assert p.encode_raw("<image>\nhi", [IMG]).input_ids[0] == tok.bos_token_id
+    assert processor(tok, "vicuna_v1").encode(CONV, [IMG]).input_ids[0] == tok.bos_token_id
+
+
 @pytest.mark.parametrize("name", ["llama-legacy", "llama-nonlegacy", "gpt2", "opt"])
 def test_plain_template_ids_equal_the_tokenizer(family, name):
     tok = family(name)
