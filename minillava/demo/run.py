@@ -260,25 +260,12 @@ def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[s
     import minillava
     from minillava.demo.report import heldout_grid
     from minillava.eval.metrics import wilson_interval
-    from minillava.eval.runner import evaluate, load_samples
 
     model, processor = minillava.load(str(model_dir), "auto")
     results: dict[str, Any] = {}
     all_predictions: list[dict] = []
     for split, path in splits.items():
-        samples = load_samples(path, "exact", image_root=data)
-        predictions, scored = [], []
-        # one question type at a time: a batch decodes until its longest answer ends, and a description is ten
-        # tokens where a colour is one
-        for category in dict.fromkeys(s.category for s in samples):
-            group = [s for s in samples if s.category == category]
-            predictions += evaluate(model, processor, group, "exact", cfg.eval_batch_size, prompt_suffix="",
-                                    max_new_tokens=16 if category == "describe" else 6)[1]  # fmt: skip
-            scored += group  # the questions above already carry their training prompt
-        for p, s in zip(predictions, scored, strict=True):
-            p["split"], p["answer"] = split, s.record["answer"]  # the canonical answer, for the report and grid
-            if s.category == "describe":  # free-form: scored by the facts it states, not by its wording
-                p["score"] = float(phrasing.describes(p["prediction"], s.record["facts"]))
+        predictions = answer_split(model, processor, data, split, path, cfg.eval_batch_size)
         results[split] = _accuracy(predictions, wilson_interval)
         results[split]["by_type"] = {
             c: _accuracy([p for p in predictions if p["category"] == c], wilson_interval)["accuracy"]
@@ -292,6 +279,27 @@ def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[s
             "kept": after["accuracy"] / retention_before["accuracy"] if retention_before["accuracy"] else None,
             "responses_after": after["responses"]}  # fmt: skip
     return {"eval": results, "text_retention": text}
+
+
+def answer_split(model: MiniLlava, processor: Processor, data: Path, split: str, path: Path,
+                 batch_size: int) -> list[dict[str, Any]]:  # fmt: skip
+    """Every question of one evaluation split answered and scored: the prediction records of report.json."""
+    from minillava.eval.runner import evaluate, load_samples
+
+    samples = load_samples(path, "exact", image_root=data)
+    predictions, scored = [], []
+    # one question type at a time: a batch decodes until its longest answer ends, and a description is ten
+    # tokens where a colour is one
+    for category in dict.fromkeys(s.category for s in samples):
+        group = [s for s in samples if s.category == category]
+        predictions += evaluate(model, processor, group, "exact", batch_size, prompt_suffix="",
+                                max_new_tokens=16 if category == "describe" else 6)[1]  # fmt: skip
+        scored += group  # the questions above already carry their training prompt
+    for p, s in zip(predictions, scored, strict=True):
+        p["split"], p["answer"] = split, s.record["answer"]  # the canonical answer, for the report and grid
+        if s.category == "describe":  # free-form: scored by the facts it states, not by its wording
+            p["score"] = float(phrasing.describes(p["prediction"], s.record["facts"]))
+    return predictions
 
 
 def _accuracy(predictions: list[dict], interval) -> dict[str, Any]:
