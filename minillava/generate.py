@@ -149,8 +149,12 @@ def decode(
     stop_ids: list[int],
     pad_id: int,
     static_cache: bool | None = None,
+    observe: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (next token per row (B,), finished-before-this-step mask (B,)) until all rows stop.
+
+    `observe`, if given, sees each step's float32 logits (B, V) that the token is picked from (image slot at
+    -inf, before temperature and top-p), before that token is yielded; they are valid until the next step.
 
     The prefill splices the images; the steps after it run on a DynamicCache, or on a StaticCache that the
     prefill fills too (`static_cache`; None: when CUDA graphs are on, which need it; tests run it on the CPU).
@@ -194,6 +198,8 @@ def decode(
     for i in range(cfg.max_new_tokens):
         logits = logits.float()
         logits[:, model.config.image_token_id] = -float("inf")  # an image slot is never a valid output
+        if observe is not None:
+            observe(logits)
         token = torch.where(finished, torch.full_like(finished, pad_id, dtype=torch.long), pick(generated, logits))
         yield token, finished.clone()
         finished |= torch.isin(token, stops)

@@ -41,7 +41,7 @@ from minillava.generate import Generator
 from minillava.images import ImageError, load_image
 from minillava.model import MiniLlava
 from minillava.processor import Encoded, Processor
-from minillava.serve.batching import BatchEngine, ContinuousEngine, Finished, Job, QueueFull
+from minillava.serve.batching import BatchEngine, ContinuousEngine, Finished, Job, QueueFull, TokenLogprob
 
 log = logging.getLogger("minillava.serve")
 
@@ -141,6 +141,8 @@ class ChatRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's limits; needs logprobs: true
     # identifiers with no effect on the answer, accepted like `user`
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
@@ -162,6 +164,7 @@ class CompletionRequest(_Strict):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy form: how many alternatives (OpenAI: up to 5)
 
 
 def _is_neutral(value: Any, *allowed: Any) -> bool:
@@ -178,8 +181,6 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "function_call": (("none",), "function calling is not supported"),
     "parallel_tool_calls": ((), "tool calling is not supported"),
     "response_format": (({"type": "text"},), 'only {"type": "text"} is supported (no JSON mode)'),
-    "logprobs": ((), "logprobs are not supported"),
-    "top_logprobs": ((), "logprobs are not supported"),
     "logit_bias": ((), "logit_bias is not supported"),
     "frequency_penalty": ((), "frequency_penalty is not supported (only 0)"),
     "presence_penalty": ((), "presence_penalty is not supported (only 0)"),
@@ -360,9 +361,7 @@ _BOMB_WORDS = re.compile(r"decompression bomb|decompressed data too large", re.I
 
 
 def _bomb(param: str, e: Exception) -> ApiError:
-    return ApiError(
-        413, f"{param}: image decompresses past the server's limits ({e})", param, "image_too_large"
-    )
+    return ApiError(413, f"{param}: image decompresses past the server's limits ({e})", param, "image_too_large")
 
 
 # ---- the app ----------------------------------------------------------------------------------------
@@ -436,6 +435,8 @@ class ChatService:
 
     def check_common(self, req: ChatRequest | CompletionRequest) -> list[str]:
         """Checks both endpoints share; the stop strings."""
+        if isinstance(req, ChatRequest) and req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs: requires logprobs to be true", "top_logprobs", "invalid_value")
         if req.n not in (None, 1):
             raise ApiError(400, "only n=1 is supported", "n", "invalid_value")
         if req.model != self.settings.model_name:
@@ -505,7 +506,49 @@ class ChatService:
             stop=stops,
             stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            logprobs=_logprobs_asked(req),
         )
+
+
+def _logprobs_asked(req: ChatRequest | CompletionRequest) -> int | None:
+    """None: no logprobs; n: each token's logprob and its n most likely alternatives."""
+    if isinstance(req, ChatRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
+# a logprob JSON can carry: OpenAI's floor for "never" (a token at -inf, such as the image slot)
+_LOGPROB_FLOOR = -9999.0
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """`choices[].logprobs` of /v1/chat/completions."""
+
+    def one(token: str, data: list[int] | None, logprob: float) -> dict:
+        return {"token": token, "logprob": max(logprob, _LOGPROB_FLOOR), "bytes": data}
+
+    return {
+        "content": [{**one(t.token, t.bytes, t.logprob), "top_logprobs": [one(*alt) for alt in t.top]} for t in tokens],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(tokens: list[TokenLogprob], offset: int = 0) -> dict:
+    """`choices[].logprobs` of /v1/completions (legacy): `top_logprobs` holds the asked-for alternatives and,
+    as OpenAI's does, the chosen token; `text_offset` counts characters of the token strings from `offset`."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [max(t.logprob, _LOGPROB_FLOOR) for t in tokens],
+        "top_logprobs": [
+            {**{tok: max(lp, _LOGPROB_FLOOR) for tok, _, lp in t.top}, t.token: max(t.logprob, _LOGPROB_FLOOR)}
+            for t in tokens
+        ],
+        "text_offset": offsets,
+    }
 
 
 def _parts(m: ChatMessage) -> list[str | TextPart | ImagePart]:
@@ -705,7 +748,8 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
             "system_fingerprint": None,
             "choices": [{
                 "index": 0, "message": {"role": "assistant", "content": result.text},
-                "logprobs": None, "finish_reason": result.finish_reason,
+                "logprobs": None if result.logprobs is None else chat_logprobs(result.logprobs),
+                "finish_reason": result.finish_reason,
             }],
             "usage": usage_of(result),
         }  # fmt: skip
@@ -720,7 +764,11 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
         return {
             "id": rid, "object": "text_completion", "created": now, "model": settings.model_name,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
+            "choices": [{
+                "index": 0, "text": result.text,
+                "logprobs": None if result.logprobs is None else completion_logprobs(result.logprobs),
+                "finish_reason": result.finish_reason,
+            }],
             "usage": usage_of(result),
         }  # fmt: skip
 
@@ -758,12 +806,20 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
     async def sse(job: Job, rid: str, now: int, chat: bool):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
+        offset = 0  # legacy logprobs: where the next token starts in the streamed text
+
         def chunk(text: str | None, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
+            nonlocal offset, pending
+            logprobs = None
+            if job.logprobs is not None and (pending or text):  # this chunk's tokens (the text's, or the last)
+                logprobs = chat_logprobs(pending) if chat else completion_logprobs(pending, offset)
+                offset += sum(len(t.token) for t in pending)
+                pending = []
             if chat:
                 delta = {} if text is None else {"content": text}
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             body: dict[str, Any] = {
                 "id": rid, "object": kind_name, "created": now, "model": settings.model_name,
                 "system_fingerprint": None, "choices": [choice] if choices else [],
@@ -772,13 +828,16 @@ def create_app(model: MiniLlava, processor: Processor, settings: ServeSettings |
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
+        pending: list[TokenLogprob] = []  # logprobs of the tokens of the next text delta
         try:
             if chat:
                 first = json.loads(chunk("")[6:])
                 first["choices"][0]["delta"]["role"] = "assistant"
                 yield f"data: {json.dumps(first)}\n\n"
             async for kind, value in job.events():
-                if kind == "delta":
+                if kind == "logprobs":
+                    pending += value  # type: ignore[arg-type]
+                elif kind == "delta":
                     yield chunk(value)  # type: ignore[arg-type]
                 elif kind == "done":
                     yield chunk(None, value.finish_reason)  # type: ignore[union-attr]

@@ -7,6 +7,10 @@ its own `max_tokens`, stop strings and cancellation, so greedy rows come out exa
 alone (the same text as `Generator.generate`). Streamed rows get text deltas as tokens arrive.
 
 Batches are static: a job that arrives while a batch runs waits for the next one.
+
+A job that asks for logprobs (`Job.logprobs`) gets, for each token of its answer, the log-softmax of the
+logits that token was picked from (float32, temperature 1, no top-p: the model's own distribution, with
+the image slot excluded) and its `top` most likely alternatives; only such rows pay for them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ctypes.util
 import dataclasses
 import itertools
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -39,11 +44,41 @@ class QueueFull(RuntimeError):
 
 
 @dataclass
+class TokenLogprob:
+    """One answer token's logprob, and its most likely alternatives (token, bytes, logprob), best first.
+
+    `token` is the token's own text (its bytes decoded, U+FFFD for a piece of a multi-byte character);
+    `bytes` its exact UTF-8 bytes, None for a special token (which adds no text to the answer)."""
+
+    token: str
+    bytes: list[int] | None
+    logprob: float
+    top: list[tuple[str, list[int] | None, float]] = field(default_factory=list)
+
+
+@dataclass
 class Finished:
     text: str
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int  # tokens sampled for this row, the closing end-of-turn token included
+    # the answer's tokens (those that put text in `text`; a stop string's tokens past it are left out), when
+    # the job asked for logprobs
+    logprobs: list[TokenLogprob] | None = None
+
+
+# one step's logprob of one row: (token id, its logprob, [(alternative id, logprob)...] best first)
+RawLogprob = tuple[int, float, list[tuple[int, float]]]
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> RawLogprob:
+    """The log-softmax of one row's logits (V,) at `token`, and the `top` best tokens with theirs."""
+    lp = logits.float().log_softmax(-1)
+    best: list[tuple[int, float]] = []
+    if top:
+        values, ids = lp.topk(min(top, lp.shape[-1]))
+        best = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return token, float(lp[token]), best
 
 
 @dataclass
@@ -58,8 +93,11 @@ class Job:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False  # (streamed answers: a last chunk with the token counts)
+    logprobs: int | None = None  # None: none; n: each token's logprob and its n most likely alternatives
     loop: asyncio.AbstractEventLoop | None = None
-    queue: asyncio.Queue | None = None  # ("delta", str) ... then ("done", Finished) or ("error", str)
+    # ("delta", str) ... then ("done", Finished) or ("error", str); a streamed job with logprobs gets
+    # ("logprobs", [TokenLogprob...]) before the delta (or the "done") whose text holds those tokens
+    queue: asyncio.Queue | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     number: int = 0
     submitted: float = 0.0  # time.monotonic() when queued, for the time-to-first-token histogram
@@ -87,7 +125,7 @@ class Job:
         while True:
             kind, value = await self.queue.get()
             yield kind, value
-            if kind != "delta":
+            if kind not in ("delta", "logprobs"):
                 return
 
 
@@ -102,8 +140,15 @@ class _Row:
         self.done = False
         self.sampler: Any = None  # ContinuousEngine: this row's sampler
         self.last = 0  # ContinuousEngine: the token fed at the next step
+        self.logprobs: list[RawLogprob] = []  # one per token of `answer.tokens` (jobs that ask for them)
+        self.logprobs_sent = 0  # streaming: how many of them went out
 
-    def step(self, token: int) -> None:
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.job.logprobs is not None
+
+    def step(self, token: int, logits: torch.Tensor | None = None) -> None:
+        """Take the row's next token; `logits` (V,), what it was picked from, when the job wants logprobs."""
         self.steps += 1
         self.engine.metrics.tokens(1)
         if self.steps == 1:
@@ -111,21 +156,100 @@ class _Row:
         if token in self.engine.stop_ids:
             self.finish("stop")
             return
-        self.emit_delta(self.answer.add(token))
+        if logits is not None and self.wants_logprobs:
+            self.logprobs.append(token_logprob(logits, token, self.job.logprobs or 0))
+        piece = self.answer.add(token)
         if self.answer.stopped:
-            self.finish("stop")
-        elif self.steps >= self.job.max_tokens:
+            self.finish("stop", piece)
+            return
+        if piece and self.wants_logprobs:
+            self.emit_logprobs(self.covering(self.answer.sent))
+        self.emit_delta(piece)
+        if self.steps >= self.job.max_tokens:
             self.finish("length")
 
-    def finish(self, reason: str) -> None:
-        self.emit_delta(self.answer.finish())
+    def finish(self, reason: str, piece: str = "") -> None:
+        piece += self.answer.finish()
+        reported = None
+        if self.wants_logprobs:
+            # a stop string cuts the text: the tokens after the last one that puts text in the answer go
+            count = self.covering(self.answer.text) if self.answer.stopped else len(self.logprobs)
+            if len(self.logprobs) != len(self.answer.tokens):
+                count = 0  # the model gave no logits for this row (cannot happen in the engines): report none
+            self.emit_logprobs(count)
+            reported = self.engine.describe(self.logprobs[:count])
+        self.emit_delta(piece)
         prompt = len(self.job.encoded.input_ids)
-        self.job.emit("done", Finished(self.answer.text, reason, prompt, self.steps))
+        self.job.emit("done", Finished(self.answer.text, reason, prompt, self.steps, reported))
         self.done = True
+
+    def covering(self, text: str) -> int:
+        """The fewest answer tokens whose text starts with `text` (a prefix of the answer's text)."""
+        tokens, count = self.answer.tokens, self.logprobs_sent
+        while count < len(tokens) and not self.engine.detokenize(tokens[:count]).startswith(text):
+            count += 1
+        return count
+
+    def emit_logprobs(self, upto: int) -> None:
+        """Streaming: send the logprobs of the tokens up to `upto` not sent yet."""
+        if not self.job.stream or upto <= self.logprobs_sent:
+            return
+        self.job.emit("logprobs", self.engine.describe(self.logprobs[self.logprobs_sent : upto]))
+        self.logprobs_sent = upto
 
     def emit_delta(self, piece: str) -> None:
         if piece:
             self.job.emit("delta", piece)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins (GPT-2's `bytes_to_unicode`) -> the bytes they stand for."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: b for b in printable}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = 256 + extra
+            extra += 1
+    return {chr(c): b for b, c in chars.items()}
+
+
+_BYTE_DECODER = _byte_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+class TokenTexts:
+    """Token id -> (its own text, its exact bytes or None for a special token), cached per id.
+
+    A token's bytes come from its vocabulary piece: byte-level BPE (GPT-2 style stand-ins) or SentencePiece
+    (`▁` for a space, `<0xNN>` byte tokens); any other tokenizer: the token decoded on its own."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        decoder = repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
+        self.byte_level = "ByteLevel" in decoder
+        self.metaspace = "▁" in decoder or "Metaspace" in decoder
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special = set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
+        self.cache: dict[int, tuple[str, list[int] | None]] = {}
+
+    def __call__(self, token: int) -> tuple[str, list[int] | None]:
+        if token not in self.cache:
+            self.cache[token] = self._text(token)
+        return self.cache[token]
+
+    def _text(self, token: int) -> tuple[str, list[int] | None]:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        if token in self.special or piece is None:
+            return str(piece), None
+        if self.byte_level and all(c in _BYTE_DECODER for c in piece):
+            data = bytes(_BYTE_DECODER[c] for c in piece)
+        elif self.metaspace and (m := _BYTE_FALLBACK.fullmatch(piece)):
+            data = bytes([int(m[1], 16)])
+        elif self.metaspace:
+            data = piece.replace("▁", " ").encode()
+        else:
+            data = self.tokenizer.decode([token], skip_special_tokens=False).encode()
+        return data.decode("utf-8", errors="replace"), list(data)
 
 
 def release_memory() -> None:
@@ -196,7 +320,9 @@ class Metrics:
             *_metric("minillava_generation_errors_total", "counter", "batches that failed", stats["errors"]),
             *_metric("minillava_generated_tokens_total", "counter", "tokens sampled", self.generated),
             *_metric(
-                "minillava_tokens_per_second", "gauge", f"tokens sampled per second over the last {self.window_s:g} s",
+                "minillava_tokens_per_second",
+                "gauge",
+                f"tokens sampled per second over the last {self.window_s:g} s",
                 round(self.tokens_per_second(), 3),
             ),  # fmt: skip
             "# HELP minillava_time_to_first_token_seconds from queueing a request to its first token",
@@ -248,6 +374,7 @@ class BatchEngine:
         self._incoming = 0
         self._last_rows, self._last_end, self._pending_at_end = 0, 0.0, 0  # the previous batch, for the wait
         self.running = 0
+        self.token_texts: TokenTexts | None = None  # made on first use: only logprobs need it
         self.metrics = Metrics()
         self.batch_sizes: dict[int, int] = {}  # batch size -> how many batches had it
         self.stats = {"batches": 0, "rows": 0, "completed": 0, "cancelled": 0, "errors": 0, "max_batch": 0}
@@ -318,6 +445,16 @@ class BatchEngine:
     def detokenize(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def describe(self, raw: list[RawLogprob]) -> list[TokenLogprob]:
+        """Token ids -> their texts and bytes, for the client."""
+        with self.tokenizer_lock:
+            if self.token_texts is None:
+                self.token_texts = TokenTexts(self.processor.tokenizer)
+            return [
+                TokenLogprob(*self.token_texts(token), logprob, [(*self.token_texts(t), v) for t, v in top])
+                for token, logprob, top in raw
+            ]
 
     # ---- the worker thread ----------------------------------------------------------------------
     def _worker(self) -> None:
@@ -406,17 +543,24 @@ class BatchEngine:
 
     def _decode(self, rows: list[_Row], data: dict, cfg: GenerationConfig) -> None:
         gen = self.generator
-        steps = decode(gen.model, data, cfg, gen.stop_ids, self.processor.pad_token_id)
+        seen: list[torch.Tensor] = []  # the step's logits (B, V), when some row wants logprobs
+
+        def observe(logits: torch.Tensor) -> None:
+            seen[:] = [logits]
+
+        extra = {"observe": observe} if any(row.wants_logprobs for row in rows) else {}
+        steps = decode(gen.model, data, cfg, gen.stop_ids, self.processor.pad_token_id, **extra)
         try:
             for token, _ in steps:
-                for row, t in zip(rows, token.tolist(), strict=True):
+                logits = seen.pop() if seen else None
+                for r, (row, t) in enumerate(zip(rows, token.tolist(), strict=True)):
                     if row.done:
                         continue
                     if row.job.cancelled.is_set():
                         row.done = True
                         self.stats["cancelled"] += 1
                         continue
-                    row.step(t)
+                    row.step(t, None if logits is None or not row.wants_logprobs else logits[r])
                     if row.done:
                         self.stats["completed"] += 1
                 if all(row.done for row in rows) or self._stopping:
@@ -595,7 +739,7 @@ class ContinuousEngine(BatchEngine):
                 continue
             token = greedy[i] if row.sampler is None else row.sampler(logits[i])
             row.last = token
-            row.step(token)
+            row.step(token, logits[i] if row.wants_logprobs else None)
             if row.done:
                 self.stats["completed"] += 1
             else:
