@@ -321,9 +321,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()
     d = Dist(group=resolve_strategy(cfg.strategy, os.environ).startswith("deepspeed"))
     try:
-        return _train(cfg, d)
-    finally:
-        d.close()
+        summary = _train(cfg, d)
+    except BaseException:
+        d.close()  # no barrier on the way out of a failure: the other ranks may never reach one
+        raise
+    d.barrier()  # every rank done with its collectives before any tears the group down
+    d.close()
+    return summary
 
 
 def claim_out_dir(out: Path, cfg: TrainConfig, main: bool) -> None:
