@@ -8,9 +8,13 @@ eager decode steps as well, to show what the graph gains. `ours_int8`: the float
 layers (LM head included) quantized to per-channel int8 weights (`minillava.quantize`), CPU only; its greedy
 tokens are compared with the float32 ones (`gen_bN_int8_token_agreement`: the fraction of positions that agree
 with the peer float32, the same tokens as ours float32 where `gen_bN_same_greedy_tokens_fp32`).
+`--onnx yes` (CPU; minutes of export each) adds `onnx_fp32` and `onnx_int8`: the same model exported with
+`minillava export --format onnx` (int8: onnxruntime's dynamic quantization of the decoder) and run on
+onnxruntime through the same decode loop, with their token agreement against the peer float32.
 Prints one JSON object (and writes it to --out).
 
-    python benchmarks/bench_generate.py [--repeats 3] [--threads N] [--device cuda] [--int8 no] [--out FILE.json]
+    python benchmarks/bench_generate.py [--repeats 3] [--threads N] [--device cuda] [--int8 no] [--onnx yes]
+                                        [--out FILE.json]
 """
 
 from __future__ import annotations
@@ -65,6 +69,17 @@ def ours_generate(model, inputs, cuda_graphs: bool | None = None) -> torch.Tenso
     return torch.stack([t for t, _ in decode(model, batch, cfg, stop_ids=[], pad_id=0)], 1)
 
 
+def onnx_exports(model, processor, work: Path) -> dict[str, object]:
+    """The model exported to ONNX, float32 and int8, loaded on onnxruntime (`minillava.interop.onnx_runtime`)."""
+    from minillava.interop.onnx_export import export_onnx
+    from minillava.interop.onnx_runtime import load_onnx
+
+    return {
+        kind: load_onnx(export_onnx(model, processor, work / f"onnx-{kind}", quantize))[0]
+        for kind, quantize in (("fp32", None), ("int8", "int8"))
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -77,6 +92,8 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda: peer and ours both run there")
     ap.add_argument("--int8", choices=["yes", "no"], default="yes", help="time ours with int8 weights (CPU only)")
+    ap.add_argument("--onnx", choices=["yes", "no"], default="no",
+                    help="also export to ONNX (float32, int8) and time onnxruntime (CPU only)")  # fmt: skip
     ap.add_argument("--out", help="also write the JSON here (atomically)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -86,15 +103,17 @@ def main() -> None:
     work = workdir()
     peer, peer_dir = build_peer_and_dir(work)
     save_bench_tokenizer(peer_dir)
-    ours32, _ = load_hf_llava(peer_dir, torch.float32)
+    ours32, processor = load_hf_llava(peer_dir, torch.float32)
     peer, ours32 = peer.to(device), ours32.to(device)
     ours16 = copy.deepcopy(ours32).to(torch.bfloat16) if with_bf16 else None
     peer16 = copy.deepcopy(peer).to(torch.bfloat16) if with_bf16 else None
     with_int8 = args.int8 == "yes" and device.type == "cpu"
     ours8 = quantize_model(copy.deepcopy(ours32), "int8") if with_int8 else None
+    with_onnx = args.onnx == "yes" and device.type == "cpu"
+    onnx_models = onnx_exports(ours32, processor, work) if with_onnx else {}
     result: dict[str, object] = {"bench": "generate", **machine(device), "repeats": args.repeats,
                                  "prompt_tokens": IMAGE_TOKENS + PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-                                 "bf16_timed": with_bf16, "int8_timed": with_int8,
+                                 "bf16_timed": with_bf16, "int8_timed": with_int8, "onnx_timed": with_onnx,
                                  "cuda_graphs": device.type == "cuda"}  # fmt: skip
     for b in (1, 4):
         inputs = make_inputs(b, device)
@@ -116,6 +135,10 @@ def main() -> None:
             runs["ours_int8"] = lambda inputs=inputs: ours_generate(ours8, inputs)
             int8_tokens = ours_generate(ours8, inputs)
             result[f"gen_b{b}_int8_token_agreement"] = round(float((int8_tokens == peer_tokens).float().mean()), 3)
+        for kind, onnx_model in onnx_models.items():
+            runs[f"onnx_{kind}"] = lambda inputs=inputs, m=onnx_model: ours_generate(m, inputs)
+            tokens = ours_generate(onnx_model, inputs)
+            result[f"gen_b{b}_onnx_{kind}_token_agreement"] = round(float((tokens == peer_tokens).float().mean()), 3)
         tps = {k: b * NEW_TOKENS / best_of(fn, args.repeats, device) for k, fn in runs.items()}
         for k, v in tps.items():
             result[f"gen_b{b}_tok_per_s_{k}"] = round(v, 2)
@@ -127,6 +150,8 @@ def main() -> None:
         if with_int8:
             result[f"gen_b{b}_ratio_ours_int8_vs_peer_fp32"] = round(tps["ours_int8"] / tps["peer_fp32"], 3)
             result[f"gen_b{b}_ratio_ours_int8_vs_ours_fp32"] = round(tps["ours_int8"] / tps["ours_fp32"], 3)
+        for kind in onnx_models:
+            result[f"gen_b{b}_ratio_onnx_{kind}_vs_ours_fp32"] = round(tps[f"onnx_{kind}"] / tps["ours_fp32"], 3)
         if with_bf16:
             for peer_kind in ("fp32", "bf16", "autocast"):
                 result[f"gen_b{b}_ratio_ours_bf16_vs_peer_{peer_kind}"] = round(

@@ -83,9 +83,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from minillava.generate import GenerationConfig, Generator
-    from minillava.quantize import load
+    from minillava.interop.onnx_runtime import load_for_inference
 
-    model, processor = load(args.model, args.dtype, quantize=args.quantize)
+    model, processor = load_for_inference(args.model, args.dtype, quantize=args.quantize)
     if args.template not in (None, "none"):
         processor = processor.with_template(args.template)
     gen_cfg = GenerationConfig(
@@ -117,6 +117,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     import minillava
+
+    if args.format == "hf" and args.quantize not in (None, "none"):
+        raise ValueError("--quantize applies to --format onnx; for a quantized minillava dir use `minillava quantize`")
+    if args.format == "onnx":
+        from minillava.interop.onnx_export import export_onnx
+
+        model, processor = minillava.load(args.model, "float32", "cpu")
+        export_onnx(model, processor, args.out, args.quantize)
+        weights = "int8 decoder weights" if args.quantize == "int8" else "float32"
+        print(f"exported {args.model} -> {args.out} (ONNX: vision, embed_tokens, decoder; {weights})")
+        return 0
     from minillava.interop.hf import export_hf_llava
 
     model, processor = minillava.load(args.model)
@@ -187,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="answer a prompt about one or more images")
-    p.add_argument("--model", required=True, help="a minillava dir or a transformers Llava / LlavaNext dir")
+    p.add_argument("--model", required=True, help="a minillava, transformers Llava / LlavaNext or ONNX export dir")
     p.add_argument("--image", action="append", help="image path (repeatable, in order)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -209,10 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the layers left float")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("export", help="write a transformers Llava (or, with AnyRes, LlavaNext) directory")
+    p = sub.add_parser("export", help="write a transformers Llava / LlavaNext directory, or ONNX graphs")
     p.add_argument("--model", required=True)
-    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--format", default="hf", choices=["hf", "onnx"],
+                   help="hf: transformers Llava (LlavaNext with AnyRes); onnx: vision, embed_tokens and decoder "
+                        "graphs for onnxruntime (docs/deploy.md)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--quantize", default=None, choices=["none", "int8"],
+                   help="onnx: int8 decoder weights (weight-only, onnxruntime MatMulNBits): ~3.6x smaller files, "
+                        "slower than float32 on CPU (docs/deploy.md)")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="architecture, token counts and parameter counts")

@@ -389,7 +389,8 @@ def run(
     """The `minillava eval` command as a function: check the data, load the model, evaluate, write results.
 
     `quantize`: "int8" for int8 LLM weights (a directory saved by `minillava quantize` is int8 regardless)."""
-    from minillava.quantize import load, parse_scheme
+    from minillava.interop.onnx_runtime import load_for_inference
+    from minillava.quantize import parse_scheme
 
     parse_scheme(quantize)  # a bad name fails before the data and the model load
 
@@ -400,7 +401,7 @@ def run(
         samples = samples[:limit]
     if not Path(model_dir).is_dir():
         raise OSError(f"--model {model_dir}: not a directory")
-    model, processor = load(str(model_dir), dtype, device, quantize=quantize)
+    model, processor = load_for_inference(str(model_dir), dtype, device, quantize=quantize)  # ONNX exports too
     if template:
         processor = processor.with_template(template)
     start = time.perf_counter()
