@@ -8,7 +8,7 @@ image that equals an image of another split is drawn again.
 
 Splits (see `SPLITS`): `train`; `test` (new images); `phrasing` (new images asked in phrasing families never
 trained on or validated on); `combo` (colour-shape pairs never seen in training, not even named in a question);
-`shift` (rendering conditions never used in training: larger non-square canvases, stronger tints, object
+`shift` (rendering conditions never used in training: larger and wider canvases, stronger tints, object
 scales outside the training ranges, a shaded background). Recipes are chosen on the `val_*` splits, which
 mirror them with their own images, their own phrasing family and their own, different renderer shift.
 """
@@ -63,12 +63,16 @@ class Style:
     gradient: float = 0.0  # a linear shade across the background, in grey levels
 
 
-TRAIN_STYLE = Style(side=(96, 144), aspect=(1.0, 1.0), radius={"small": (0.14, 0.18), "large": (0.26, 0.31)},
+# Training canvases are mildly non-square both ways: the processor pads a picture to a square, so the model meets
+# the padding bars (and content shrunk by them) in training, not first at test time. On validation (seed 0) square
+# canvases read val / val_phrasing / val_combo / val_shift / fashion_val 92.0 / 87.8 / 88.5 / 59.2 / 90.8 %, these
+# 89.0 / 88.0 / 85.7 / 74.4 / 90.8 % (text kept 26 -> 24 of 33): the shift gains far more than the noise (+-3)
+TRAIN_STYLE = Style(side=(96, 144), aspect=(0.88, 1.14), radius={"small": (0.14, 0.18), "large": (0.26, 0.31)},
                     jitter=0.05, tint=20, background=(228, 250), texture=6.0, rotation=15.0)  # fmt: skip
-# Held out for validation: small canvases, a cool cast, textures twice as strong
-VAL_SHIFT_STYLE = Style(side=(64, 84), aspect=(1.0, 1.0), radius={"small": (0.14, 0.18), "large": (0.26, 0.31)},
+# Held out for validation: small tall canvases, a cool cast, textures twice as strong, radii just outside training's
+VAL_SHIFT_STYLE = Style(side=(64, 84), aspect=(1.2, 1.4), radius={"small": (0.125, 0.138), "large": (0.312, 0.33)},
                         jitter=0.05, tint=28, background=(215, 235), texture=12.0, rotation=15.0)  # fmt: skip
-# Held out for the test: large non-square canvases, stronger tints, scales outside the training ranges, shading
+# Held out for the test: large wide canvases, stronger tints, scales outside the training ranges, shading
 SHIFT_STYLE = Style(side=(180, 240), aspect=(0.7, 0.85), radius={"small": (0.11, 0.135), "large": (0.315, 0.34)},
                     jitter=0.06, tint=32, background=(205, 240), texture=4.0, rotation=15.0,
                     gradient=30.0)  # fmt: skip
