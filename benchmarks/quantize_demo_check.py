@@ -11,6 +11,7 @@ The guard: answers agree with float32's on >= 97 % of questions and accuracy mov
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,14 @@ def load(model_dir: Path, precision: str):
 
 
 def split_files(demo: Path, names: list[str] | None) -> dict[str, Path]:
-    found = {p.stem: p for p in sorted((demo / "data").glob("*.jsonl"))}
-    if not found:
-        raise SystemExit(f"{demo / 'data'}: no evaluation splits (*.jsonl); is {demo} a `minillava demo` output?")
+    """The evaluation splits the demo reported (report.json), or those of them named."""
+    report = demo / "report.json"
+    if not report.is_file():
+        raise SystemExit(f"{report}: not found; is {demo} a `minillava demo --out` directory?")
+    found = {s: demo / "data" / f"{s}.jsonl" for s in json.loads(report.read_text())["eval"]}
     missing = [n for n in names or [] if n not in found]
     if missing:
-        raise SystemExit(f"{demo / 'data'}: no split {', '.join(missing)}; it has {', '.join(found)}")
+        raise SystemExit(f"{report}: no split {', '.join(missing)}; it has {', '.join(found)}")
     return {n: found[n] for n in names} if names else found
 
 
