@@ -306,3 +306,38 @@ def test_span_labels_without_offsets_match_the_offset_path(llama, bpe):
         fast = _tokenize_with_spans(tok, text, spans)
         assert _tokenize_with_spans(NoOffsets(tok), text, spans) == fast
         assert sum(fast[1]) > 0
+
+
+# ---- tokenizers without offsets ------------------------------------------------------------------------------------
+class _NoOffsets:
+    """A tokenizer seen as a slow one: same ids, but no offset mapping (`is_fast` False)."""
+
+    is_fast = False
+
+    def __init__(self, tok) -> None:
+        self._tok = tok
+
+    def __call__(self, text, **kw):
+        assert "return_offsets_mapping" not in kw
+        return self._tok(text, **kw)
+
+
+@pytest.mark.parametrize("name", ["llama-legacy", "llama-nonlegacy", "gpt2", "opt", "bpe"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "chatml"])
+def test_the_prefix_edge_path_labels_what_the_offset_path_labels(family, name, template):
+    """Slow tokenizers place each answer's edges at the common prefix of the ids; on real conversations, whose
+    answers start and end on token boundaries, that must supervise exactly the tokens the offsets do."""
+    from minillava.processor import _tokenize_with_spans
+
+    tok = family(name)
+    p = processor(tok, template)
+    segments = p.template.render(WITH_SYSTEM, False)
+    text = "".join(s.text for s in segments)
+    spans, pos = [], 0
+    for s in segments:
+        if s.supervised:
+            spans.append((pos, pos + len(s.text)))
+        pos += len(s.text)
+    fast_ids, fast_flags = _tokenize_with_spans(tok, text, spans)
+    slow_ids, slow_flags = _tokenize_with_spans(_NoOffsets(tok), text, spans)
+    assert slow_ids == fast_ids and slow_flags == fast_flags and sum(fast_flags) > 0
