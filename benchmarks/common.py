@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import resource
 import tempfile
 import time
@@ -95,8 +96,26 @@ def machine(device: torch.device | str) -> dict[str, object]:
     info: dict[str, object] = {"device": device.type, "torch": torch.__version__, "threads": torch.get_num_threads()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
+    info |= cpu_info()
     info["bf16_auto"] = fast_bfloat16(device)  # what precision auto picks here
     return info
+
+
+def cpu_info() -> dict[str, object]:
+    """The CPU's model name, core count and the matmul-relevant flags (Linux /proc/cpuinfo; else what platform says)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu": name, "cpu_count": os.cpu_count(), "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def peak_memory(device: torch.device | str) -> dict[str, float]:
