@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
@@ -137,3 +139,18 @@ def louden(model: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> None:
         for p in model.llm.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def images(n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` noise pictures of growing heights (40, 48, ... x 48): odd sizes for the processors."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def samples(processor) -> list:
+    """One image; two `<image>` runs in one sample; text only: three lengths, so a batch of them is padded."""
+    return [
+        processor.prompt("What is in the picture?", images(1)),
+        processor.encode_raw("compare <image> with <image> please", images(2, seed=1)),
+        processor.prompt("hello world, how are you today?"),
+    ]

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
-from PIL import Image
-from tiny_models import louden
+from tiny_models import images, louden, samples
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -28,20 +26,6 @@ PROJECTORS = ["linear", "mlp2x_gelu", "avgpool", "pixel_shuffle", "perceiver"]
 # every projector on the tied-head Llama; Qwen2 adds an untied LM head and attention biases
 CASES = [(p, "llama") for p in PROJECTORS] + [("mlp2x_gelu", "qwen2")]
 TOL = 1e-4  # float32 graphs against float32 torch: only the order of the sums differs
-
-
-def images(n: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def samples(processor: Processor) -> list[Encoded]:
-    """One image; two images in one sample; text only: three lengths, so the batch is left-padded."""
-    return [
-        processor.prompt("What is in the picture?", images(1)),
-        processor.encode_raw("compare <image> with <image> please", images(2, seed=1)),
-        processor.prompt("hello world, how are you today?"),
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import logging
 
-import numpy as np
 import pytest
 import torch
 from hf_parity import HfParityChecks, assert_same_logits, edited_copy, tiny_parts, write_both_layouts
-from PIL import Image
+from tiny_models import images, samples
 from transformers import AutoProcessor, CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration
 
 import minillava
 from minillava.interop.hf import ExportError, export_hf_llava, is_hf_llava_dir, load_hf_llava
 from minillava.model import MiniLlava
-from minillava.processor import Encoded, Processor
 from minillava.vision import VisionTower
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
@@ -37,20 +35,6 @@ def hf_reference(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(hf_reference):
     return load_hf_llava(hf_reference[1]["current"])
-
-
-def images(n: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def samples(processor: Processor) -> list[Encoded]:
-    """One image; two `<image>` runs in one sample; a text-only sample (different lengths, for padding)."""
-    return [
-        processor.prompt("What is in the picture?", images(1)),
-        processor.encode_raw("compare <image> with <image> please", images(2, seed=1)),
-        processor.encode_raw("hello world, how are you today?"),
-    ]
 
 
 # ---- what LlavaNext checks too: import and export logits, greedy tokens, the re-import (see hf_parity.py) -
