@@ -282,32 +282,6 @@ def test_two_images_and_text_only_turns(bpe):
     assert enc.input_ids.count(p.image_token_id) == 2 * N_IMG
 
 
-def test_span_labels_without_offsets_match_the_offset_path(llama, bpe):
-    """Tokenizers with no offset mapping (sentencepiece-backed slow ones) place span edges by prefix ids."""
-
-    class NoOffsets:
-        is_fast = False
-
-        def __init__(self, tok):
-            self.tok = tok
-
-        def __call__(self, text, add_special_tokens):
-            return {"input_ids": self.tok(text, add_special_tokens=add_special_tokens).input_ids}
-
-    for tok, template in ((llama, "vicuna_v1"), (bpe, "chatml")):
-        p = processor(tok, template)
-        segments = p.template.render(CONV, False)
-        text = "".join(s.text for s in segments)
-        spans, pos = [], 0
-        for s in segments:
-            if s.supervised:
-                spans.append((pos, pos + len(s.text)))
-            pos += len(s.text)
-        fast = _tokenize_with_spans(tok, text, spans)
-        assert _tokenize_with_spans(NoOffsets(tok), text, spans) == fast
-        assert sum(fast[1]) > 0
-
-
 # ---- tokenizers without offsets ------------------------------------------------------------------------------------
 class _NoOffsets:
     """A tokenizer seen as a slow one: same ids, but no offset mapping (`is_fast` False)."""
@@ -327,8 +301,6 @@ class _NoOffsets:
 def test_the_prefix_edge_path_labels_what_the_offset_path_labels(family, name, template):
     """Slow tokenizers place each answer's edges at the common prefix of the ids; on real conversations, whose
     answers start and end on token boundaries, that must supervise exactly the tokens the offsets do."""
-    from minillava.processor import _tokenize_with_spans
-
     tok = family(name)
     p = processor(tok, template)
     segments = p.template.render(WITH_SYSTEM, False)
