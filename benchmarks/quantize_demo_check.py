@@ -21,9 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_json  # noqa: E402
 
-import minillava  # noqa: E402
+from minillava import quantize  # noqa: E402
 from minillava.demo.run import answer_split  # noqa: E402
-from minillava.quantize import quantize_model  # noqa: E402
 
 AGREEMENT_TARGET = 0.97
 ACCURACY_MOVE = 0.01
@@ -31,9 +30,7 @@ ACCURACY_MOVE = 0.01
 
 def load(model_dir: Path, precision: str):
     dtype = "bfloat16" if precision == "bf16" else "float32"
-    model, processor = minillava.load(str(model_dir), dtype)
-    if precision == "int8":
-        quantize_model(model, "int8")
+    model, processor = quantize.load(str(model_dir), dtype, quantize="int8" if precision == "int8" else None)
     return model.eval(), processor
 
 

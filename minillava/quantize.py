@@ -204,11 +204,15 @@ def load(
 
     scheme = parse_scheme(quantize)
     model, processor = minillava.load(directory, dtype, device)
+    return quantize_loaded(model, directory, scheme), processor
+
+
+def quantize_loaded(model: nn.Module, directory: str | Path, scheme: str | None) -> nn.Module:
+    """A model just loaded from `directory`: its stored int8 layers if the directory is quantized, else `scheme`
+    applied now."""
     if is_quantized_dir(directory):
-        load_quantized_weights(model, directory)
-    elif scheme != "none":
-        quantize_model(model, scheme)
-    return model, processor
+        return load_quantized_weights(model, directory)
+    return quantize_model(model, scheme)
 
 
 def quantize_dir(source: str, out: str | Path, scheme: str = "int8", dtype: str = "float32") -> Path:

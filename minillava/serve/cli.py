@@ -136,11 +136,7 @@ def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto
     dtype = str(want).removeprefix("torch.")
     # minillava.load checks dtypes for CPU; load float16 as float32 and cast once it is on the GPU.
     model, processor = minillava.load(directory, "float32" if want == torch.float16 else dtype)
-    model = model.to(device=dev, dtype=want).eval()
-    if q8.is_quantized_dir(directory):
-        q8.load_quantized_weights(model, directory)
-    elif scheme != "none":
-        q8.quantize_model(model, scheme)
+    model = q8.quantize_loaded(model.to(device=dev, dtype=want).eval(), directory, scheme)
     if q8.quantized_scheme(model) != "none":
         log.warning("weights: int8 LLM layers (activations %s in the kernel); answers may differ from float32's",
                     str(q8.compute_dtype(dev)).removeprefix("torch."))  # fmt: skip
