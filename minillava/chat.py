@@ -22,9 +22,9 @@ class ChatSession:
     def open(
         cls, model_dir: str, dtype: str, max_new_tokens: int, temperature: float, quantize: str | None = None
     ) -> ChatSession:
-        from minillava.quantize import load
+        from minillava.interop.exported import load_for_inference
 
-        model, processor = load(model_dir, dtype, quantize=quantize)
+        model, processor = load_for_inference(model_dir, dtype, quantize=quantize)  # exports too
         return cls(
             Generator(model, processor), GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature)
         )

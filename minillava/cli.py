@@ -83,7 +83,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from minillava.generate import GenerationConfig, Generator
-    from minillava.interop.onnx_runtime import load_for_inference
+    from minillava.interop.exported import load_for_inference
 
     model, processor = load_for_inference(args.model, args.dtype, quantize=args.quantize)
     if args.template not in (None, "none"):
@@ -118,8 +118,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import minillava
 
-    if args.format == "hf" and args.quantize not in (None, "none"):
+    if args.format != "onnx" and args.quantize not in (None, "none"):
         raise ValueError("--quantize applies to --format onnx; for a quantized minillava dir use `minillava quantize`")
+    if args.format != "gguf" and args.type is not None:
+        raise ValueError("--type applies to --format gguf")
+    if args.format == "gguf":
+        from minillava.interop.gguf_export import export_gguf
+
+        model, processor = minillava.load(args.model, "float32", "cpu")
+        export_gguf(model, processor, args.out, args.type or "f16")
+        print(f"exported {args.model} -> {args.out} (GGUF LLM {args.type or 'f16'} for llama.cpp + image encoder)")
+        return 0
     if args.format == "onnx":
         from minillava.interop.onnx_export import export_onnx
 
@@ -220,15 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the layers left float")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("export", help="write a transformers Llava / LlavaNext directory, or ONNX graphs")
+    p = sub.add_parser("export", help="write a transformers Llava / LlavaNext directory, ONNX graphs or a GGUF LLM")
     p.add_argument("--model", required=True)
-    p.add_argument("--format", default="hf", choices=["hf", "onnx"],
+    p.add_argument("--format", default="hf", choices=["hf", "onnx", "gguf"],
                    help="hf: transformers Llava (LlavaNext with AnyRes); onnx: vision, embed_tokens and decoder "
-                        "graphs for onnxruntime (docs/deploy.md)")  # fmt: skip
+                        "graphs for onnxruntime; gguf: the LLM for llama.cpp beside minillava's image encoder "
+                        "(docs/deploy.md)")  # fmt: skip
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--quantize", default=None, choices=["none", "int8"],
                    help="onnx: int8 decoder weights (weight-only, onnxruntime MatMulNBits): ~3.6x smaller files, "
                         "slower than float32 on CPU (docs/deploy.md)")  # fmt: skip
+    p.add_argument("--type", default=None, choices=["f32", "f16", "q8_0"],
+                   help="gguf: the LLM's weight type (default f16; q8_0: 8-bit blocks, ~2x smaller, fastest on CPU)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="architecture, token counts and parameter counts")

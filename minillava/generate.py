@@ -173,6 +173,8 @@ def decode(
     sizes = None if sizes is None else sizes.to(device)
     counts = batch.get("image_counts")  # per-row image counts, read on the host by the splice's check
     rows, prompt_len = ids.shape
+    if hasattr(model, "reserve"):  # an exported model that sizes its cache up front (minillava.interop.exported)
+        model.reserve(rows, prompt_len + cfg.max_new_tokens)
     if static:  # sized for the prompt and every new token; the prefill fills its first prompt_len slots
         cache = StaticCache(config=model.llm.config, max_cache_len=prompt_len + cfg.max_new_tokens)
         if not all(type(layer) is StaticLayer for layer in cache.layers):

@@ -155,26 +155,15 @@ class MiniLlava(nn.Module):
                 f"{directory} holds an unmerged LoRA adapter: run `minillava merge-lora --model {directory} --out DIR`"
             )
         config = ModelConfig.load(directory)
-        vision = load_vision_tower(config.vision, directory / "vision", dtype)
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=dtype)
-        projector = build_projector(
-            config.projector.name,
-            vision.hidden_size,
-            llm.get_input_embeddings().embedding_dim,
-            vision.patch_grid,
-            **config.projector.options,
-        )
-        state = load_file(directory / PROJECTOR_WEIGHTS)
-        if "feature_mean" not in state:  # saved before projectors standardised their input: identity
-            state |= {"feature_mean": projector.feature_mean, "feature_std": projector.feature_std}
-        projector.load_state_dict(state, strict=True)
+        vision, projector = load_image_encoder(directory, config, llm.get_input_embeddings().embedding_dim, dtype)
         if config.fusion == "xattn":
             add_xattn(llm, config.xattn)
             xattn_blocks(llm).load_state_dict(load_file(directory / XATTN_WEIGHTS), strict=True)
         anyres = build_anyres(config, vision, projector, llm.get_input_embeddings().embedding_dim, dtype)
         if anyres is not None:
             anyres.load_state_dict(load_file(directory / ANYRES_WEIGHTS), strict=True)
-        model = cls(config, vision, projector.to(dtype), llm, anyres)
+        model = cls(config, vision, projector, llm, anyres)
         processor = Processor.from_pretrained(directory)
         if processor.tokens_per_image != model.tokens_per_image:
             raise ValueError(
@@ -191,11 +180,7 @@ class MiniLlava(nn.Module):
     def save_pretrained(self, directory: str | Path, processor: Processor) -> None:
         """Write atomically: a temp dir beside the target, then one rename. Safetensors only."""
         with atomic_dir(directory) as tmp:
-            self.config.save(tmp)
-            self.vision.save_pretrained(tmp / "vision")
-            transform = processor.image_transform
-            (tmp / "vision" / "preprocessor_config.json").write_text(json.dumps(transform.to_hf_dict(), indent=2))
-            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, tmp / PROJECTOR_WEIGHTS)
+            self.save_image_encoder(tmp, processor)
             if self.config.fusion == "xattn":  # llm/ stays a plain transformers model; the blocks go beside it
                 self.llm.save_pretrained(tmp / "llm", state_dict=bare_llm_state(self.llm))
                 save_file({k: v.contiguous() for k, v in self.xattn.state_dict().items()}, tmp / XATTN_WEIGHTS)
@@ -204,6 +189,15 @@ class MiniLlava(nn.Module):
             if self.anyres is not None:
                 save_file({k: v.contiguous() for k, v in self.anyres.state_dict().items()}, tmp / ANYRES_WEIGHTS)
             processor.save_pretrained(tmp)
+
+    def save_image_encoder(self, directory: Path, processor: Processor) -> None:
+        """The config, the vision tower and the projector: the half of the model that turns pixels into image
+        tokens (`load_image_encoder` reads it back; exports whose LLM runs elsewhere keep just this half)."""
+        self.config.save(directory)
+        self.vision.save_pretrained(directory / "vision")
+        transform = processor.image_transform
+        (directory / "vision" / "preprocessor_config.json").write_text(json.dumps(transform.to_hf_dict(), indent=2))
+        save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()}, directory / PROJECTOR_WEIGHTS)
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property
@@ -417,3 +411,18 @@ class MiniLlava(nn.Module):
             trainable = sum(p.numel() for _, p in named if p.requires_grad)
             counts[name] = {"trainable": trainable, "frozen": sum(p.numel() for _, p in named) - trainable}
         return counts
+
+
+def load_image_encoder(
+    directory: Path, config: ModelConfig, embed_dim: int, dtype: torch.dtype
+) -> tuple[VisionTower, Projector]:
+    """The vision tower and the projector (into the LLM's `embed_dim`) saved by `MiniLlava.save_image_encoder`."""
+    vision = load_vision_tower(config.vision, directory / "vision", dtype)
+    projector = build_projector(
+        config.projector.name, vision.hidden_size, embed_dim, vision.patch_grid, **config.projector.options
+    )
+    state = load_file(directory / PROJECTOR_WEIGHTS)
+    if "feature_mean" not in state:  # saved before projectors standardised their input: identity
+        state |= {"feature_mean": projector.feature_mean, "feature_std": projector.feature_std}
+    projector.load_state_dict(state, strict=True)
+    return vision, projector.to(dtype)

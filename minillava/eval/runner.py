@@ -389,7 +389,7 @@ def run(
     """The `minillava eval` command as a function: check the data, load the model, evaluate, write results.
 
     `quantize`: "int8" for int8 LLM weights (a directory saved by `minillava quantize` is int8 regardless)."""
-    from minillava.interop.onnx_runtime import load_for_inference
+    from minillava.interop.exported import load_for_inference
     from minillava.quantize import parse_scheme
 
     parse_scheme(quantize)  # a bad name fails before the data and the model load

@@ -33,12 +33,13 @@ from transformers import DynamicCache, PreTrainedModel
 
 from minillava.fileio import atomic_dir
 from minillava.generate import stop_token_ids
+from minillava.interop.exported import ONNX_MANIFEST
 from minillava.interop.hf import ExportError, _merged_llm
 from minillava.model import MiniLlava, _cache_keyword
 from minillava.processor import PROCESSOR_CONFIG, Processor
 
 FORMAT_VERSION = 1
-MANIFEST = "minillava_onnx.json"
+MANIFEST = ONNX_MANIFEST
 VISION, EMBED, DECODER = "vision.onnx", "embed_tokens.onnx", "decoder.onnx"
 QUANT_SCHEMES = ("none", "int8")
 OPSET = 18

@@ -1,9 +1,5 @@
-"""Run a `minillava export --format onnx` directory on onnxruntime, through minillava's own generation code.
-
-`OnnxModel` answers the calls `generate.decode` makes of a MiniLlava (a prefill with images, then one token
-at a time on the KV cache) by running the three exported graphs; the splice between them is minillava's
-own. So `Generator`, `minillava generate` and `minillava eval` run an export with the same prompt rendering,
-left padding, positions, stop tokens and sampling as the torch model, and their answers can be compared.
+"""Run a `minillava export --format onnx` directory on onnxruntime, through minillava's own generation code
+(`minillava.interop.exported`): the three graphs answer the calls `generate.decode` makes of a MiniLlava.
 
     prefill:  embed_tokens(ids) (B, T, D), vision(pixels) (I, N, D) --splice--> decoder(past of length 0)
     step:     embed_tokens(token) (B, 1, D) --> decoder(past) --> logits (B, 1, V), presents (past + 1)
@@ -12,18 +8,16 @@ left padding, positions, stop tokens and sampling as the torch model, and their 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
+from minillava.interop.exported import ExportedModel
 from minillava.interop.onnx_export import FORMAT_VERSION, MANIFEST, past_names
 from minillava.model import Output, positions_from_mask
 from minillava.processor import Processor
-from minillava.splice import splice_image_features
 
 
 def is_onnx_dir(path: str | Path) -> bool:
@@ -31,29 +25,17 @@ def is_onnx_dir(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-@dataclass
-class OnnxConfig:
-    """The two fields of ModelConfig that generation reads."""
-
-    image_token_id: int
-    fusion: str = "splice"
-
-
-class OnnxModel(nn.Module):
-    """The exported graphs behind MiniLlava's forward signature (inference, batch-first, CPU tensors in and out).
-
-    An nn.Module with no parameters only so that code written for a MiniLlava (`.eval()`, `.modules()`) runs
-    unchanged; the past travels as the decoder's flat numpy presents."""
+class OnnxModel(ExportedModel):
+    """The exported graphs behind MiniLlava's forward signature; the past travels as the decoder's flat numpy
+    presents."""
 
     def __init__(self, directory: str | Path, providers: list[str] | None = None) -> None:
-        super().__init__()
         import onnxruntime as ort  # optional dependency: `pip install minillava[onnx]`
 
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
-        m = self.manifest
-        self.config = OnnxConfig(image_token_id=m["image"]["token_id"])
-        self.tokens_per_image = m["image"]["tokens_per_image"]
+        directory = Path(directory)
+        m = read_manifest(directory)
+        super().__init__(m["image"]["token_id"], m["image"]["tokens_per_image"])
+        self.directory, self.manifest = directory, m
         self.quantization = (m.get("quantization") or {}).get("scheme", "none")
         providers = providers or ["CPUExecutionProvider"]
         files = {name: str(self.directory / file) for name, file in m["files"].items()}
@@ -64,29 +46,13 @@ class OnnxModel(nn.Module):
         self.past_names = past_names(dec["num_layers"])
         self.kv_shape = (dec["num_kv_heads"], dec["head_dim"])
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D)
         (features,) = self.vision.run(None, {"pixel_values": _np(pixel_values, np.float32)})
         return torch.from_numpy(features)
 
-    def embed(
-        self,
-        input_ids: torch.Tensor,  # (B, T)
-        pixel_values: torch.Tensor | None = None,  # (I, 3, H, W)
-        image_counts: torch.Tensor | None = None,  # (B,)
-    ) -> torch.Tensor:  # (B, T, D)
-        """Text embeddings with each image's N tokens at its N placeholders: MiniLlava.embed on the graphs."""
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
         (text,) = self.embed_tokens.run(None, {"input_ids": _np(input_ids, np.int64)})
-        features = None if pixel_values is None else self.encode_images(pixel_values)
-        per_row = None if image_counts is None else [int(c) * self.tokens_per_image for c in image_counts.tolist()]
-        return splice_image_features(input_ids, torch.from_numpy(text), features, self.config.image_token_id, per_row)
+        return torch.from_numpy(text)
 
     def forward(
         self,
@@ -158,15 +124,3 @@ def load_onnx(
     except ImportError:
         raise ImportError("running an ONNX export needs onnxruntime: pip install 'minillava[onnx]'") from None
     return OnnxModel(directory, providers).eval(), Processor.from_pretrained(directory)
-
-
-def load_for_inference(
-    directory: str, dtype: str = "float32", device: str | None = None, quantize: str | None = None
-) -> tuple[nn.Module, Processor]:
-    """(model, processor) for `Generator`, as `generate` and `eval` load them: an ONNX export on onnxruntime,
-    else a minillava or transformers Llava directory (int8 if asked, or stored by `minillava quantize`)."""
-    from minillava.quantize import load
-
-    if is_onnx_dir(directory):
-        return load_onnx(directory, dtype, quantize)
-    return load(directory, dtype, device, quantize=quantize)

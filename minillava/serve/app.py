@@ -382,7 +382,7 @@ class ChatService:
         if settings.batching == "continuous" and ContinuousEngine.supports(generator):
             engine = ContinuousEngine
         elif settings.batching == "continuous":
-            log.info("continuous batching needs fusion splice and full-attention layers; using static batches")
+            log.info("continuous batching needs a torch model (fusion splice, full-attention layers): static batches")
         self.engine = engine(generator, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_queue)
         self.fetcher = ImageFetcher(settings)
         self.max_text = settings.max_text_chars or 32 * self.context

@@ -628,7 +628,11 @@ class ContinuousEngine(BatchEngine):
 
     @staticmethod
     def supports(generator: Generator) -> bool:
+        from minillava.model import MiniLlava
+
         model = generator.model
+        if not isinstance(model, MiniLlava):  # an export: its cache lives in its runtime, which cannot merge rows
+            return False
         layers = getattr(model.llm.config, "layer_types", None) or []
         return model.config.fusion == "splice" and all(t == "full_attention" for t in layers)
 

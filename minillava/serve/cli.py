@@ -127,8 +127,13 @@ def load_for_serving(directory: str, dtype: str = "float32", device: str = "auto
 
     import minillava
     from minillava import quantize as q8
+    from minillava.interop.exported import is_export_dir, load_for_inference
     from minillava.runtime import default_device
 
+    if is_export_dir(directory):  # ONNX Runtime or llama.cpp: precision and weights were fixed at export
+        model, processor = load_for_inference(directory, dtype, quantize=quantize)
+        log.info("precision: as exported (%s); static batches", type(model).__name__)
+        return model, processor
     scheme = q8.parse_scheme(quantize)
     dev = default_device() if device == "auto" else torch.device(device)
     want, why = choose_dtype(dtype, dev)

@@ -1,0 +1,100 @@
+"""What an exported model (ONNX Runtime, llama.cpp) shares: MiniLlava's generation surface over a decoder that
+runs outside torch.
+
+`generate.decode` asks a model for a prefill with images, then one token at a time on its cache; a subclass answers
+by running its runtime, while the splice of image tokens into the text stays minillava's own. So `Generator`,
+`minillava generate` and `minillava eval` run an export with the torch model's prompt rendering, left padding,
+positions, stop tokens and sampling, and their answers can be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from minillava.processor import Processor
+from minillava.splice import splice_image_features
+
+# each export's manifest file (minillava.interop.onnx_export.MANIFEST, gguf_export.MANIFEST): importing those
+# modules would pull torch.onnx and gguf into every load
+ONNX_MANIFEST, GGUF_MANIFEST = "minillava_onnx.json", "minillava_gguf.json"
+
+
+@dataclass
+class ExportedConfig:
+    """The two fields of ModelConfig that generation reads."""
+
+    image_token_id: int
+    fusion: str = "splice"
+
+
+class ExportedModel(nn.Module):
+    """A model behind MiniLlava's forward signature (inference, batch-first, float32 CPU tensors in and out).
+
+    An nn.Module only so that code written for a MiniLlava (`.eval()`, `.modules()`) runs unchanged."""
+
+    def __init__(self, image_token_id: int, tokens_per_image: int) -> None:
+        super().__init__()
+        self.config = ExportedConfig(image_token_id=image_token_id)
+        self.tokens_per_image = tokens_per_image
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def reserve(self, rows: int, tokens_per_row: int) -> None:
+        """The next generation's batch size and longest row (prompt + new tokens), said before its prefill: a
+        runtime that sizes its cache up front (llama.cpp) sizes it here; the others need nothing."""
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D)
+        raise NotImplementedError
+
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
+        raise NotImplementedError
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        pixel_values: torch.Tensor | None = None,  # (I, 3, H, W)
+        image_counts: torch.Tensor | None = None,  # (B,)
+    ) -> torch.Tensor:  # (B, T, D)
+        """Text embeddings with each image's N tokens at its N placeholders, as MiniLlava.embed."""
+        features = None if pixel_values is None else self.encode_images(pixel_values)
+        per_row = None
+        if image_counts is not None:
+            counts = [int(c) for c in image_counts.tolist()]
+            images = 0 if features is None else features.shape[0]
+            if sum(counts) != images:
+                raise ValueError(f"the rows' image counts add up to {sum(counts)} images, but {images} were given")
+            per_row = [c * self.tokens_per_image for c in counts]
+        text = self.text_embeddings(input_ids)
+        return splice_image_features(input_ids, text, features, self.config.image_token_id, per_row)
+
+
+def load_for_inference(
+    directory: str, dtype: str = "float32", device: str | None = None, quantize: str | None = None
+) -> tuple[nn.Module, Processor]:
+    """(model, processor) for `Generator`, as `generate`, `eval` and `chat` load them: an ONNX export on
+    onnxruntime, a GGUF export on llama.cpp, else a minillava or transformers Llava directory (int8 if asked, or
+    stored by `minillava quantize`)."""
+    from minillava.interop.llamacpp_runtime import load_gguf
+    from minillava.interop.onnx_runtime import load_onnx
+    from minillava.quantize import load
+
+    if (Path(directory) / ONNX_MANIFEST).is_file():
+        return load_onnx(directory, dtype, quantize)
+    if (Path(directory) / GGUF_MANIFEST).is_file():
+        return load_gguf(directory, dtype, quantize)
+    return load(directory, dtype, device, quantize=quantize)
+
+
+def is_export_dir(directory: str | Path) -> bool:
+    """A directory written by `minillava export --format onnx` or `--format gguf`."""
+    return any((Path(directory) / manifest).is_file() for manifest in (ONNX_MANIFEST, GGUF_MANIFEST))

@@ -1,0 +1,229 @@
+"""GGUF export (the LLM for llama.cpp, beside minillava's image encoder) and the llama.cpp runner: llama.cpp must
+compute the torch model's logits from the spliced embeddings, pick its greedy tokens, and read the tokenizer and chat
+template the model was trained with."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import pytest
+import torch
+from tiny_models import images, louden, samples
+
+pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from minillava.cli import main  # noqa: E402
+from minillava.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
+from minillava.generate import GenerationConfig, decode, stop_token_ids  # noqa: E402
+from minillava.interop.gguf_export import MANIFEST, export_gguf  # noqa: E402
+from minillava.interop.hf import ExportError, _export_chat_template  # noqa: E402
+from minillava.interop.llamacpp_runtime import is_gguf_dir, load_gguf  # noqa: E402
+from minillava.model import MiniLlava  # noqa: E402
+from minillava.processor import Encoded, Processor  # noqa: E402
+
+# float32 weights and a float32 KV cache against float32 torch: only the order of the sums differs, but this loud
+# random LLM (weights ~0.3) has logits in the tens, so the bound is relative to their size
+REL_TOL = 1e-4
+PROMPTS = ["What is in the picture?", "describe the image", "What colour is it?", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def exported(build_tiny, tmp_path_factory):
+    """projector, type -> (torch model, processor, LlamaCppModel, its processor), each exported once."""
+    made: dict[tuple[str, str], tuple] = {}
+
+    def get(projector: str = "mlp2x_gelu", weight_type: str = "f32") -> tuple:
+        key = (projector, weight_type)
+        if key not in made:
+            model, processor = build_tiny(projector=projector)
+            louden(model)  # answers that depend on the prompt and image
+            out = tmp_path_factory.mktemp("gguf") / "-".join(key)
+            export_gguf(model.eval(), processor, out, weight_type)
+            made[key] = (model, processor, *load_gguf(out))
+        return made[key]
+
+    return get
+
+
+def greedy_tokens(model: torch.nn.Module, processor: Processor, batch: list[Encoded], n: int) -> list[list[int]]:
+    cfg = GenerationConfig(max_new_tokens=n)
+    steps = decode(model, processor.collate(batch, "left"), cfg, stop_token_ids(processor), processor.pad_token_id)
+    return torch.stack([token for token, _ in steps], dim=1).tolist()
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+def test_prefill_and_step_logits_equal_torch(exported):
+    model, processor, gguf_model, _ = exported()
+    batch = processor.collate(samples(processor), padding_side="left")
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    counts = batch["image_counts"]
+    with torch.no_grad():
+        ref = model(ids, mask, pixels, use_cache=True, image_counts=counts)
+    got = gguf_model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_counts=counts)
+    assert got.logits.shape == (3, 1, model.llm.config.vocab_size)
+    assert relative_error(got.logits[:, -1], ref.logits[:, -1]) < REL_TOL
+    token = ref.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    position = mask.sum(-1, keepdim=True) - 1
+    with torch.no_grad():
+        ref_step = model(token, mask, position_ids=position, past_key_values=ref.past_key_values, use_cache=True)
+    got_step = gguf_model(token, mask, position_ids=position, past_key_values=got.past_key_values, use_cache=True)
+    assert relative_error(got_step.logits[:, -1], ref_step.logits[:, -1]) < REL_TOL
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "perceiver"])
+def test_greedy_tokens_equal_torch_generate(exported, projector):
+    model, processor, gguf_model, gguf_processor = exported(projector)
+    expected = greedy_tokens(model, processor, samples(processor), 8)
+    got = greedy_tokens(gguf_model, gguf_processor, samples(gguf_processor), 8)
+    assert got == expected
+    assert len({tuple(row) for row in expected}) > 1  # the rows differ: the prompts and images matter
+
+
+def test_rows_decode_as_they_would_alone(exported):
+    """Each row is its own llama.cpp sequence: batched greedy tokens equal one-at-a-time ones."""
+    _, processor, gguf_model, _ = exported()
+    prompts = [processor.prompt(q, images(1, seed=s)) for s, q in enumerate(PROMPTS)]
+    together = greedy_tokens(gguf_model, processor, prompts, 6)
+    alone = [greedy_tokens(gguf_model, processor, [p], 6)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("weight_type", ["f16", "q8_0"])
+def test_smaller_types_stay_close_to_float32(exported, weight_type):
+    _, processor, float_model, _ = exported()
+    _, _, small_model, _ = exported(weight_type=weight_type)
+    files = [m.directory / m.manifest["files"]["llm"] for m in (small_model, float_model)]
+    assert files[0].stat().st_size < 0.6 * files[1].stat().st_size
+    batch = processor.collate([processor.prompt(q, images(1, seed=s)) for s, q in enumerate(PROMPTS)], "left")
+    args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    expected = float_model(*args, logits_to_keep=1).logits[:, -1]
+    got = small_model(*args, logits_to_keep=1).logits[:, -1]
+    error = (got - expected).norm() / expected.norm()
+    # q8_0 rounds the activations to 8 bits too (its dot products are int8 x int8), on logits this loud
+    assert 0 < error < (0.01 if weight_type == "f16" else 0.08)
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+
+
+def test_gguf_carries_the_training_tokenizer_and_template(exported):
+    """llama.cpp's own tokenizer, read from the file, splits text as the model's tokenizer did; the chat template
+    and special ids are the processor's."""
+    from gguf import GGUFReader
+
+    _, processor, gguf_model, _ = exported()
+    vocab = llama_cpp.llama_model_get_vocab(gguf_model.llm)
+    tok = processor.tokenizer
+    for text in ["What is in the picture?", "a red square on the left\nof a blue circle!", "  spaces  and 123 4.5"]:
+        buffer = (llama_cpp.llama_token * 256)()
+        raw = text.encode()
+        n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buffer, 256, False, True)
+        assert list(buffer[:n]) == tok(text, add_special_tokens=False)["input_ids"], text
+    reader = GGUFReader(gguf_model.directory / gguf_model.manifest["files"]["llm"])
+    fields = {name: reader.fields[name].contents() for name in reader.fields if not name.startswith("tokenizer.ggml.t")}
+    assert fields["tokenizer.chat_template"] == _export_chat_template(processor)
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["llama.vocab_size"] == len(tok)  # <image> included
+    image_token = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, processor.image_token_id, image_token, 64, 0, True)
+    assert image_token.raw[:n].decode() == processor.image_token
+
+
+def test_manifest_and_processor(exported):
+    model, processor, gguf_model, gguf_processor = exported()
+    m = json.loads((gguf_model.directory / MANIFEST).read_text())
+    assert m["format"] == "minillava-gguf" and m["type"] == "f32"
+    assert m["image"]["token_id"] == processor.image_token_id
+    assert m["image"]["tokens_per_image"] == model.tokens_per_image
+    assert m["eos_token_ids"] == stop_token_ids(processor)
+    assert gguf_processor.prompt("hi", images(1)).input_ids == processor.prompt("hi", images(1)).input_ids
+    assert not (gguf_model.directory / "llm" / "model.safetensors").exists()  # the LLM lives in the GGUF only
+
+
+def test_export_merges_lora(build_tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = build_tiny()
+    louden(model)
+    torch.manual_seed(4)
+    get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    gguf_model, _ = load_gguf(export_gguf(model.eval(), processor, tmp_path / "gguf", "f32"))
+    batch = processor.collate(samples(processor)[:1])
+    args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    with torch.no_grad():
+        ref = model(*args).logits[:, -1]
+    assert relative_error(gguf_model(*args, logits_to_keep=1).logits[:, -1], ref) < REL_TOL
+
+
+# ---- what is refused --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "opt"])
+def test_refuses_other_llm_architectures(build_tiny, tmp_path, llm):
+    model, processor = build_tiny(llm=llm)
+    with pytest.raises(ExportError, match=f"LLM architecture '{llm}' is not exported to GGUF yet; supported:"):
+        export_gguf(model, processor, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_refuses_xattn_and_anyres(asset_dir, tmp_path):
+    vision = VisionConfig(source=str(asset_dir("vision", "clip")))
+    common = dict(vision=vision, llm_source=str(asset_dir("llm", "llama")))
+    perceiver = ProjectorConfig(name="perceiver")
+    xattn, processor = MiniLlava.build(ModelConfig(projector=perceiver, fusion="xattn", **common))
+    with pytest.raises(ExportError, match="fusion 'xattn' cannot be exported to GGUF"):
+        export_gguf(xattn, processor, tmp_path / "gguf")
+    anyres, processor = MiniLlava.build(
+        ModelConfig(projector=ProjectorConfig(name="mlp2x_gelu"), aspect="resize",
+                    image_grid_pinpoints=[[32, 64], [64, 32]], **common)  # fmt: skip
+    )
+    with pytest.raises(ExportError, match="AnyRes"):
+        export_gguf(anyres, processor, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+# ---- the CLI ----------------------------------------------------------------------------------------------
+
+
+def test_cli_export_then_generate_eval_and_chat(build_tiny, tmp_path, capsys):
+    model, processor = build_tiny()
+    louden(model)
+    model.save_pretrained(tmp_path / "model", processor)
+    images(1)[0].save(tmp_path / "image.png")
+    out = tmp_path / "gguf"
+    export = ["export", "--model", str(tmp_path / "model"), "--format", "gguf", "--type", "f32", "--out", str(out)]
+    assert main(export) == 0
+    assert is_gguf_dir(out) and "GGUF" in capsys.readouterr().out
+    answers = {}
+    for name in ("model", "gguf"):
+        ask = ["generate", "--model", str(tmp_path / name), "--image", str(tmp_path / "image.png"), "--prompt", "What?"]
+        assert main([*ask, "--max-new-tokens", "8", "--dtype", "float32"]) == 0
+        answers[name] = capsys.readouterr().out
+    assert answers["gguf"] == answers["model"] and answers["model"].strip()
+    data = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "image": "image.png", "question": q, "answer": "yes"} for i, q in enumerate(PROMPTS)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    predictions = {}
+    for name in ("model", "gguf"):
+        args = ["eval", "--model", str(tmp_path / name), "--data", str(data), "--metric", "exact"]
+        assert main([*args, "--out", str(tmp_path / f"eval-{name}"), "--max-new-tokens", "6", "--dtype", "float32",
+                     "--no-progress"]) == 0  # fmt: skip
+        lines = (tmp_path / f"eval-{name}" / "predictions.jsonl").read_text().splitlines()
+        predictions[name] = [json.loads(line)["prediction"] for line in lines]
+    assert predictions["gguf"] == predictions["model"]
+
+
+def test_cli_refuses_type_without_gguf_and_load_time_quantize(tmp_path, capsys, exported):
+    _, _, gguf_model, _ = exported()
+    export = ["export", "--model", str(tmp_path), "--format", "hf", "--type", "q8_0", "--out", str(tmp_path / "x")]
+    assert main(export) == 1
+    assert "--type applies to --format gguf" in capsys.readouterr().err
+    assert main(["generate", "--model", str(gguf_model.directory), "--prompt", "hi", "--quantize", "int8"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "quantized when exported" in err
+
