@@ -1,9 +1,12 @@
 """The quality guard of the fast CPU paths (issue 23): a trained demo model answers its evaluation questions in
 float32, in int8 (weight-only, `--quantize int8`) and in bf16 (where this CPU has bf16 units); each precision's
 answers are compared with float32's, question by question, and its accuracy with float32's. One JSON object.
+`--exports` adds the model's exports run on their runtimes (issue 25): `gguf_q8_0` / `gguf_f16` (llama.cpp) and
+`onnx_int8` (onnxruntime), each exported into DEMO/quantize_check first.
 
     minillava demo --out runs/demo                  # or --eval-on validation: any demo output directory
     python benchmarks/quantize_demo_check.py --demo runs/demo [--splits val val_shift] [--limit 200]
+                                             [--exports gguf_q8_0 gguf_f16 onnx_int8]
 
 The guard: answers agree with float32's on >= 97 % of questions and accuracy moves by <= 1 point.
 """
@@ -28,10 +31,29 @@ AGREEMENT_TARGET = 0.97
 ACCURACY_MOVE = 0.01
 
 
-def load(model_dir: Path, precision: str):
+EXPORTS = ("gguf_q8_0", "gguf_f16", "onnx_int8")
+
+
+def load(model_dir: Path, precision: str, tmp: Path):
+    if precision in EXPORTS:
+        return load_export(model_dir, precision, tmp / precision)
     dtype = "bfloat16" if precision == "bf16" else "float32"
     model, processor = quantize.load(str(model_dir), dtype, quantize="int8" if precision == "int8" else None)
     return model.eval(), processor
+
+
+def load_export(model_dir: Path, kind: str, out: Path):
+    """The float32 model exported (`minillava export --format gguf --type T` / `--format onnx --quantize int8`)."""
+    model, processor = quantize.load(str(model_dir), "float32")
+    if kind.startswith("gguf_"):
+        from minillava.interop.gguf_export import export_gguf
+        from minillava.interop.llamacpp_runtime import load_gguf
+
+        return load_gguf(export_gguf(model, processor, out, kind.removeprefix("gguf_")))
+    from minillava.interop.onnx_export import export_onnx
+    from minillava.interop.onnx_runtime import load_onnx
+
+    return load_onnx(export_onnx(model, processor, out, "int8"))
 
 
 def split_files(demo: Path, names: list[str] | None) -> dict[str, Path]:
@@ -59,6 +81,7 @@ def main() -> None:
     ap.add_argument("--demo", required=True, type=Path, help="a `minillava demo --out` directory")
     ap.add_argument("--splits", nargs="*", help="evaluation splits (default: every *.jsonl in DEMO/data)")
     ap.add_argument("--limit", type=int, help="questions per split (default: all)")
+    ap.add_argument("--exports", nargs="*", choices=EXPORTS, default=[], help="also run these exports")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", help="also write the JSON here")
@@ -68,12 +91,13 @@ def main() -> None:
     model_dir = args.demo / "model"
     files = split_files(args.demo, args.splits)
     precisions = ["float32", "int8"] + (["bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    precisions += args.exports
     tmp = args.demo / "quantize_check"
     tmp.mkdir(exist_ok=True)
     answers: dict[str, dict[str, list[dict]]] = {}
     seconds: dict[str, float] = {}
     for precision in precisions:
-        model, processor = load(model_dir, precision)
+        model, processor = load(model_dir, precision, tmp)
         start = time.perf_counter()
         answers[precision] = {
             split: answer_split(model, processor, args.demo / "data", split, limited(path, args.limit, tmp),

@@ -7,11 +7,6 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # torch first, pinned to the CPU wheel this machine kind ships: a looser requirement would pull a CUDA build.
 pip_install torch==2.13.0
-# llama.cpp, the engine of GGUF exports (the llamacpp extra), compiles from its sdist (~7 min on 2 cores; pip caches
-# the wheel). For AVX2, not for this CPU (-march=native): installs and pip's cache outlive a session, and the CPU
-# kind changes between sessions (an AVX-512 build would die with "illegal instruction" on an AVX2-only one).
-CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-  pip_install llama-cpp-python==0.3.36
 pip_install -e ".[serve,test]"
 # DeepSpeed (--strategy deepspeed-zero2|3, tests/train/test_distributed_deepspeed.py): an sdist; DS_BUILD_OPS=0
 # pre-builds no kernels. Its requirement torch>=2.0 is met by the wheel above (no other torch is pulled).

@@ -21,4 +21,12 @@ if [ ! -x "$TV/bin/python" ] || ! "$TV/bin/python" -c "import torchvision, minil
 fi
 "$TV/bin/python" -m pytest tests/torchvision_backend -p no:cacheprovider
 
+# llama.cpp (the llamacpp extra: GGUF exports run on it) compiles from its sdist, ~7 min on 2 cores; pip caches the
+# wheel. Built for AVX2, not for this CPU (-march=native): installs and pip's cache outlive a session while the CPU
+# kind changes between sessions, and an AVX-512 build dies with "illegal instruction" on an AVX2-only one.
+if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+    "$PY" -m pip install --disable-pip-version-check -q llama-cpp-python==0.3.36
+fi
+
 "$PY" -m pytest "$@"
