@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, choices=["none", "int8"],
                    help="onnx: int8 decoder weights (weight-only, onnxruntime MatMulNBits): ~3.6x smaller files, "
                         "slower than float32 on CPU (docs/deploy.md)")  # fmt: skip
-    p.add_argument("--type", default=None, choices=["f32", "f16", "q8_0"],
-                   help="gguf: the LLM's weight type (default f16; q8_0: 8-bit blocks, ~2x smaller, fastest on CPU)")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "q8_0", "q4_0"],
+                   help="gguf: the LLM's weight type (default f16; q8_0: 8-bit blocks, ~2x smaller, fast on CPU; "
+                        "q4_0: 4-bit blocks, check its quality on your data)")  # fmt: skip
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="architecture, token counts and parameter counts")

@@ -6,14 +6,19 @@
                             minillava's image encoder (tower + projector: pixels -> image tokens), run in torch
     DIR/processor_config.json, llm/ (tokenizer)
                             minillava's prompt rendering, so prompts are tokenized as in training
+    DIR/mmproj-<f32|f16>.gguf
+                            the same image encoder in llama.cpp's mmproj layout (`minillava.interop.gguf_mmproj`), so
+                            llama-mtmd-cli / llama-server --mmproj run the model with images; written for CLIP and
+                            SigLIP towers with a linear or mlp2x_gelu projector, else the manifest says why not
     DIR/minillava_gguf.json the manifest: which file is which, how many tokens an image becomes
 
 `minillava generate / eval / chat --model DIR` run such a directory with llama.cpp as the decode engine
 (`minillava.interop.llamacpp_runtime`): minillava splices the image tokens, llama.cpp decodes.
 
-Weights: f32, f16 (matrices; norms stay f32) or q8_0 (matrices in llama.cpp's 8-bit blocks of 32 with one f16
-scale; norms f32). Supported LLMs: Llama-architecture models (Llama, SmolLM, TinyLlama, Vicuna ...) with a
-byte-level BPE tokenizer and plain RoPE; anything else is refused in one line.
+Weights: f32, f16 (matrices; norms stay f32), q8_0 (matrices in llama.cpp's 8-bit blocks of 32 with one f16
+scale; norms f32) or q4_0 (4-bit blocks of 32; the vocabulary rows, which a tied LM head reads too, in q8_0).
+Supported LLMs: Llama-architecture models (Llama, SmolLM, TinyLlama, Vicuna ...) with a byte-level BPE tokenizer
+and plain RoPE; anything else is refused in one line.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from transformers import PreTrainedModel
 from minillava.fileio import atomic_dir
 from minillava.generate import stop_token_ids
 from minillava.interop.exported import GGUF_MANIFEST
+from minillava.interop.gguf_mmproj import CLIP_CLS_NOTE, mmproj_refusal, mmproj_type, write_mmproj
 from minillava.interop.hf import ExportError, _export_chat_template, _merged_llm
 from minillava.model import MiniLlava
 from minillava.processor import PROCESSOR_CONFIG, Processor
@@ -37,9 +43,9 @@ log = logging.getLogger("minillava.gguf")
 
 FORMAT_VERSION = 1
 MANIFEST = GGUF_MANIFEST
-TYPES = ("f32", "f16", "q8_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0")
 SUPPORTED = "fusion splice without AnyRes; Llama-architecture LLMs with a byte-level BPE tokenizer and plain RoPE"
-Q8_BLOCK = 32  # inputs per scale in a q8_0 block
+QUANT_BLOCK = 32  # inputs per scale in a q8_0 / q4_0 block
 
 
 def export_gguf(model: MiniLlava, processor: Processor, out_dir: str | Path, weight_type: str = "f16") -> Path:
@@ -52,11 +58,26 @@ def export_gguf(model: MiniLlava, processor: Processor, out_dir: str | Path, wei
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_llm_gguf(llm, processor, tmp / llm_file, weight_type)
+        mmproj = _write_mmproj_if_supported(model, processor, tmp, weight_type)
         model.save_image_encoder(tmp, processor)
         processor.save_pretrained(tmp)
-        manifest = build_manifest(model, processor, llm, llm_file, weight_type)
+        manifest = build_manifest(model, processor, llm, llm_file, weight_type, mmproj)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+def _write_mmproj_if_supported(model: MiniLlava, processor: Processor, tmp: Path, weight_type: str) -> dict[str, Any]:
+    """The manifest's `mmproj` entry: the file written, or no file and the one-line reason."""
+    reason = mmproj_refusal(model)
+    if reason is not None:
+        log.info("GGUF: %s", reason)
+        return {"file": None, "reason": reason}
+    name = f"mmproj-{mmproj_type(weight_type)}.gguf"
+    write_mmproj(model, processor, tmp / name, weight_type)
+    entry: dict[str, Any] = {"file": name, "type": mmproj_type(weight_type)}
+    if model.vision.prefix_tokens:  # a CLS token: llama.cpp builds with the ordering bug compute it wrongly
+        entry["note"] = CLIP_CLS_NOTE
+    return entry
 
 
 def check_exportable(model: MiniLlava, processor: Processor) -> None:
@@ -132,8 +153,9 @@ def _write_hparams(writer: Any, llm: PreTrainedModel, weight_type: str) -> None:
     writer.add_rope_freq_base(float(_rope(cfg)["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(llm.get_input_embeddings().num_embeddings)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[weight_type]  # fmt: skip
+    types = gguf.LlamaFileType
+    file_type = {"f32": types.ALL_F32, "f16": types.MOSTLY_F16, "q8_0": types.MOSTLY_Q8_0,
+                 "q4_0": types.MOSTLY_Q4_0}[weight_type]  # fmt: skip
     writer.add_file_type(file_type)
 
 
@@ -222,22 +244,35 @@ def _add_tensor(writer: Any, name: str, array: np.ndarray, weight_type: str) -> 
 
     if array.ndim == 1 or weight_type == "f32":  # norms stay float32 in every type, as llama.cpp keeps them
         writer.add_tensor(name, np.ascontiguousarray(array, np.float32))
-    elif weight_type == "q8_0" and array.shape[-1] % Q8_BLOCK == 0:
-        q8 = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array, np.float32), q8), raw_dtype=q8)
-    else:  # f16, and q8_0 rows that are no whole number of blocks
+        return
+    kind = weight_type
+    if kind == "q4_0" and name in ("token_embd.weight", "output.weight"):
+        kind = "q8_0"  # the vocabulary rows (and a tied LM head) at 8 bits, as llama.cpp's own 4-bit files keep them
+    if kind in ("q8_0", "q4_0") and array.shape[-1] % QUANT_BLOCK == 0:
+        qtype = gguf.GGMLQuantizationType.Q8_0 if kind == "q8_0" else gguf.GGMLQuantizationType.Q4_0
+        writer.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(array, np.float32), qtype), raw_dtype=qtype)
+    else:  # f16, and quantized types' rows that are no whole number of blocks
         writer.add_tensor(name, np.ascontiguousarray(array, np.float16))
 
 
 def build_manifest(
-    model: MiniLlava, processor: Processor, llm: PreTrainedModel, llm_file: str, weight_type: str
+    model: MiniLlava,
+    processor: Processor,
+    llm: PreTrainedModel,
+    llm_file: str,
+    weight_type: str,
+    mmproj: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a runtime needs beyond the GGUF: which file is which and how image tokens are spliced."""
+    files = {"llm": llm_file, "processor_config": PROCESSOR_CONFIG, "tokenizer": "llm"}
+    if mmproj and mmproj.get("file"):
+        files["mmproj"] = mmproj["file"]
     return {
         "format": "minillava-gguf",
         "format_version": FORMAT_VERSION,
-        "files": {"llm": llm_file, "processor_config": PROCESSOR_CONFIG, "tokenizer": "llm"},
+        "files": files,
         "type": weight_type,
+        "mmproj": mmproj or {"file": None, "reason": "not requested"},
         "image_encoder": "minillava (config.json, vision/, projector.safetensors): pixels -> image tokens in torch",
         "image": {
             "token": processor.image_token,

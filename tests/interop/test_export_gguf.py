@@ -94,20 +94,23 @@ def test_rows_decode_as_they_would_alone(exported):
     assert together == alone
 
 
-@pytest.mark.parametrize("weight_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("weight_type", ["f16", "q8_0", "q4_0"])
 def test_smaller_types_stay_close_to_float32(exported, weight_type):
     _, processor, float_model, _ = exported()
     _, _, small_model, _ = exported(weight_type=weight_type)
     files = [m.directory / m.manifest["files"]["llm"] for m in (small_model, float_model)]
-    assert files[0].stat().st_size < 0.6 * files[1].stat().st_size
+    assert files[0].stat().st_size < {"f16": 0.6, "q8_0": 0.4, "q4_0": 0.3}[weight_type] * files[1].stat().st_size
     batch = processor.collate([processor.prompt(q, images(1, seed=s)) for s, q in enumerate(PROMPTS)], "left")
     args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
     expected = float_model(*args, logits_to_keep=1).logits[:, -1]
     got = small_model(*args, logits_to_keep=1).logits[:, -1]
     error = (got - expected).norm() / expected.norm()
     # q8_0 rounds the activations to 8 bits too (its dot products are int8 x int8), on logits this loud
-    assert 0 < error < (0.01 if weight_type == "f16" else 0.08)
-    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
+    # 4 bits on a 32-wide LLM with weights ~0.3 move the logits by a third: q4_0 is checked to run and to stay
+    # correlated here; its quality on real weights is measured by benchmarks/quantize_demo_check.py --exports
+    assert 0 < error < {"f16": 0.01, "q8_0": 0.08, "q4_0": 0.5}[weight_type]
+    if weight_type != "q4_0":
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.75
 
 
 def test_gguf_carries_the_training_tokenizer_and_template(exported):
