@@ -35,8 +35,9 @@ about the mix, not measured on the file (LLAVA665K below lists every parameter):
 At 576 image tokens and 2048 this gives a mean of ~808 tokens per sample (266 of text), median 780, p90 1010.
 Each variant goes over the same samples once, in micro-batches of the shape's batch (4; quick 2), --accum (1) per
 optimizer step:
-  (a) ours packed: each micro-batch's samples in rows of at most --max-tokens-per-batch tokens (minillava's
-      plan_rows + pack_batch, as `minillava train --packing` does: block-diagonal causal mask, positions per sample),
+  (a) ours packed: micro-batches of the shape's batch in rows of at most --max-tokens-per-batch tokens, filled by
+      tokens (minillava's TokenBudgetSampler, next_fit_rows + pack_batch, as `minillava train --packing` does:
+      as many samples a micro-batch as fit, block-diagonal causal mask, positions per sample; fewer steps),
   (b) ours padded to each micro-batch's longest, (c) the peer padded, both in the same random order as (a),
   (d) the peer with length-grouped batches (minillava.data.sampler.global_batches, LLaVA's
       group_by_modality_length: modalities apart, each global batch sorted by length before it is cut into
@@ -81,8 +82,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import best_of, machine, matmul_peak, peak_memory, sync, write_json  # noqa: E402
 
 from minillava.config import ModelConfig, VisionConfig
-from minillava.data.packing import pack_batch, plan_rows
-from minillava.data.sampler import global_batches
+from minillava.data.packing import next_fit_rows, pack_batch
+from minillava.data.sampler import TokenBudgetSampler, global_batches
 from minillava.model import MiniLlava
 from minillava.projectors import build_projector
 from minillava.runtime import compile_decoder_layers, fast_bfloat16
@@ -357,8 +358,8 @@ def collate(samples: list[Sample], order: list[int]) -> dict:
 
 def packed(samples: list[Sample], order: list[int], budget: int) -> dict:
     """What `minillava train --packing --max-tokens-per-batch budget` feeds for one micro-batch (data.Collator):
-    plan_rows' first-fit decreasing rows, the samples collated in row order, then pack_batch."""
-    plan = plan_rows([len(samples[i].ids) for i in order], budget)
+    next_fit_rows' rows (the sampler's), the samples collated in row order, then pack_batch."""
+    plan = next_fit_rows([len(samples[i].ids) for i in order], budget)
     in_rows = [order[i] for row in plan for i in row]  # row order: images stay in reading order
     ends = list(itertools.accumulate(len(row) for row in plan))
     rows = [list(range(end - len(row), end)) for row, end in zip(plan, ends, strict=True)]
@@ -465,7 +466,7 @@ def check_packed_equals_padded(model: MiniLlava, samples: list[Sample], order: l
     The loss alone is a weak witness at random weights (near-uniform logits: letting packed samples attend to
     each other moved it by 8e-5 relative at the quick shapes, while it moved their hidden states by 0.34)."""
     step_module = TrainStep(model, tune_vision=False)
-    in_rows = [order[i] for row in plan_rows([len(samples[i].ids) for i in order], budget) for i in row]
+    in_rows = [order[i] for row in next_fit_rows([len(samples[i].ids) for i in order], budget) for i in row]
     losses, states = [], []
     for b, sample_order in ((packed(samples, order, budget), in_rows), (collate(samples, order), order)):
         b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
@@ -490,7 +491,7 @@ def check_packed_equals_padded(model: MiniLlava, samples: list[Sample], order: l
         raise SystemExit(f"packed and padded differ on a micro-batch (samples {order}): loss {losses[0]:.6f} packed, "
                          f"{losses[1]:.6f} padded (rel {rel:.1e}), hidden states rel {hidden:.1e}; the limit is 1e-4: "
                          "not timing a wrong computation")  # fmt: skip
-    return {"check_samples": order, "check_rows": plan_rows([len(samples[i].ids) for i in order], budget),
+    return {"check_samples": order, "check_rows": next_fit_rows([len(samples[i].ids) for i in order], budget),
             "check_loss_packed": losses[0], "check_loss_padded": losses[1], "check_loss_rel_diff": rel,
             "check_hidden_rel_diff": hidden}  # fmt: skip
 
@@ -514,7 +515,9 @@ def lengths_bench(args: argparse.Namespace, s: dict, device: torch.device, preci
         return [step[i : i + micro] for i in range(0, len(step), micro)]
 
     padded_steps = [[collate(samples, m) for m in micro_batches(c)] for c in random_order]
-    packed_steps = [[packed(samples, m, budget) for m in micro_batches(c)] for c in random_order]
+    # ours packed: `micro` rows of `budget` tokens a micro-batch, as many samples as fit (`train --packing`)
+    filled = TokenBudgetSampler(lengths, micro, budget, accum, seed=args.seed).epoch_batches(0)
+    packed_steps = [[packed(samples, m, budget) for m in filled[i : i + accum]] for i in range(0, len(filled), accum)]
     grouped_steps = [[collate(samples, m) for m in micro_batches(c)] for c in grouped]
     # warm-up: one step on the shortest sample in each layout (first-touch allocations, AdamW states)
     warm = [min(range(n), key=lambda i: lengths[i])]
@@ -532,7 +535,7 @@ def lengths_bench(args: argparse.Namespace, s: dict, device: torch.device, preci
     model = build_ours(s, 2, "fp32", device)
     # the check: the first micro-batch (in step order) that packing changes, i.e. that puts two samples in one row
     firsts = [m for c in random_order for m in micro_batches(c)]
-    shared = [m for m in firsts if any(len(row) > 1 for row in plan_rows([lengths[i] for i in m], budget))]
+    shared = [m for m in firsts if any(len(row) > 1 for row in next_fit_rows([lengths[i] for i in m], budget))]
     r |= check_packed_equals_padded(model, samples, (shared or firsts)[0], budget, device)
     cfg = TrainConfig(vision="v", llm="l", data=["x"], stage="instruct")
     opt = make_optimizer(param_groups(model, 1e-5, 1e-5, 0.0, 0.0), cfg, device)

@@ -14,7 +14,7 @@ from pathlib import Path
 from minillava.data.dataset import SupervisedDataset
 from minillava.data.formats import BadSampleError, describe_duplicates, duplicate_ids, load_records
 from minillava.data.packing import padding_waste
-from minillava.data.sampler import global_batches
+from minillava.data.sampler import TokenBudgetSampler, global_batches
 from minillava.images import ImageError, load_image
 from minillava.processor import Processor
 
@@ -45,12 +45,15 @@ class CheckReport:
         return [(lo + b * width, lo + (b + 1) * width - 1, counts.get(b, 0)) for b in range(-(-(hi - lo + 1) // width))]
 
     def padding_line(self, batch_size: int, budget: int | None = None) -> str:
-        """Padding waste of length-grouped micro-batches of `batch_size`: padded to the longest vs --packing."""
-        batches = [[self.lengths[i] for i in b] for b in global_batches(self.lengths, batch_size, seed=0, epoch=0)]
+        """Padding waste of length-grouped micro-batches of `batch_size` samples padded to their longest, vs
+        --packing's micro-batches of `batch_size` rows of `budget` tokens filled by tokens (epoch 0, seed 0)."""
+        padded = [[self.lengths[i] for i in b] for b in global_batches(self.lengths, batch_size, seed=0, epoch=0)]
         budget = budget or self.max_length or max(self.lengths)
         budget = max(budget, max(self.lengths))
-        return (f"padding waste (batch {batch_size}, length-grouped): padded {padding_waste(batches):.1%}, "
-                f"packed into rows of {budget} tokens {padding_waste(batches, budget):.1%}")  # fmt: skip
+        filled = TokenBudgetSampler(self.lengths, batch_size, budget).epoch_batches(0)
+        packed = [[self.lengths[i] for i in b] for b in filled]
+        return (f"padding waste (batch {batch_size}, length-grouped): padded {padding_waste(padded):.1%}, "
+                f"packed ({batch_size} rows of {budget} tokens) {padding_waste(packed, budget):.1%}")  # fmt: skip
 
     def format(self, max_errors: int = 20) -> str:
         lines = [

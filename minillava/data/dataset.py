@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from minillava.data.formats import BadSampleError, Record, load_records
-from minillava.data.packing import pack_batch, plan_rows
+from minillava.data.packing import next_fit_rows, pack_batch
 from minillava.images import ImageError, load_image
 from minillava.processor import IGNORE_INDEX, Encoded, Processor
 
@@ -110,6 +110,18 @@ class SupervisedDataset(Dataset):
         for r in self.records:
             n = sum(len(m["content"]) for m in r.messages) // 4 + len(r.images) * per_image + 1
             out.append(n if r.images else -n)
+        return out
+
+    def token_lengths(self) -> list[int]:
+        """Every sample's exact token count after image expansion (and --truncate): what --packing fills its
+        rows with, so the counts must be the collator's. Tokenises each record once (AnyRes: decodes its images
+        for their sizes); a bad sample counts 1 token and is reported by the loader in its turn, as ever."""
+        out = []
+        for rec in self.records:
+            try:
+                out.append(1 if rec.error else len(self.tokenize(rec)[0]))
+            except BadSampleError:
+                out.append(1)
         return out
 
     # ---- one sample ----------------------------------------------------------------------------
@@ -205,8 +217,9 @@ class SupervisedDataset(Dataset):
 class Collator:
     """Right-padded batch of the good items, plus what the loop needs to account for the rest.
 
-    With `pack_budget` (--packing) the good items are packed into rows of at most that many tokens (packing.py):
-    collated in row order, then laid end to end, with segment and position ids for per-sample attention."""
+    With `pack_budget` (--packing) the good items are packed in their order into rows of at most that many tokens
+    (`next_fit_rows`: the rows TokenBudgetSampler filled): collated in row order, then laid end to end, with
+    segment and position ids for per-sample attention (packing.py)."""
 
     def __init__(self, processor: Processor, pack_budget: int | None = None) -> None:
         self.processor = processor
@@ -216,7 +229,7 @@ class Collator:
         good = [it for it in items if isinstance(it, Item)]
         rows = None
         if self.pack_budget is not None and good:
-            plan = plan_rows([len(it.encoded.input_ids) for it in good], self.pack_budget, [it.id for it in good])
+            plan = next_fit_rows([len(it.encoded.input_ids) for it in good], self.pack_budget, [it.id for it in good])
             good = [good[i] for row in plan for i in row]  # row order: images stay in reading order
             sizes = itertools.accumulate(len(row) for row in plan)
             rows = [list(range(end - len(row), end)) for row, end in zip(plan, sizes, strict=True)]

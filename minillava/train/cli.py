@@ -44,8 +44,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--on-bad-sample", choices=["error", "skip"], help="stop on a bad sample (default) or skip+count")
     g.add_argument("--num-workers", type=int, help="data loading worker processes (default 2)")
     _bool_flag(g, "group-by-length", "group batches by modality and length (default on)")
-    _bool_flag(g, "packing", "pack each micro-batch's samples into rows of at most --max-tokens-per-batch tokens, "
-               "attention and positions per sample (no padding between samples)")
+    _bool_flag(g, "packing", "pack samples end to end into --batch-size rows of at most --max-tokens-per-batch "
+               "tokens, as many samples a micro-batch as fit; attention and positions per sample")
     g.add_argument("--max-tokens-per-batch", type=int, metavar="N",
                    help="--packing: tokens per packed row (default: --max-length)")
     g.add_argument("--feature-cache", help="directory caching the frozen vision tower's features")
@@ -65,7 +65,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--out", help="run directory: checkpoints/, model/, metrics.jsonl, loss_curve.png")
     g.add_argument("--epochs", type=float)
     g.add_argument("--max-steps", type=int)
-    g.add_argument("--batch-size", type=int, help="per device micro-batch")
+    g.add_argument("--batch-size", type=int, help="per device micro-batch: samples, or packed rows with --packing")
     g.add_argument("--grad-accum", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--projector-lr", type=float)
@@ -149,7 +149,8 @@ def add_data_parser(subparsers) -> None:
     c.add_argument("--stage", choices=["align", "instruct"], default="instruct", help="align uses the plain template")
     c.add_argument("--template", help="chat template override")
     c.add_argument("--max-length", type=int, help="max tokens after image expansion (default: the model's)")
-    c.add_argument("--batch-size", type=int, default=16, help="micro-batch for the padding-waste estimate")
+    c.add_argument("--batch-size", type=int, default=16,
+                   help="micro-batch for the padding-waste estimate (samples; packed: rows)")
     c.add_argument("--max-tokens-per-batch", type=int, help="packed row budget for the estimate (default: max length)")
     c.add_argument("--no-decode", action="store_true", help="only check that image files exist (faster)")
     c.add_argument("--max-errors", type=int, default=20, help="error lines to print")

@@ -42,8 +42,9 @@ class TrainConfig:
     on_bad_sample: str = "error"  # error | skip
     num_workers: int = 2
     group_by_length: bool = True
-    # pack each micro-batch's samples into rows of at most max_tokens_per_batch tokens (default: max_length),
-    # with per-sample (block-diagonal causal) attention and positions restarting per sample: data/packing.py
+    # pack samples into batch_size rows of at most max_tokens_per_batch tokens (default: max_length), as many a
+    # micro-batch as fit (sampler.TokenBudgetSampler), with per-sample (block-diagonal causal) attention and
+    # positions restarting per sample: data/packing.py
     packing: bool = False
     max_tokens_per_batch: int | None = None
     feature_cache: str | None = None

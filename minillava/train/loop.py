@@ -2,7 +2,7 @@
 
     start_run          options checked against this machine, OUT prepared                  -> Run
     setup_model        build/load, freeze(stage) [+ LoRA], resumed weights, device         -> Trainee
-    build_data         feature cache, data set, grouped batch sampler, step counts         -> Data
+    build_data         feature cache, data set, batch sampler (grouped, or token-budget for --packing), steps -> Data
     prepare_projector  input standardisation, word-space warm start (before any LLM step)
     build_optimizer    strategy wrap, AdamW, warmup schedule (+ fp16 scaler), resumed      -> Optim
     open_metrics       metrics JSONL with a start/resume record
@@ -41,7 +41,8 @@ from torch.utils.data import DataLoader
 
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig
 from minillava.data.dataset import Collator, SupervisedDataset, worker_count
-from minillava.data.sampler import GroupedBatchSampler
+from minillava.data.packing import check_fits
+from minillava.data.sampler import GroupedBatchSampler, TokenBudgetSampler
 from minillava.model import MiniLlava
 from minillava.processor import IGNORE_INDEX, Processor
 from minillava.runtime import compile_decoder_layers, fast_bfloat16
@@ -385,9 +386,9 @@ class Data:
     """The training data, and the number of steps it makes."""
 
     dataset: SupervisedDataset
-    sampler: GroupedBatchSampler  # this rank's micro-batches, grad_accum per step
+    sampler: GroupedBatchSampler | TokenBudgetSampler  # this rank's micro-batches, grad_accum per step
     cache: FeatureCache | None
-    steps_per_epoch: int
+    steps_per_epoch: int  # the first epoch's (--packing: later epochs may differ by a step or so)
     total_steps: int
     warmup: int  # warmup steps of the LR schedule
     pack_budget: int | None = None  # --packing: tokens per packed row
@@ -439,9 +440,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     data = build_data(run, trainee)
     warmstart = prepare_projector(run, trainee, data)
     optim = build_optimizer(run, trainee, data)
-    run.say(f"{len(data.dataset)} samples, global batch {data.sampler.global_batch} ({cfg.batch_size} x "
-            f"{cfg.grad_accum} accum x {d.world} ranks), {data.steps_per_epoch} steps/epoch, {data.total_steps} "
-            f"steps, warmup {data.warmup}")  # fmt: skip
+    run.say(f"{len(data.dataset)} samples, {data.sampler.describe()}, {data.steps_per_epoch} steps/epoch, "
+            f"{data.total_steps} steps, warmup {data.warmup}")  # fmt: skip
     metrics = open_metrics(run, trainee)
     if trainee.resume_state is not None:
         ckpt.set_rng_state(trainee.resume_state["rng"])  # last: nothing above may consume random numbers after this
@@ -548,12 +548,28 @@ def build_data(run: Run, trainee: Trainee) -> Data:
     cache = open_feature_cache(cfg, trainee.model, trainee.processor, d.rank, run.say)
     dataset = SupervisedDataset(cfg.data, trainee.train_processor, cfg.image_root, cfg.data_format,
                                 cfg.on_bad_sample, cfg.truncate, cache, cfg.allow_outside_image_root)  # fmt: skip
-    sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
-                                  cfg.seed, cfg.group_by_length)  # fmt: skip
-    steps_per_epoch = sampler.steps_per_epoch()
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    return Data(dataset, sampler, cache, steps_per_epoch, total_steps, round(cfg.warmup_ratio * total_steps),
-                pack_budget(cfg, trainee))
+    budget = pack_budget(cfg, trainee)
+    sampler: GroupedBatchSampler | TokenBudgetSampler
+    if budget is None:
+        sampler = GroupedBatchSampler(dataset.modality_lengths(), cfg.batch_size, cfg.grad_accum, d.world, d.rank,
+                                      cfg.seed, cfg.group_by_length)  # fmt: skip
+    else:  # --batch-size rows of `budget` tokens, filled with as many samples as fit (exact token counts)
+        lengths = dataset.token_lengths()
+        check_fits(lengths, budget, [r.id for r in dataset.records])
+        sampler = TokenBudgetSampler(lengths, cfg.batch_size, budget, cfg.grad_accum, d.world, d.rank, cfg.seed)
+    total_steps = cfg.max_steps or steps_for_epochs(sampler, cfg.epochs)
+    return Data(dataset, sampler, cache, sampler.steps_per_epoch(0), total_steps,
+                round(cfg.warmup_ratio * total_steps), budget)  # fmt: skip
+
+
+def steps_for_epochs(sampler: GroupedBatchSampler | TokenBudgetSampler, epochs: float) -> int:
+    """Steps of `epochs` epochs, each counted on its own (a token-budget epoch's step count depends on its order)."""
+    whole = int(epochs)
+    steps = sum(sampler.steps_per_epoch(e) for e in range(whole))
+    if epochs > whole:  # ceil(epochs * n) - whole * n: the same float as ceil(epochs * n) when every epoch has n
+        n = sampler.steps_per_epoch(whole)
+        steps += math.ceil(epochs * n - whole * n)
+    return max(1, steps)
 
 
 def pack_budget(cfg: TrainConfig, trainee: Trainee) -> int | None:
@@ -679,7 +695,7 @@ def run_epoch(s: Session, batches: Iterator[dict[str, Any]]) -> None:
         if cfg.halt_at_step is not None and step_no >= cfg.halt_at_step:
             s.tally.halted = True
             return
-        if state["step_in_epoch"] >= data.steps_per_epoch:
+        if state["step_in_epoch"] >= data.sampler.steps_per_epoch():  # the epoch set_epoch named
             next_epoch(state)
             return
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from minillava.data.check import check_data
 from minillava.data.dataset import Collator, SupervisedDataset
 from minillava.data.formats import BadSampleError, load_records
-from minillava.data.sampler import GroupedBatchSampler, global_batches
+from minillava.data.packing import next_fit_rows, padding_waste
+from minillava.data.sampler import GroupedBatchSampler, TokenBudgetSampler, global_batches
 from minillava.processor import IGNORE_INDEX
 from minillava.train.cli import main as cli_main
 
@@ -106,6 +108,44 @@ def test_grouped_sampler_groups_resumes_and_splits_ranks():
     s = GroupedBatchSampler(lengths, 2, grad_accum=2, seed=3)
     s.set_epoch(0, start_step=1)
     assert list(s) == list(GroupedBatchSampler(lengths, 2, grad_accum=2, seed=3))[2:] and len(s) == 4
+
+
+def _skewed_lengths(n: int = 600, seed: int = 0) -> list[int]:
+    """LLaVA-665k-like token counts: mostly one image + a short answer (~250-650), some long conversations up to
+    the 1024 cut, a few short text-only samples."""
+    rng = np.random.default_rng(seed)
+    body = rng.lognormal(np.log(420), 0.3, n).astype(int)
+    long = rng.integers(700, 1025, n)
+    short = rng.integers(20, 120, n)
+    pick = rng.random(n)
+    return [int(min(1024, max(8, x))) for x in np.where(pick < 0.1, long, np.where(pick < 0.16, short, body))]
+
+
+def test_token_budget_batches_fill_their_rows():
+    """--packing takes as many samples as fit `rows` rows of the budget: <= 5 % padding on skewed lengths, where
+    a fixed 4 samples a micro-batch packed leaves far more (rows padded to the longest, part empty)."""
+    lengths = _skewed_lengths()
+    filled = TokenBudgetSampler(lengths, 4, 1024, seed=1).epoch_batches(0)
+    assert all(len(next_fit_rows([lengths[i] for i in b], 1024)) <= 4 for b in filled)  # the collator's rows
+    fixed = [[lengths[i] for i in c] for c in global_batches(lengths, 4, seed=1, epoch=0)]
+    waste = padding_waste([[lengths[i] for i in b] for b in filled], 1024)
+    assert waste <= 0.05 < 0.10 < padding_waste(fixed, 1024), (waste, padding_waste(fixed, 1024))
+
+
+def test_token_budget_sampler_sees_every_sample_once_resumes_and_splits_ranks():
+    lengths = _skewed_lengths(200, seed=2)
+    one = TokenBudgetSampler(lengths, 2, 1024, grad_accum=2, seed=3)
+    batches = list(one)
+    assert sorted(i for b in batches for i in b) == list(range(200))  # every sample once in the epoch
+    assert batches == list(TokenBudgetSampler(lengths, 2, 1024, grad_accum=2, seed=3))  # (seed, epoch) only
+    one.set_epoch(1)
+    assert list(one) != batches and sorted(i for b in one for i in b) == list(range(200))
+    one.set_epoch(0, start_step=3)  # resume: the same micro-batches from step 3 on
+    assert list(one) == batches[3 * 2 :] and len(one) == len(batches) - 6
+    ranks = [list(TokenBudgetSampler(lengths, 2, 1024, world_size=2, rank=r, seed=3)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) and all(b for r in ranks for b in r)  # every rank has work each time
+    full = [b for b in batches if b]
+    assert [b for pair in zip(*ranks, strict=True) for b in pair][: len(full)] == full  # a step's batches, shared
 
 
 def test_data_check_reports_every_bad_case(tiny, tmp_path, capsys):
