@@ -1,8 +1,8 @@
 """The quality guard of the fast CPU paths (issue 23): a trained demo model answers its evaluation questions in
 float32, in int8 (weight-only, `--quantize int8`) and in bf16 (where this CPU has bf16 units); each precision's
 answers are compared with float32's, question by question, and its accuracy with float32's. One JSON object.
-`--exports` adds the model's exports run on their runtimes (issue 25): `gguf_q8_0` / `gguf_f16` (llama.cpp) and
-`onnx_int8` (onnxruntime), each exported into DEMO/quantize_check first.
+`--exports` adds the model's exports run on their runtimes (issue 25): `gguf_q8_0` / `gguf_f16` / `gguf_q4_0`
+(llama.cpp) and `onnx_int8` (onnxruntime), each exported into DEMO/quantize_check first.
 
     minillava demo --out runs/demo                  # or --eval-on validation: any demo output directory
     python benchmarks/quantize_demo_check.py --demo runs/demo [--splits val val_shift] [--limit 200]
@@ -31,7 +31,7 @@ AGREEMENT_TARGET = 0.97
 ACCURACY_MOVE = 0.01
 
 
-EXPORTS = ("gguf_q8_0", "gguf_f16", "onnx_int8")
+EXPORTS = ("gguf_q8_0", "gguf_f16", "gguf_q4_0", "onnx_int8")
 
 
 def load(model_dir: Path, precision: str, tmp: Path):
