@@ -9,8 +9,10 @@ positions, stop tokens and sampling, and their answers can be compared.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,13 +90,34 @@ def load_for_inference(
     from minillava.interop.onnx_runtime import load_onnx
     from minillava.quantize import load
 
-    if (Path(directory) / ONNX_MANIFEST).is_file():
+    kind = export_kind(directory)
+    if kind == "onnx":
         return load_onnx(directory, dtype, quantize)
-    if (Path(directory) / GGUF_MANIFEST).is_file():
+    if kind == "gguf":
         return load_gguf(directory, dtype, quantize)
     return load(directory, dtype, device, quantize=quantize)
 
 
+def export_kind(directory: str | Path) -> str | None:
+    """"onnx" or "gguf" for a directory written by `minillava export --format onnx|gguf` (its manifest), else None."""
+    for kind, manifest in (("onnx", ONNX_MANIFEST), ("gguf", GGUF_MANIFEST)):
+        if (Path(directory) / manifest).is_file():
+            return kind
+    return None
+
+
 def is_export_dir(directory: str | Path) -> bool:
-    """A directory written by `minillava export --format onnx` or `--format gguf`."""
-    return any((Path(directory) / manifest).is_file() for manifest in (ONNX_MANIFEST, GGUF_MANIFEST))
+    return export_kind(directory) is not None
+
+
+def read_manifest(directory: Path, kind: str, version: int) -> dict[str, Any]:
+    """An export's manifest, checked to be of `kind` ("onnx" / "gguf") and no newer than `version`."""
+    path = directory / (ONNX_MANIFEST if kind == "onnx" else GGUF_MANIFEST)
+    manifest = json.loads(path.read_text())
+    found, fmt = manifest.get("format_version"), f"minillava-{kind}"
+    if manifest.get("format") != fmt or not isinstance(found, int) or found > version:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r} version {found!r}; this minillava reads {fmt} up to "
+            f"version {version}"
+        )
+    return manifest

@@ -15,7 +15,6 @@ what llama.cpp looks up for a token id.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,15 @@ import numpy as np
 import torch
 
 from minillava.config import ModelConfig
-from minillava.interop.exported import ExportedModel
-from minillava.interop.gguf_export import FORMAT_VERSION, MANIFEST
+from minillava.interop.exported import ExportedModel, export_kind, read_manifest
+from minillava.interop.gguf_export import FORMAT_VERSION
 from minillava.model import Output, load_image_encoder, positions_from_mask
 from minillava.processor import Processor
 
 
 def is_gguf_dir(path: str | Path) -> bool:
     """A directory written by `minillava export --format gguf` (it holds minillava_gguf.json)."""
-    return (Path(path) / MANIFEST).is_file()
+    return export_kind(path) == "gguf"
 
 
 class LlamaCppModel(ExportedModel):
@@ -43,7 +42,7 @@ class LlamaCppModel(ExportedModel):
         import llama_cpp  # optional dependency: `pip install minillava[llamacpp]`
 
         directory = Path(directory)
-        m = read_manifest(directory)
+        m = read_manifest(directory, "gguf", FORMAT_VERSION)
         super().__init__(m["image"]["token_id"], m["image"]["tokens_per_image"])
         self.directory, self.manifest, self.lib = directory, m, llama_cpp
         config = ModelConfig.load(directory)
@@ -203,17 +202,6 @@ def _quiet_logs(lib: Any) -> None:
     callback = lib.llama_log_callback(lambda level, text, _: None)
     _quiet_logs.callback = callback  # ctypes would free a callback nobody references
     lib.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    manifest = json.loads((directory / MANIFEST).read_text())
-    version = manifest.get("format_version")
-    if manifest.get("format") != "minillava-gguf" or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{directory / MANIFEST}: format {manifest.get('format')!r} version {version!r}; this minillava reads "
-            f"minillava-gguf up to version {FORMAT_VERSION}"
-        )
-    return manifest
 
 
 def load_gguf(

@@ -7,22 +7,21 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from minillava.interop.exported import ExportedModel
-from minillava.interop.onnx_export import FORMAT_VERSION, MANIFEST, past_names
+from minillava.interop.exported import ExportedModel, export_kind, read_manifest
+from minillava.interop.onnx_export import FORMAT_VERSION, past_names
 from minillava.model import Output, positions_from_mask
 from minillava.processor import Processor
 
 
 def is_onnx_dir(path: str | Path) -> bool:
     """A directory written by `minillava export --format onnx` (it holds minillava_onnx.json)."""
-    return (Path(path) / MANIFEST).is_file()
+    return export_kind(path) == "onnx"
 
 
 class OnnxModel(ExportedModel):
@@ -33,7 +32,7 @@ class OnnxModel(ExportedModel):
         import onnxruntime as ort  # optional dependency: `pip install minillava[onnx]`
 
         directory = Path(directory)
-        m = read_manifest(directory)
+        m = read_manifest(directory, "onnx", FORMAT_VERSION)
         super().__init__(m["image"]["token_id"], m["image"]["tokens_per_image"])
         self.directory, self.manifest = directory, m
         self.quantization = (m.get("quantization") or {}).get("scheme", "none")
@@ -94,17 +93,6 @@ class OnnxModel(ExportedModel):
 
 def _np(t: torch.Tensor, dtype: type) -> np.ndarray:
     return t.detach().cpu().numpy().astype(dtype, copy=False)
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    manifest = json.loads((directory / MANIFEST).read_text())
-    version = manifest.get("format_version")
-    if manifest.get("format") != "minillava-onnx" or not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(
-            f"{directory / MANIFEST}: format {manifest.get('format')!r} version {version!r}; this minillava reads "
-            f"minillava-onnx up to version {FORMAT_VERSION}"
-        )
-    return manifest
 
 
 def load_onnx(

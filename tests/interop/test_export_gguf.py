@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from export_helpers import greedy_tokens, relative_error
 from tiny_models import images, louden, samples
 
 pytest.importorskip("gguf")
@@ -16,12 +17,11 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from minillava.cli import main  # noqa: E402
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from minillava.generate import GenerationConfig, decode, stop_token_ids  # noqa: E402
+from minillava.generate import stop_token_ids  # noqa: E402
 from minillava.interop.gguf_export import MANIFEST, export_gguf  # noqa: E402
 from minillava.interop.hf import ExportError, _export_chat_template  # noqa: E402
 from minillava.interop.llamacpp_runtime import is_gguf_dir, load_gguf  # noqa: E402
 from minillava.model import MiniLlava  # noqa: E402
-from minillava.processor import Encoded, Processor  # noqa: E402
 
 # float32 weights and a float32 KV cache against float32 torch: only the order of the sums differs, but this loud
 # random LLM (weights ~0.3) has logits in the tens, so the bound is relative to their size
@@ -45,16 +45,6 @@ def exported(build_tiny, tmp_path_factory):
         return made[key]
 
     return get
-
-
-def greedy_tokens(model: torch.nn.Module, processor: Processor, batch: list[Encoded], n: int) -> list[list[int]]:
-    cfg = GenerationConfig(max_new_tokens=n)
-    steps = decode(model, processor.collate(batch, "left"), cfg, stop_token_ids(processor), processor.pad_token_id)
-    return torch.stack([token for token, _ in steps], dim=1).tolist()
-
-
-def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((got - expected).abs().max() / expected.abs().max())
 
 
 def test_prefill_and_step_logits_equal_torch(exported):

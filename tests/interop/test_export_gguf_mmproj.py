@@ -12,6 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from export_helpers import relative_error
 from PIL import Image
 from tiny_models import louden
 
@@ -120,8 +121,13 @@ def cls_last_tokens(model, processor, image: Image.Image) -> np.ndarray:  # -> (
         return model.projector(x[:, 1 : patches.shape[1] + 1])[0].numpy()
 
 
-def relative_error(got: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(got - expected).max() / np.abs(expected).max())
+def llama_cpp_tokens(out, image: Image.Image, width: int) -> np.ndarray:  # -> (N, D)
+    """The image tokens llama.cpp's mtmd computes for `image` from the export in `out`."""
+    runner = LlamaCpp(out)
+    try:
+        return runner.encode(image, width)
+    finally:
+        runner.close()
 
 
 @pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
@@ -130,11 +136,7 @@ def test_siglip_image_tokens_equal_torch(exported, projector):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["files"]["mmproj"] == "mmproj-f32.gguf" and "note" not in manifest["mmproj"]
     image = square_image(processor.image_transform.size)
-    runner = LlamaCpp(out)
-    try:
-        got = runner.encode(image, manifest["hidden_size"])
-    finally:
-        runner.close()
+    got = llama_cpp_tokens(out, image, manifest["hidden_size"])
     expected = torch_tokens(model, processor, image)
     assert got.shape == expected.shape == (model.tokens_per_image, manifest["hidden_size"])
     assert relative_error(got, expected) < REL_TOL
@@ -149,11 +151,7 @@ def test_clip_image_tokens_match_torch_up_to_llama_cpp_cls_order(exported, proje
     manifest = json.loads((out / MANIFEST).read_text())
     assert "25814" in manifest["mmproj"]["note"]
     image = square_image(processor.image_transform.size, seed=1)
-    runner = LlamaCpp(out)
-    try:
-        got = runner.encode(image, manifest["hidden_size"])
-    finally:
-        runner.close()
+    got = llama_cpp_tokens(out, image, manifest["hidden_size"])
     exact = relative_error(got, torch_tokens(model, processor, image))
     cls_last = relative_error(got, cls_last_tokens(model, processor, image))
     assert min(exact, cls_last) < REL_TOL, (exact, cls_last)
@@ -165,11 +163,7 @@ def test_f16_and_q8_0_write_a_float16_mmproj(exported, weight_type):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["files"]["mmproj"] == "mmproj-f16.gguf"
     image = square_image(processor.image_transform.size)
-    runner = LlamaCpp(out)
-    try:
-        got = runner.encode(image, manifest["hidden_size"])
-    finally:
-        runner.close()
+    got = llama_cpp_tokens(out, image, manifest["hidden_size"])
     assert relative_error(got, torch_tokens(model, processor, image)) < REL_TOL_F16
 
 

@@ -8,6 +8,7 @@ import json
 import onnx
 import pytest
 import torch
+from export_helpers import greedy_tokens
 from tiny_models import images, louden, samples
 
 pytest.importorskip("onnxruntime")
@@ -15,12 +16,11 @@ pytest.importorskip("onnxscript")
 
 from minillava.cli import main  # noqa: E402
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
-from minillava.generate import GenerationConfig, decode, stop_token_ids  # noqa: E402
+from minillava.generate import stop_token_ids  # noqa: E402
 from minillava.interop.hf import ExportError  # noqa: E402
 from minillava.interop.onnx_export import MANIFEST, export_onnx  # noqa: E402
-from minillava.interop.onnx_runtime import OnnxModel, is_onnx_dir, load_onnx  # noqa: E402
+from minillava.interop.onnx_runtime import is_onnx_dir, load_onnx  # noqa: E402
 from minillava.model import MiniLlava  # noqa: E402
-from minillava.processor import Encoded, Processor  # noqa: E402
 
 PROJECTORS = ["linear", "mlp2x_gelu", "avgpool", "pixel_shuffle", "perceiver"]
 # every projector on the tied-head Llama; Qwen2 adds an untied LM head and attention biases
@@ -44,13 +44,6 @@ def exported(build_tiny, tmp_path_factory):
         return made[key]
 
     return get
-
-
-def greedy_tokens(model: MiniLlava | OnnxModel, processor: Processor, batch: list[Encoded], n: int) -> list[list[int]]:
-    """The token ids `generate.decode` picks for each row, greedy, up to n (after a stop, the pad id)."""
-    cfg = GenerationConfig(max_new_tokens=n)
-    steps = decode(model, processor.collate(batch, "left"), cfg, stop_token_ids(processor), processor.pad_token_id)
-    return torch.stack([token for token, _ in steps], dim=1).tolist()
 
 
 # ---- graph parity, every projector ------------------------------------------------------------------------

@@ -75,3 +75,9 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_message(text: str, *urls: str) -> list[dict]:
     parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
     return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+def ask(client, text: str, *images: bytes, **kw):
+    """One chat completion through the openai client: the images as data URLs before the text, greedy."""
+    kw = {"max_tokens": 12, "temperature": 0, **kw}
+    return client.chat.completions.create(model=MODEL_NAME, messages=image_message(text, *map(data_url, images)), **kw)

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import API_KEY, MODEL_NAME, data_url, image_message, png_bytes, start_server
+from serve_helpers import API_KEY, MODEL_NAME, ask, data_url, image_message, png_bytes, start_server
 
 openai = pytest.importorskip("openai")
 
@@ -51,11 +51,6 @@ def expected(reference: Generator, text: str, images: list[bytes], max_tokens: i
     pil = [Image.open(io.BytesIO(b)) for b in images]
     cfg = GenerationConfig(max_new_tokens=max_tokens, stop=list(stop))
     return reference.generate([{"role": "user", "content": content}], pil, cfg)
-
-
-def ask(client, text, *images, **kw):
-    kw = {"max_tokens": 12, "temperature": 0, **kw}
-    return client.chat.completions.create(model=MODEL_NAME, messages=image_message(text, *map(data_url, images)), **kw)
 
 
 def streamed(client, text, *images, **kw):

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from PIL import Image
-from serve_helpers import API_KEY, MODEL_NAME, data_url, image_message, png_bytes, start_server
+from serve_helpers import API_KEY, ask, png_bytes, start_server
 
 from minillava.generate import GenerationConfig, Generator
 from minillava.model import MiniLlava
@@ -34,15 +34,13 @@ def test_gguf_export_serves_like_the_torch_model(serve_dir, tmp_path, one_thread
         assert type(live.app.state.engine).__name__ == "BatchEngine"  # its cache cannot merge rows
         client = openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
-        def ask(text, image):
-            r = client.chat.completions.create(model=MODEL_NAME, messages=image_message(text, data_url(image)),
-                                               max_tokens=10, temperature=0)  # fmt: skip
-            return r.choices[0].message.content
+        def answer(text, image):
+            return ask(client, text, image, max_tokens=10).choices[0].message.content
 
         asks = [("What is it?", RED), ("What is it?", BLUE), ("Describe it.", RED), ("Colour?", BLUE)]
-        alone = ask(*asks[0])
+        alone = answer(*asks[0])
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda a: ask(*a), asks))
+            got = list(pool.map(lambda a: answer(*a), asks))
     wants = [want(*a) for a in asks]
     assert got == wants and alone == wants[0]
     assert wants[0] != wants[1]  # the image reaches the answer

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from PIL import Image
-from serve_helpers import API_KEY, MODEL_NAME, data_url, image_message, png_bytes, start_server
+from serve_helpers import API_KEY, ask, png_bytes, start_server
 from tiny_models import louden
 
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig, XattnConfig
@@ -52,14 +52,12 @@ def test_xattn_model_serves_like_the_generator(xattn_dir, one_thread):
     with start_server(xattn_dir, max_batch_size=4, default_max_tokens=16) as live:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
-        def ask(text, image):
-            r = client.chat.completions.create(model=MODEL_NAME, messages=image_message(text, data_url(image)),
-                                               max_tokens=10, temperature=0)  # fmt: skip
-            return r.choices[0].message.content
+        def answer(text, image):
+            return ask(client, text, image, max_tokens=10).choices[0].message.content
 
         asks = [("What is it?", RED), ("What is it?", BLUE), ("Describe it.", RED), ("Colour?", BLUE)]
         with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(lambda a: ask(*a), asks))
+            got = list(pool.map(lambda a: answer(*a), asks))
     wants = [want(*a) for a in asks]
     assert got == wants
     assert wants[0] != wants[1]  # the image reaches the answer through the cross-attention
