@@ -47,6 +47,15 @@ ANYRES_WEIGHTS = "anyres.safetensors"
 
 
 @dataclass
+class SoftTargets:
+    """Distillation targets: rows whose supervised positions learn a teacher's distribution, not their label
+    tokens (train/distill.py: text-only rows learn the base LLM's, so tuning keeps what it knew)."""
+
+    rows: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor  # (n, V) the teacher's log-probabilities at those rows' supervised positions, in order
+
+
+@dataclass
 class Output:
     loss: torch.Tensor | None = None  # mean next-token loss over supervised positions
     logits: torch.Tensor | None = None  # (B, T', V): all positions, or the last `logits_to_keep`
@@ -331,6 +340,7 @@ class MiniLlava(nn.Module):
         image_sizes: torch.Tensor | None = None,  # (I, 2) (height, width) of each image, AnyRes only
         image_counts: torch.Tensor | None = None,  # (B,) images of each row: the splice checks rows, not the total
         segment_ids: torch.Tensor | None = None,  # (B, T) packed rows: sample 1, 2, ... of each row, 0 padding
+        soft_targets: SoftTargets | None = None,  # with labels: these rows' positions learn a distribution (KL)
     ) -> Output:
         if segment_ids is not None:
             self.check_packable(past_key_values, use_cache)
@@ -365,7 +375,7 @@ class MiniLlava(nn.Module):
         if use_cache and layer_kwargs:
             result.media = MediaState(features, index[:, -1])
         if labels is not None:
-            result.loss, result.num_supervised = self.loss(hidden, labels)
+            result.loss, result.num_supervised = self.loss(hidden, labels, soft_targets)
         if return_logits:
             result.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return result
@@ -378,17 +388,27 @@ class MiniLlava(nn.Module):
         if past_key_values is not None or use_cache:
             raise ValueError("packed rows (segment_ids) are for training forwards, not with a KV cache")
 
-    def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Next-token loss, with the vocabulary projection only at the supervised positions."""
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+             soft_targets: SoftTargets | None = None) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """Next-token loss, with the vocabulary projection only at the supervised positions: cross-entropy with
+        the label token, or KL(teacher || model) at the positions of `soft_targets.rows`; the mean of both."""
         if labels.shape != hidden.shape[:2]:
             raise ValueError(f"labels {tuple(labels.shape)} must match the spliced sequence {tuple(hidden.shape[:2])}")
         targets = labels[:, 1:]  # position t predicts token t+1
         keep = targets != IGNORE_INDEX
-        logits = self.lm_head(hidden[:, :-1][keep])  # (n_supervised, V)
+        logits = self.lm_head(hidden[:, :-1][keep]).float()  # (n_supervised, V)
         n = int(keep.sum())
         if n == 0:  # keep the graph connected (DDP) but contribute nothing
             return logits.sum() * 0.0, 0
-        return F.cross_entropy(logits.float(), targets[keep]), n
+        if soft_targets is None:
+            return F.cross_entropy(logits, targets[keep]), n
+        soft = soft_targets.rows.to(keep.device)[:, None].expand_as(keep)[keep]  # (n_supervised,) bool
+        if (given := soft_targets.logprobs.shape[0]) != int(soft.sum()):
+            raise ValueError(f"soft targets for {given} positions, their rows supervise {int(soft.sum())}")
+        per_token = F.cross_entropy(logits, targets[keep], reduction="none")
+        student = F.log_softmax(logits[soft], dim=-1)
+        kl = F.kl_div(student, soft_targets.logprobs.float(), log_target=True, reduction="none").sum(-1)
+        return per_token.masked_scatter(soft, kl).mean(), n
 
     # ---- reporting ------------------------------------------------------------------------------
     def named_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

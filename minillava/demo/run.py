@@ -74,6 +74,8 @@ class DemoConfig:
     # of 33 text answers against 24, and val / val_phrasing / val_combo / val_shift / fashion_val read 92.0 / 87.8 /
     # 88.5 / 83.7 / 90.8 % against 91.4 / 87.4 / 86.7 / 84.7 / 90.0 %; LoRA on attention only kept fewer (18 of 33)
     text_share: float = 0.20
+    # text replay as soft targets (train/distill.py: KL to the base LLM, adapters off); not yet measured on validation
+    distill_text: bool = False
     # projector-only steps in the LLM's word space, no LLM forward (~0.1 s each). 600, not 300: the layout map has
     # ~0.4 M weights to fit from thousands of images (chosen in session 12 with benchmarks/projector_check.py when
     # it still read t10k; it now reads validation images)
@@ -242,7 +244,7 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         out=str(out), max_steps=steps, lr=lr, lora=lora, batch_size=cfg.batch_size,
         projector_lr=lr if stage == "align" else (1e-4 if fresh_projector else 3e-4),
         lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_layers=cfg.lora_layers if lora else None,
-        freeze_projector=cfg.freeze_projector and stage == "instruct",
+        freeze_projector=cfg.freeze_projector and stage == "instruct", distill_text=cfg.distill_text and lora,
         feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
         overwrite=True,  # a demo re-run into the same --out replaces its runs (the feature cache stays)

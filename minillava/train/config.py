@@ -60,6 +60,9 @@ class TrainConfig:
     # instruct with the projector frozen (e.g. after a word-space warm start): with lora_layers, the backward
     # pass then stops at the lowest adapted layer
     freeze_projector: bool = False
+    # text-only samples learn the base LLM's next-token distribution (KL, adapters switched off) instead of their
+    # answer tokens: keeps what the LLM knew (train/distill.py); LoRA/QLoRA only
+    distill_text: bool = False
     tune_vision: bool = False
     # fit the projector's input standardisation to N images' features (spread over the data) before step 0
     standardize_features: bool = False
@@ -135,6 +138,10 @@ class TrainConfig:
             raise ValueError("--lora/--qlora train the LLM: use --stage instruct (align trains the projector only)")
         if self.lora_layers is not None and (not (self.lora or self.qlora) or self.lora_layers < 1):
             raise ValueError("--lora-layers N needs --lora or --qlora and N >= 1")
+        if self.distill_text and not self.use_lora:
+            raise ValueError("--distill-text learns from the LLM with its adapters off: give --lora or --qlora")
+        if self.distill_text and self.packing:
+            raise ValueError("--distill-text picks text-only rows, --packing mixes samples in a row: give one of them")
         if self.max_tokens_per_batch is not None and not self.packing:
             raise ValueError("--max-tokens-per-batch sizes packed rows: give it with --packing")
         if self.freeze_projector and self.stage != "instruct":

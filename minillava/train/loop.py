@@ -49,6 +49,7 @@ from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train import checkpoint as ckpt
 from minillava.train.cache import FeatureCache
 from minillava.train.config import TrainConfig
+from minillava.train.distill import text_teacher
 from minillava.train.features import fit_feature_stats, open_feature_cache, vision_features_for
 from minillava.train.metrics import MetricsWriter, plot_curves
 from minillava.train.stages import (
@@ -206,10 +207,11 @@ class TrainStep(nn.Module):
     first decoder layer's frozen modules would drop out of its backward.
     """
 
-    def __init__(self, model: MiniLlava, tune_vision: bool) -> None:
+    def __init__(self, model: MiniLlava, tune_vision: bool, distill_text: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tune_vision = tune_vision
+        self.distill_text = distill_text  # text-only rows learn the base LLM's distribution (distill.py)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -218,12 +220,14 @@ class TrainStep(nn.Module):
         segment_ids: torch.Tensor | None = None,  # (B, T) --packing: each row's samples 1, 2, ...; 0 padding
     ) -> torch.Tensor:  # fmt: skip
         m = self.model
+        soft = text_teacher(m, input_ids, attention_mask, labels) if self.distill_text else None
         if self.tune_vision and pixel_values is not None:
             vision_features = m.vision(pixel_values)
         if vision_features is not None:
             image_features = m.project(vision_features, image_sizes)
             out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False,
-                    image_sizes=image_sizes, image_counts=image_counts, segment_ids=segment_ids)  # fmt: skip
+                    image_sizes=image_sizes, image_counts=image_counts, segment_ids=segment_ids,
+                    soft_targets=soft)  # fmt: skip
             return out.loss
         if self.tune_vision:  # zero images out of the tower: one dummy image's features, none of its rows
             size = m.vision.image_size
@@ -239,7 +243,7 @@ class TrainStep(nn.Module):
         hook = m.llm.get_input_embeddings().register_forward_hook(lambda _m, _a, text: text + zero.to(text.dtype))
         try:
             out = m(input_ids, attention_mask, labels=labels, image_features=None, return_logits=False,
-                    segment_ids=segment_ids)
+                    segment_ids=segment_ids, soft_targets=soft)
         finally:
             hook.remove()
         return out.loss
@@ -601,7 +605,7 @@ def build_optimizer(run: Run, trainee: Trainee, data: Data) -> Optim:
     """Wrap the loss module for the strategy, AdamW over the parameter groups, the LR schedule (and the fp16
     scaler), each restored from a resumed checkpoint."""
     cfg, model, strategy = run.cfg, trainee.model, run.strategy
-    step_module = strategy.wrap(TrainStep(model, cfg.tune_vision), model, cfg.tune_vision)
+    step_module = strategy.wrap(TrainStep(model, cfg.tune_vision, cfg.distill_text), model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, run.device)  # after wrapping: FSDP replaces parameters by shards
     step_module = strategy.attach_optimizer(
