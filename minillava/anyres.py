@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from minillava.images import resize_bicubic
+
 Size = tuple[int, int]  # (height, width)
 
 
@@ -116,15 +118,14 @@ class AnyRes:
         height, width = kept_rows.stop - kept_rows.start, kept_cols.stop - kept_cols.start
         return self.grid[0] * self.grid[1] + height * (width + 1)
 
-    def cut_tiles(self, image: Image.Image) -> list[Image.Image]:
+    def cut_tiles(self, image: Image.Image, resize_backend: str = "pil") -> list[Image.Image]:
         """Resize the image to fit its best canvas, centre it on black, and cut the canvas into tiles, row-major."""
         size = (image.height, image.width)
         canvas_h, canvas_w = select_best_resolution(size, self.pinpoints)
         fit_h, fit_w = fit_size(size, (canvas_h, canvas_w))
         canvas = Image.new("RGB", (canvas_w, canvas_h), (0, 0, 0))
-        canvas.paste(
-            image.resize((fit_w, fit_h), Image.Resampling.BICUBIC), ((canvas_w - fit_w) // 2, (canvas_h - fit_h) // 2)
-        )
+        fitted = resize_bicubic(image, (fit_w, fit_h), resize_backend)
+        canvas.paste(fitted, ((canvas_w - fit_w) // 2, (canvas_h - fit_h) // 2))
         s = self.tile
         return [canvas.crop((x, y, x + s, y + s)) for y in range(0, canvas_h, s) for x in range(0, canvas_w, s)]
 

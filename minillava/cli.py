@@ -70,6 +70,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         llm_source=args.llm,
         template=args.template,
         aspect=args.aspect or ("resize" if args.anyres else "pad"),
+        resize_backend=args.resize_backend,
         image_grid_pinpoints=parse_pinpoints(args.anyres) if args.anyres else None,
         fusion=args.fusion,
         xattn=XattnConfig(every=args.xattn_every),
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default="auto")
     p.add_argument("--aspect", default=None, choices=["pad", "resize", "center_crop"],
                    help="default pad; with --anyres resize, LLaVA-NeXT's base view")  # fmt: skip
+    p.add_argument("--resize-backend", default="pil", choices=["pil", "torchvision"],
+                   help="whose bicubic resize to reproduce exactly: transformers' PIL image processors (LLaVA's) or "
+                        "its torchvision ones (transformers 5's default); needs no torchvision")  # fmt: skip
     p.add_argument("--anyres", default=None, metavar="HxW,...",
                    help="LLaVA-NeXT AnyRes grid pinpoints in px, multiples of the tower's input, e.g. "
                         "672x336,336x672,672x672,1008x336,336x1008")  # fmt: skip

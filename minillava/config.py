@@ -46,6 +46,7 @@ class ModelConfig:
     llm_source: str = "builtin:smollm2-135m-instruct"
     template: str = "auto"  # "auto": the tokenizer's chat template if it has one, else vicuna_v1
     aspect: str = "pad"  # pad | resize | center_crop (with AnyRes: of the base view; LLaVA-NeXT's is resize)
+    resize_backend: str = "pil"  # whose bicubic: "pil" (LLaVA's, transformers 4) or "torchvision" (transformers 5)
     # LLaVA-NeXT AnyRes: candidate canvases [height, width] in px, multiples of the tower's input size.
     # None: one crop per image. Set: a base view plus tiles, their token count set by each image's size.
     image_grid_pinpoints: list[list[int]] | None = None

@@ -17,6 +17,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageInput = str | Path | bytes | Image.Image
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: ~8000 x 8000
 ASPECT_MODES = ("pad", "resize", "center_crop")
+# Which transformers image-processor back end the bicubic resize reproduces, value for value: "pil" (its PIL
+# processors, transformers 4's default and LLaVA's own) or "torchvision" (its torchvision processors, transformers
+# 5's default where torchvision is installed). The two differ by up to a few grey levels per pixel.
+RESIZE_BACKENDS = ("pil", "torchvision")
 
 
 class ImageError(ValueError):
@@ -88,20 +92,23 @@ class ImageTransform:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     aspect: str = "pad"
+    resize_backend: str = "pil"
 
     def __post_init__(self) -> None:
         if self.aspect not in ASPECT_MODES:
             raise ValueError(f"aspect must be one of {ASPECT_MODES}, got {self.aspect!r}")
+        if self.resize_backend not in RESIZE_BACKENDS:
+            raise ValueError(f"resize_backend must be one of {RESIZE_BACKENDS}, got {self.resize_backend!r}")
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.aspect == "pad":
             img = expand_to_square(img, tuple(int(m * 255) for m in self.mean))
         if self.aspect == "center_crop":
-            img = resize_shortest_edge(img, self.size)
+            img = resize_bicubic(img, shortest_edge_size(img.size, self.size), self.resize_backend)
             left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
         else:
-            img = img.resize((self.size, self.size), Image.Resampling.BICUBIC)
+            img = resize_bicubic(img, (self.size, self.size), self.resize_backend)
         x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(self.size, self.size, 3)
         x = x.permute(2, 0, 1).float() / 255.0  # (3, H, W) in [0, 1]
         mean = torch.tensor(self.mean).view(3, 1, 1)
@@ -109,7 +116,7 @@ class ImageTransform:
         return (x - mean) / std
 
     @classmethod
-    def from_dir(cls, directory: Path, size: int, aspect: str) -> ImageTransform:
+    def from_dir(cls, directory: Path, size: int, aspect: str, resize_backend: str = "pil") -> ImageTransform:
         """Mean/std from the tower's `preprocessor_config.json` (CLIP, SigLIP and DINOv2 all differ).
 
         Without one the normalisation is unknown: guessing ImageNet's would feed a CLIP or SigLIP tower inputs
@@ -123,7 +130,7 @@ class ImageTransform:
         cfg = json.loads(path.read_text())
         if "image_mean" not in cfg or "image_std" not in cfg:
             raise ValueError(f"{path}: needs image_mean and image_std")
-        return cls(size, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect)
+        return cls(size, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect, resize_backend)
 
     def to_hf_dict(self) -> dict:
         """The same settings as a transformers image-processor config (what the vision dir ships)."""
@@ -136,7 +143,8 @@ class ImageTransform:
         }
 
     def to_dict(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "aspect": self.aspect}
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "aspect": self.aspect,
+                "resize_backend": self.resize_backend}  # fmt: skip
 
 
 def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
@@ -149,10 +157,21 @@ def expand_to_square(img: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     return canvas
 
 
-def resize_shortest_edge(img: Image.Image, size: int) -> Image.Image:
-    """Shortest edge to `size`, the other floored as transformers' `get_resize_output_image_size` does
-    (`int(size * long / short)`): rounding instead made a 64 x 48 image 299 x 224, not 298 x 224."""
-    short, long = sorted(img.size)
-    new_long = int(size * long / short)
-    w, h = (size, new_long) if img.width <= img.height else (new_long, size)
-    return img.resize((w, h), Image.Resampling.BICUBIC)
+def shortest_edge_size(size: tuple[int, int], edge: int) -> tuple[int, int]:
+    """(w, h) with the shortest edge at `edge`, the other floored as transformers' `get_resize_output_image_size`
+    does (`int(edge * long / short)`): rounding instead made a 64 x 48 image 299 x 224, not 298 x 224."""
+    short, long = sorted(size)
+    new_long = int(edge * long / short)
+    return (edge, new_long) if size[0] <= size[1] else (new_long, edge)
+
+
+def resize_bicubic(img: Image.Image, size: tuple[int, int], backend: str = "pil") -> Image.Image:
+    """Bicubic resize to (w, h) as transformers' `backend` image processors compute it (see RESIZE_BACKENDS).
+    torchvision resizes a uint8 image on CPU with torch's own antialiased bicubic kernel: no torchvision needed."""
+    if img.size == size:
+        return img
+    if backend == "pil":
+        return img.resize(size, Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].contiguous()  # (1, 3, H, W) uint8
+    y = torch.nn.functional.interpolate(x, size=(size[1], size[0]), mode="bicubic", antialias=True, align_corners=False)
+    return Image.fromarray(y[0].permute(1, 2, 0).numpy())

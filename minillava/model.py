@@ -144,9 +144,10 @@ class MiniLlava(nn.Module):
         anyres = build_anyres(config, vision, projector, llm.get_input_embeddings().embedding_dim, dtype)
         model = cls(config, vision, projector, llm, anyres)
         transform = (
-            ImageTransform.from_dir(vision_dir, vision.image_size, config.aspect)
+            ImageTransform.from_dir(vision_dir, vision.image_size, config.aspect, config.resize_backend)
             if vision_dir is not None
-            else ImageTransform(vision.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.aspect)
+            else ImageTransform(vision.image_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.aspect,
+                                config.resize_backend)  # fmt: skip
         )
         processor = Processor(
             tokenizer, transform, model.tokens_per_image, config.image_token, config.template,

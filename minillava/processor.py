@@ -91,7 +91,8 @@ class Processor:
         if self.anyres is None:
             return torch.stack([self.image_transform(im) for im in images])
         # A tile is already H x W, so the transform only normalises it.
-        return torch.stack([self.image_transform(c) for im in images for c in (im, *self.anyres.cut_tiles(im))])
+        tiles = [c for im in images for c in (im, *self.anyres.cut_tiles(im, self.image_transform.resize_backend))]
+        return torch.stack([self.image_transform(c) for c in tiles])
 
     def image_tokens(self, size: Size | None) -> int:
         """Placeholders for one image of (height, width): fixed, or with AnyRes, set by the size."""
@@ -238,7 +239,9 @@ class Processor:
         directory = Path(directory)
         cfg = json.loads((directory / PROCESSOR_CONFIG).read_text())
         t = cfg["image_transform"]
-        transform = ImageTransform(t["size"], tuple(t["mean"]), tuple(t["std"]), t["aspect"])
+        transform = ImageTransform(
+            t["size"], tuple(t["mean"]), tuple(t["std"]), t["aspect"], t.get("resize_backend", "pil")
+        )
         tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
         return cls(
             tokenizer,

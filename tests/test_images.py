@@ -153,6 +153,44 @@ def test_pixels_equal_transformers_processors_on_odd_sizes(width, height, aspect
     ],
 )
 def test_shortest_edge_resize_floors_the_long_side_like_transformers(width, height, resized):
-    from minillava.images import resize_shortest_edge
+    from minillava.images import shortest_edge_size
 
-    assert resize_shortest_edge(Image.new("RGB", (width, height)), 224).size == resized
+    assert shortest_edge_size((width, height), 224) == resized
+
+
+# ---- the torchvision resize back end (its parity with transformers: tests/torchvision_backend/) ------------------
+
+
+def test_torchvision_resize_backend_is_torchs_uint8_antialiased_bicubic():
+    img = noise(64, 48)
+    ours = ImageTransform(32, (0.0,) * 3, (1 / 255,) * 3, "resize", resize_backend="torchvision")(img)
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+    expected = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True, align_corners=False)
+    assert torch.equal(ours.round().to(torch.uint8), expected[0])
+    pil = ImageTransform(32, (0.0,) * 3, (1 / 255,) * 3, "resize", resize_backend="pil")(img)
+    assert (pil - ours).abs().max() >= 1  # the back ends differ by whole grey levels on noise
+
+
+def test_resize_backend_survives_save_and_load(asset_dir, tmp_path):
+    from minillava.config import ModelConfig, VisionConfig
+    from minillava.model import MiniLlava
+    from minillava.processor import Processor
+
+    cfg = ModelConfig(vision=VisionConfig(source=str(asset_dir("vision", "clip"))),
+                      llm_source=str(asset_dir("llm", "llama")), resize_backend="torchvision")  # fmt: skip
+    model, processor = MiniLlava.build(cfg)
+    model.save_pretrained(tmp_path, processor)
+    assert Processor.from_pretrained(tmp_path).image_transform.resize_backend == "torchvision"
+    with pytest.raises(ValueError, match="resize_backend must be one of"):
+        ImageTransform(32, aspect="resize", resize_backend="cv2")
+
+
+@pytest.mark.parametrize(("image_processor_type", "backend"),
+                         [("CLIPImageProcessorFast", "torchvision"), ("CLIPImageProcessor", "pil"),
+                          ("CLIPImageProcessorPil", "pil")])  # fmt: skip
+def test_import_reads_the_resize_backend_from_the_processor_class(image_processor_type, backend, tmp_path):
+    from minillava.interop.hf import _image_transform
+
+    cfg = {"image_processor_type": image_processor_type, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+           "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}  # fmt: skip
+    assert _image_transform(cfg, 32, tmp_path).resize_backend == backend

@@ -141,8 +141,8 @@ def load_hf_llava(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple
     vision.requires_grad_(False).eval()
     model_cfg = ModelConfig(
         vision=vision.config, projector=ProjectorConfig(name="mlp2x_gelu"), llm_source=str(path),
-        template=_pick_template(tokenizer, path), aspect=transform.aspect, image_token=image_token,
-        image_token_id=config.image_token_id, image_grid_pinpoints=pinpoints,
+        template=_pick_template(tokenizer, path), aspect=transform.aspect, resize_backend=transform.resize_backend,
+        image_token=image_token, image_token_id=config.image_token_id, image_grid_pinpoints=pinpoints,
     )  # fmt: skip
     try:
         anyres = build_anyres(model_cfg, vision, projector, config.text_config.hidden_size, dtype)
@@ -326,7 +326,14 @@ def _image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> ImageT
             f"{path}: the image processor makes {side}px images but the vision tower takes {image_size}px; "
             "transformers' Llava would fail on them too"
         )
-    return ImageTransform(side, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect)
+    return ImageTransform(side, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), aspect, _resize_backend(cfg))
+
+
+def _resize_backend(cfg: dict[str, Any]) -> str:
+    """A `...Fast` image processor (transformers 4's torchvision one) resizes as torchvision does; any other as PIL
+    does, as LLaVA was trained (transformers 5 picks its torchvision back end for those too where torchvision is
+    installed; `resize_backend` in the saved model's processor config chooses)."""
+    return "torchvision" if str(cfg.get("image_processor_type", "")).endswith("Fast") else "pil"
 
 
 def _next_image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> ImageTransform:
@@ -339,7 +346,7 @@ def _next_image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> I
             f"{path}: the image processor makes {side}px base views and {crop}px tiles but the vision tower takes "
             f"{image_size}px"
         )
-    return ImageTransform(side, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), "resize")
+    return ImageTransform(side, tuple(cfg["image_mean"]), tuple(cfg["image_std"]), "resize", _resize_backend(cfg))
 
 
 def _pinpoints(config: PretrainedConfig, image_cfg: dict[str, Any], path: Path) -> list[list[int]]:

@@ -288,6 +288,7 @@ def build_manifest(
             "mean": list(transform.mean),
             "std": list(transform.std),
             "aspect": transform.aspect,
+            "resize_backend": transform.resize_backend,
         },
         "splice": "the processor expands each <image> to tokens_per_image placeholder ids (image.token_id); replace "
         "the embedding at each placeholder, in order (row-major over the batch), with vision.onnx's image tokens, "
