@@ -12,8 +12,13 @@
 Prints one JSON object: per mode (batching:max-batch-size) the throughput (requests/s and completion tokens/s), latency
 p50/p99 (and time-to-first-token p50/p99 with --stream), error count and the server's own batch statistics;
 with a batch size 1 run among them, each run's throughput ratio to it. Arrivals are closed-loop (each
-client sends its next request when its last one is answered), not Poisson. Every request carries one
-image (a data: URL) and greedy decoding.
+client sends its next request when its last one is answered) or, with `--rates`, Poisson at each rate (open loop:
+requests arrive whatever is in flight, as from many users):
+
+    python benchmarks/serve_load.py --model DIR --requests 40 --max-tokens 32 --mixed --stream --rates 0.5,1,2
+
+With --stream and --rates each server first answers 4 requests alone: their median time to first token is the
+yardstick of `ttft_p99_vs_lone`. Every request carries one image (a data: URL) and greedy decoding.
 Only 127.0.0.1 is ever contacted; request count and time are bounded.
 """
 
@@ -25,6 +30,7 @@ import importlib.util
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -55,7 +61,9 @@ def image_url(seed: int) -> str:
 
 
 def run_load(url: str, api_key: str, model: str, clients: int, requests: int, max_tokens: int, stream: bool,
-             deadline_s: float, mixed: bool = False) -> dict:  # fmt: skip
+             deadline_s: float, mixed: bool = False, rate: float | None = None) -> dict:  # fmt: skip
+    """Closed loop (`clients` each send the next request when the last is answered) or, with `rate`, open loop:
+    Poisson arrivals at `rate` requests/s (seeded), each request sent when it arrives whatever is in flight."""
     counter = iter(range(requests))
     lock = threading.Lock()
     latencies: list[float] = []
@@ -65,6 +73,40 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
     stop_at = time.monotonic() + deadline_s
     questions = ["What is in the picture?", "describe the image", "What colour is it?", "Is there a cat?"]
 
+    def send(client: openai.OpenAI, i: int) -> None:
+        messages = [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url(i)}},
+            {"type": "text", "text": questions[i % len(questions)]},
+        ]}]  # fmt: skip
+        # mixed: one answer in four is long, the rest a quarter of it, so short ones meet long ones
+        n_max = max_tokens if not mixed or i % 4 == 0 else max(1, max_tokens // 4)
+        t0 = time.perf_counter()
+        try:
+            if stream:
+                first, n = None, 0
+                for chunk in client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=n_max, temperature=0, stream=True,
+                    stream_options={"include_usage": True},
+                ):  # fmt: skip
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - t0
+                    if chunk.usage:
+                        n = chunk.usage.completion_tokens
+            else:
+                r = client.chat.completions.create(
+                    model=model, messages=messages, max_tokens=n_max, temperature=0
+                )
+                first, n = None, r.usage.completion_tokens
+        except Exception as e:  # counted, never fatal
+            with lock:
+                errors.append(f"{type(e).__name__}: {e}"[:200])
+            return
+        with lock:
+            latencies.append(time.perf_counter() - t0)
+            tokens[0] += n
+            if first is not None:
+                first_tokens.append(first)
+
     def worker() -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
         while time.monotonic() < stop_at:
@@ -72,44 +114,29 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
                 i = next(counter, None)
             if i is None:
                 return
-            messages = [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_url(i)}},
-                {"type": "text", "text": questions[i % len(questions)]},
-            ]}]  # fmt: skip
-            # mixed: one answer in four is long, the rest a quarter of it, so short ones meet long ones
-            n_max = max_tokens if not mixed or i % 4 == 0 else max(1, max_tokens // 4)
-            t0 = time.perf_counter()
-            try:
-                if stream:
-                    first, n = None, 0
-                    for chunk in client.chat.completions.create(
-                        model=model, messages=messages, max_tokens=n_max, temperature=0, stream=True,
-                        stream_options={"include_usage": True},
-                    ):  # fmt: skip
-                        if first is None and chunk.choices and chunk.choices[0].delta.content:
-                            first = time.perf_counter() - t0
-                        if chunk.usage:
-                            n = chunk.usage.completion_tokens
-                else:
-                    r = client.chat.completions.create(
-                        model=model, messages=messages, max_tokens=n_max, temperature=0
-                    )
-                    first, n = None, r.usage.completion_tokens
-            except Exception as e:  # counted, never fatal
-                with lock:
-                    errors.append(f"{type(e).__name__}: {e}"[:200])
-                continue
-            with lock:
-                latencies.append(time.perf_counter() - t0)
-                tokens[0] += n
-                if first is not None:
-                    first_tokens.append(first)
+            send(client, i)
+
+    def arrivals() -> list[threading.Thread]:
+        gaps = random.Random(0)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120,
+                               http_client=httpx.Client(limits=httpx.Limits(max_connections=requests)))  # fmt: skip
+        started = []
+        for i in range(requests):
+            time.sleep(gaps.expovariate(rate))
+            if time.monotonic() >= stop_at:
+                break
+            started.append(threading.Thread(target=send, args=(client, i)))
+            started[-1].start()
+        return started
 
     before = httpx.get(url + "/health", timeout=10).json()
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
+    if rate:
+        threads = arrivals()
+    else:
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        for t in threads:
+            t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -139,6 +166,31 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
     if errors:
         out["error_samples"] = sorted(set(errors))[:5]
     return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    """Time to first token (p50, p99) and end-to-end p99 against the arrival rate, one line per server mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ttft, e2e) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for mode in dict.fromkeys((r["batching"], r["max_batch_size"]) for r in runs):
+        rows = sorted((r for r in runs if (r["batching"], r["max_batch_size"]) == mode), key=lambda r: r["rate_rps"])
+        rates, label = [r["rate_rps"] for r in rows], f"{mode[0]}, batch {mode[1]}"
+        line = ttft.plot(rates, [r["ttft_p99_s"] for r in rows], marker="o", label=f"{label}: p99")[0]
+        ttft.plot(rates, [r["ttft_p50_s"] for r in rows], marker=".", ls="--", color=line.get_color(), label="p50")
+        e2e.plot(rates, [r["latency_p99_s"] for r in rows], marker="o", color=line.get_color(), label=label)
+    lone = [r["lone_ttft_s"] for r in runs if r.get("lone_ttft_s")]
+    if lone:
+        ttft.axhline(2 * min(lone), color="grey", lw=0.8, ls=":", label="2 x a lone request")
+    ttft.set(xlabel="arrivals (requests/s, Poisson)", ylabel="time to first token (s)", yscale="log")
+    e2e.set(xlabel="arrivals (requests/s, Poisson)", ylabel="end-to-end latency p99 (s)", yscale="log")
+    ttft.legend(fontsize=7)
+    e2e.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def free_port() -> int:
@@ -248,11 +300,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the servers' --batch-wait-ms (default: theirs)")
     p.add_argument("--stream", action="store_true", help="stream the answers (adds time-to-first-token)")
     p.add_argument("--deadline-s", type=float, default=300, help="stop sending after this long, per run")
+    p.add_argument("--rates", default=None, metavar="R,...",
+                   help="open loop: Poisson arrivals at each rate (requests/s) instead of --clients; with --stream, "
+                        "each mode also measures a lone request's time to first token")  # fmt: skip
+    p.add_argument("--plot", default=None, metavar="PNG", help="with --rates and --stream: plot latency against rate")
     args = p.parse_args(argv)
     if args.clients < 1 or args.requests < 1 or args.max_tokens < 1:
         p.error("--clients, --requests and --max-tokens must be positive")
 
-    keys = ("clients", "requests", "max_tokens", "mixed", "stream", "threads", "batch_wait_ms")
+    try:
+        rates = [float(r) for r in args.rates.split(",")] if args.rates else [None]
+    except ValueError:
+        p.error("--rates takes requests/s numbers, e.g. 0.5,1,2")
+    if any(r is not None and r <= 0 for r in rates):
+        p.error("--rates must be positive")
+    keys = ("clients", "requests", "max_tokens", "mixed", "stream", "threads", "batch_wait_ms", "rates")
     config = {k: getattr(args, k) for k in keys}
     if args.url:
         host = httpx.URL(args.url).host
@@ -278,15 +340,22 @@ def main(argv: list[str] | None = None) -> int:
             log = Path(tmp) / f"server-{batching}-{size}.log"
             with ServerProcess(model_dir, size, args.threads, log, args.batch_wait_ms, batching) as server:
                 run_load(server.url, "none", "bench", 1, 2, args.max_tokens, False, 60)  # warm-up
-                runs.append({"batching": batching, "max_batch_size": size, **run_load(
-                    server.url, "none", "bench", args.clients, args.requests, args.max_tokens, args.stream,
-                    args.deadline_s, args.mixed,
-                )})  # fmt: skip
-    base = next((r for r in runs if r["max_batch_size"] == 1), None)
-    if base and base["throughput_rps"]:
-        for r in runs:
+                lone = None
+                if args.stream and args.rates:  # the yardstick: one request alone, nothing else in flight
+                    lone = run_load(server.url, "none", "bench", 1, 4, args.max_tokens, True, 60).get("ttft_p50_s")
+                for rate in rates:
+                    run = run_load(server.url, "none", "bench", args.clients, args.requests, args.max_tokens,
+                                   args.stream, args.deadline_s, args.mixed, rate)  # fmt: skip
+                    if lone:
+                        run |= {"lone_ttft_s": lone, "ttft_p99_vs_lone": round(run["ttft_p99_s"] / lone, 2)}
+                    runs.append({"batching": batching, "max_batch_size": size, "rate_rps": rate, **run})
+    for r in runs:  # against the batch-1 server at the same arrival rate
+        base = next((b for b in runs if b["max_batch_size"] == 1 and b["rate_rps"] == r["rate_rps"]), None)
+        if base and base["throughput_rps"]:
             r["throughput_vs_batch_1"] = round(r["throughput_rps"] / base["throughput_rps"], 2)
     print(json.dumps({"config": {**config, "model": "tiny" if args.tiny else args.model}, "runs": runs}, indent=2))
+    if args.plot and args.rates and args.stream:
+        plot(runs, Path(args.plot))
     return 0 if all(r["errors"] == 0 for r in runs) else 1
 
 
