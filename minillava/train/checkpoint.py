@@ -36,7 +36,11 @@ def list_checkpoints(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if PATTERN.match(p.name) and (p / STATE).is_file() and (p / WEIGHTS).is_file()]
-    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    return int(PATTERN.match(path.name).group(1))
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -76,8 +80,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     out: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], config: dict[str, Any],
-    keep_last: int,
+    keep_last: int, keep: Path | None = None,
 ) -> Path:  # fmt: skip
+    """Write atomically, then prune to the newest `keep_last` checkpoints, never deleting `keep` (the last one
+    known good, which a collapsing run would otherwise rotate away)."""
     root = checkpoint_root(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -96,9 +102,15 @@ def save_checkpoint(
             raise OSError(f"{final}: could not write the checkpoint ({_reason(e)}); nothing half-written is left, "
                           f"the newest complete checkpoint is {kept or 'none'}") from e  # fmt: skip
         raise
-    for old in list_checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(out, keep_last, keep)
     return final
+
+
+def prune(out: Path, keep_last: int, keep: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints, and never `keep`."""
+    for old in list_checkpoints(out)[:-keep_last]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:

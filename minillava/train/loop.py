@@ -297,14 +297,17 @@ def skip_update(state: dict[str, Any], scheduler: torch.optim.lr_scheduler.LRSch
 COLLAPSE_RATIO = 1e-6
 
 
+def is_dead(grad_norm: float, peak: float) -> bool:
+    return not math.isfinite(grad_norm) or grad_norm <= COLLAPSE_RATIO * peak
+
+
 def collapse_check(limit: int, run: int, grad_norm: float | None, peak: float, step: int, loss: float) -> int:
     """The new count of consecutive dead steps; raises once it reaches `limit` (0: never). A step with
     supervised tokens and a gradient norm of 0 (or not finite) moves nothing: after a few in a row the run
     has collapsed (saturated activations, e.g. from an absurd LR) and would otherwise finish silently."""
     if not limit or grad_norm is None:
         return 0
-    dead = not math.isfinite(grad_norm) or grad_norm <= COLLAPSE_RATIO * peak
-    run = run + 1 if dead else 0
+    run = run + 1 if is_dead(grad_norm, peak) else 0
     if run >= limit:
         shown = "0" if math.isfinite(grad_norm) else "not finite"
         raise FloatingPointError(
@@ -412,7 +415,8 @@ class Optim:
 class Tally:
     """What the step loop counts as it goes: the summary's numbers, and what the failure checks compare with."""
 
-    last_ckpt: Path | None  # the newest checkpoint known to load and hold finite weights
+    last_ckpt: Path | None  # the newest checkpoint known good: finite weights, and the step after it was alive
+    unproven_ckpt: Path | None = None  # saved after the last step; good if the next step's gradient is alive
     losses: list[float] = field(default_factory=list)
     cache_stats: dict[str, int] = field(default_factory=lambda: {"hits": 0, "misses": 0})
     zero_grad_run: int = 0  # consecutive optimizer steps whose gradient norm was 0 or not finite
@@ -695,7 +699,7 @@ def run_epoch(s: Session, batches: Iterator[dict[str, Any]]) -> None:
         take_step(s, micro)
         step_no = state["step"]
         if cfg.save_every and step_no % cfg.save_every == 0 and step_no < data.total_steps:
-            s.tally.last_ckpt = write_checkpoint(s, step_no) or s.tally.last_ckpt
+            s.tally.unproven_ckpt = write_checkpoint(s, step_no)
         if cfg.halt_at_step is not None and step_no >= cfg.halt_at_step:
             s.tally.halted = True
             return
@@ -823,9 +827,34 @@ def watch_collapse(s: Session, grad_norm: float | None, step_no: int, step_loss:
     overflow = s.optim.scaler is not None and grad_norm is not None and not math.isfinite(grad_norm)
     if grad_norm is not None and math.isfinite(grad_norm):
         tally.peak_grad_norm = max(tally.peak_grad_norm, grad_norm)
-    tally.zero_grad_run = collapse_check(s.run.cfg.collapse_steps, tally.zero_grad_run,
-                                         None if overflow else grad_norm, tally.peak_grad_norm, step_no,
-                                         step_loss)  # fmt: skip
+    norm = None if overflow else grad_norm
+    # a checkpoint is proven by the step after it: the weights of a run that collapses look finite and fine
+    if tally.unproven_ckpt is not None and (norm is None or not is_dead(norm, tally.peak_grad_norm)):
+        tally.last_ckpt = tally.unproven_ckpt
+        if s.run.d.main:  # the good one it kept beyond keep_last can go now
+            ckpt.prune(s.run.out, s.run.cfg.keep_last, tally.last_ckpt)
+    tally.unproven_ckpt = None
+    try:
+        tally.zero_grad_run = collapse_check(s.run.cfg.collapse_steps, tally.zero_grad_run, norm,
+                                             tally.peak_grad_norm, step_no, step_loss)  # fmt: skip
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e}; {set_aside_collapsed(s)}") from None
+
+
+def set_aside_collapsed(s: Session) -> str:
+    """Rename the checkpoints newer than the last good one to `collapsed-step-*` (kept, but no longer what
+    --resume picks) and say which checkpoint to resume from."""
+    good = s.tally.last_ckpt
+    moved = []
+    if s.run.d.main:
+        for p in ckpt.list_checkpoints(s.run.out):
+            if good is None or ckpt.step_of(p) > ckpt.step_of(good):
+                p.rename(p.with_name(f"collapsed-{p.name}"))
+                moved.append(p.name)
+    aside = f" ({len(moved)} saved during the collapse renamed collapsed-step-*)" if moved else ""
+    if good is None:
+        return f"no checkpoint was saved before it began{aside}"
+    return f"the last good checkpoint is {good}{aside}"
 
 
 def record_step(s: Session, micro: list[dict[str, Any]], step_loss: float, lr: float, grad_norm: float | None,
@@ -874,7 +903,8 @@ def write_checkpoint(s: Session, step: int) -> Path | None:
         if optim.scaler is not None:
             st["scaler"] = optim.scaler.state_dict()
         if ckpt.weights_finite(weights):
-            path = ckpt.save_checkpoint(run.out, step, weights, st, run.cfg.to_dict(), run.cfg.keep_last)
+            path = ckpt.save_checkpoint(run.out, step, weights, st, run.cfg.to_dict(), run.cfg.keep_last,
+                                        keep=s.tally.last_ckpt)  # fmt: skip
         else:  # never let exploded weights become the checkpoint a resume or the NaN message points at
             log.warning(f"step {step}: trainable weights are not all finite; checkpoint not saved")
     run.d.barrier()
@@ -889,7 +919,10 @@ def finish(s: Session, seconds: float) -> dict[str, Any]:
         return summary
     if s.data.cache is not None:
         s.data.cache.flush()
-    summary["checkpoint"] = str(write_checkpoint(s, s.trainee.state["step"]))
+    final = write_checkpoint(s, s.trainee.state["step"])
+    if final is not None:  # the run ended well: its last weights are the model, and the one to keep
+        ckpt.prune(s.run.out, s.run.cfg.keep_last, final)
+    summary["checkpoint"] = str(final)
     s.run.strategy.gather_model(s.optim.step_module, s.run.d.main)
     if s.metrics is not None:
         export_and_report(s, s.metrics, summary)

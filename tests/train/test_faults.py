@@ -77,6 +77,34 @@ def test_exploded_weights_are_never_saved_nor_named_good(tmp_path, asset_dir, da
     assert "step 2: trainable weights are not all finite; checkpoint not saved" in caplog.text
 
 
+def test_a_collapse_keeps_the_last_checkpoint_proven_good_and_sets_the_rest_aside(tmp_path, asset_dir, data,
+                                                                                   monkeypatch):
+    """Gradients die from step 4 (simulated): the checkpoint after step 3 already holds the weights that died, and
+    keep_last=2 would rotate away every checkpoint from before. The one proven by a live step after it (step 2)
+    is kept, named, and is what --resume picks; those saved during the collapse are renamed, not deleted."""
+    from minillava.train import loop
+
+    real = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step",
+                        lambda s: real(s) if s.trainee.state["step"] < 3 else 0.0)  # fmt: skip
+    cfg = config(tmp_path, asset_dir, *data, stage="align", lr=1e-3, max_steps=30, save_every=1, keep_last=2,
+                 collapse_steps=3)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="training collapsed at step 6") as e:
+        train(cfg)
+    out = tmp_path / "run"
+    good = out / "checkpoints" / "step-00000002"
+    assert f"the last good checkpoint is {good}" in str(e.value)
+    assert ckpt.list_checkpoints(out) == [good] and ckpt.latest_checkpoint(out) == good
+    aside = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("collapsed-"))
+    assert aside == ["collapsed-step-00000004", "collapsed-step-00000005"]  # step 3's was rotated away
+
+
+def test_a_healthy_run_keeps_keep_last_checkpoints(tmp_path, asset_dir, data):
+    cfg = config(tmp_path, asset_dir, *data, stage="align", lr=1e-3, max_steps=4, save_every=1, keep_last=1)
+    train(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == ["step-00000004"]
+
+
 def test_collapse_check_counts_consecutive_dead_steps():
     from minillava.train.loop import collapse_check
 
