@@ -148,6 +148,21 @@ def test_token_budget_sampler_sees_every_sample_once_resumes_and_splits_ranks():
     assert [b for pair in zip(*ranks, strict=True) for b in pair][: len(full)] == full  # a step's batches, shared
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_token_budget_ranks_fill_the_epochs_tail_with_its_first_micro_batches(world):
+    """201 samples give 49 micro-batches: the last step has work for fewer ranks than there are, and the others
+    take the epoch's first micro-batches again (what the DDP/FSDP/DeepSpeed packing tests rely on); one process
+    gets an empty micro-batch there instead."""
+    lengths = _skewed_lengths(201, seed=2)
+    full = TokenBudgetSampler(lengths, 2, 1024, seed=3).epoch_batches(0)
+    ranks = [list(TokenBudgetSampler(lengths, 2, 1024, world_size=world, rank=r, seed=3)) for r in range(world)]
+    steps = [b for step in zip(*ranks, strict=True) for b in step]
+    tail = steps[len(full) :]
+    assert len(full) == 49 and len(tail) == world - 1
+    assert steps[: len(full)] == full and tail == full[: len(tail)]
+    assert list(TokenBudgetSampler(lengths, 2, 1024, grad_accum=2, seed=3))[-1] == []
+
+
 def test_data_check_reports_every_bad_case(tiny, tmp_path, capsys):
     model, processor = tiny
     a = _img(tmp_path / "img" / "a.png")

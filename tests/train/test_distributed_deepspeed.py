@@ -116,3 +116,17 @@ def test_deepspeed_one_process_runs_the_engine(tmp_path, asset_dir, stage):
     run = config(tmp_path / "zero", asset_dir, path, images, strategy=f"deepspeed-zero{stage}", **common)
     _launch([sys.executable], run)
     _check_run(run, stage, one, 2, world=1)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_packed_two_processes_match_one_process_accumulating(tmp_path, asset_dir, stage):
+    """--packing under ZeRO-N: 2 ranks x 1 token-budget micro-batch give the first step of 1 process x 2
+    accumulated ones (later steps differ at the epoch's tail by design: tests/train/test_packing.py's DDP test)."""
+    path, images = _mixed_data(tmp_path)
+    common = dict(stage="instruct", lora=True, lora_dropout=0.0, lr=1e-2, projector_lr=1e-2, max_steps=3,
+                  packing=True, max_tokens_per_batch=128, batch_size=1)  # fmt: skip
+    one = train(config(tmp_path / "one", asset_dir, path, images, grad_accum=2, **common))
+    run = config(tmp_path / "zero", asset_dir, path, images, **common)
+    _accelerate(f"deepspeed-zero{stage}", run)
+    losses = _losses(Path(run.out))
+    assert len(losses) == 3 and losses[1] == pytest.approx(one["losses"][0], rel=1e-5)

@@ -268,3 +268,22 @@ def test_ddp_packed_two_processes_match_one_process_accumulating(tmp_path, asset
     # step 1 is two whole micro-batches on both sides; at the epoch's tail (this small set's step 2) the second
     # rank repeats the epoch's first micro-batch where one process has none, so only step 1 must match
     assert len(losses) == 3 and losses[1] == pytest.approx(one["losses"][0], rel=1e-5)
+
+
+def test_fsdp_packed_two_processes_match_one_process_accumulating(tmp_path, asset_dir):
+    """The same with LoRA under FSDP FULL_SHARD (accelerate's config): packed rows, sharded parameters."""
+    from pathlib import Path
+
+    from test_distributed import ACCELERATE, _launch, _losses, _mixed_data, _port
+
+    path, images = _mixed_data(tmp_path)
+    common = dict(stage="instruct", lora=True, lora_dropout=0.0, lr=1e-2, projector_lr=1e-2, max_steps=3,
+                  packing=True, max_tokens_per_batch=128, batch_size=1)  # fmt: skip
+    one = train(config(tmp_path / "one", asset_dir, path, images, grad_accum=2, **common))
+    fsdp = config(tmp_path / "two", asset_dir, path, images, **common)
+    _launch(["accelerate", "launch", "--config_file", str(ACCELERATE / "fsdp-full-shard.yaml"), "--num_processes",
+             "2", "--main_process_port", str(_port())], fsdp)  # fmt: skip
+    records = [json.loads(x) for x in (Path(fsdp.out) / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["strategy"] == "fsdp-full-shard" and records[0]["world_size"] == 2
+    losses = _losses(Path(fsdp.out))
+    assert len(losses) == 3 and losses[1] == pytest.approx(one["losses"][0], rel=1e-5)  # step 1: see the DDP test
