@@ -342,6 +342,7 @@ class MiniLlava(nn.Module):
         image_counts: torch.Tensor | None = None,  # (B,) images of each row: the splice checks rows, not the total
         segment_ids: torch.Tensor | None = None,  # (B, T) packed rows: sample 1, 2, ... of each row, 0 padding
         soft_targets: SoftTargets | None = None,  # with labels: these rows' positions learn a distribution (KL)
+        inputs_embeds: torch.Tensor | None = None,  # (B, T, D) from `embed`, images spliced: a chunked prefill's
     ) -> Output:
         if segment_ids is not None:
             self.check_packable(past_key_values, use_cache)
@@ -350,12 +351,16 @@ class MiniLlava(nn.Module):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
         layer_kwargs = {}
+        if inputs_embeds is not None and self.config.fusion != "splice":
+            raise ValueError("inputs_embeds are spliced embeddings: fusion splice only")
         if self.config.fusion == "xattn":
             embeds = self.llm.get_input_embeddings()(input_ids)  # the <image> marker is an ordinary token here
             features, index = self.xattn_media(
                 input_ids, pixel_values, image_features, media, past_key_values is not None, image_counts
             )
             layer_kwargs = {"media": features, "media_index": index}
+        elif inputs_embeds is not None:
+            embeds = inputs_embeds
         else:
             embeds = self.embed(input_ids, pixel_values, image_features, image_sizes, image_counts)
         if segment_ids is not None:  # once per forward: every decoder layer reads the same mask

@@ -66,9 +66,12 @@ class ServeSettings:
     # characters of text per request, checked before tokenizing; None: 32 per token of context (no real
     # tokenizer averages that many, so only prompts that could never fit are refused without tokenizing)
     max_text_chars: int | None = None
-    allowed_origins: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty: same-origin only (the page at / needs none)
     # "continuous": requests join the running batch at the next decode step; "static": a batch runs to its end
-    batching: Literal["continuous", "static"] = "continuous"  # CORS; empty: same-origin only (the page at / needs none)
+    batching: Literal["continuous", "static"] = "continuous"
+    # continuous: newcomers' prompts are prefilled this many tokens at a time, the running batch decoding one
+    # token between chunks, so a long prompt does not stall everyone's next token; 0: a prompt at once
+    prefill_chunk: int = 256
 
 
 class ApiError(Exception):
@@ -378,12 +381,14 @@ class ChatService:
         positions = getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
         self.context = min(processor.max_length, positions) if positions else processor.max_length
         generator = Generator(model, processor)
-        engine: type[BatchEngine] = BatchEngine
+        batching = (generator, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_queue)
         if settings.batching == "continuous" and ContinuousEngine.supports(generator):
-            engine = ContinuousEngine
-        elif settings.batching == "continuous":
-            log.info("continuous batching needs a torch model (fusion splice, full-attention layers): static batches")
-        self.engine = engine(generator, settings.max_batch_size, settings.batch_wait_ms / 1000, settings.max_queue)
+            self.engine: BatchEngine = ContinuousEngine(*batching, prefill_chunk=settings.prefill_chunk)
+        else:
+            if settings.batching == "continuous":
+                log.info("continuous batching needs a torch model (fusion splice, full-attention layers): static "
+                         "batches")  # fmt: skip
+            self.engine = BatchEngine(*batching)
         self.fetcher = ImageFetcher(settings)
         self.max_text = settings.max_text_chars or 32 * self.context
         self.max_body = settings.max_images * (settings.max_image_bytes * 4 // 3 + 1024) + 2**20 + 4 * self.max_text

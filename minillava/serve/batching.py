@@ -617,14 +617,31 @@ def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
+class _Prefill:
+    """Newcomers whose prompts are being prefilled a chunk at a time: their spliced embeddings (images already
+    encoded), the left-padded mask, and the KV cache filled so far."""
+
+    def __init__(self, jobs: list[Job], input_ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor) -> None:
+        self.jobs, self.input_ids, self.mask, self.embeds = jobs, input_ids, mask, embeds  # (B, T), (B, T, D)
+        self.cache, self.done = None, 0  # prompt positions already in the cache
+
+
 class ContinuousEngine(BatchEngine):
-    """Iteration-level batching: a waiting request is prefilled and joins the running batch before the next
-    decode step, and a finished (or cancelled) one leaves it at once, so a short request never waits for a long
-    one. Every row samples with its own settings (and its own seeded generator). Left padding and position ids
-    counted over real tokens keep each row's greedy answer that of the row alone (float32).
+    """Iteration-level batching: a waiting request is prefilled and joins the running batch, and a finished (or
+    cancelled) one leaves it at once, so a short request never waits for a long one. Newcomers' prompts are
+    prefilled `prefill_chunk` tokens at a time with a decode step of the running batch between chunks, so a long
+    prompt delays the others' next token by one chunk, not by its whole length. Every row samples with its own
+    settings (and its own seeded generator). Left padding and position ids counted over real tokens keep each
+    row's greedy answer that of the row alone (float32).
 
     Needs fusion splice and a cache of full-attention layers (`supports`); otherwise use `BatchEngine`.
     """
+
+    def __init__(self, *args: Any, prefill_chunk: int = 256, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be 0 (a prompt at once) or positive")
+        self.prefill_chunk = prefill_chunk
 
     @staticmethod
     def supports(generator: Generator) -> bool:
@@ -638,23 +655,29 @@ class ContinuousEngine(BatchEngine):
 
     def _worker(self) -> None:
         running: _Running | None = None
+        filling: _Prefill | None = None
         while True:
             try:
-                newcomers = self._take(wait=running is None)
-                if newcomers is None:
-                    self._abort(running)
-                    return
-                running = self._admit(running, newcomers)
+                if filling is None:  # newcomers are taken when the previous ones are in the batch
+                    newcomers = self._take(wait=running is None)
+                    if newcomers is None:
+                        self._abort(running)
+                        return
+                    filling = self._begin(newcomers)
+                if filling is not None:
+                    joined = self._fill(filling)
+                    if joined is not None:
+                        running, filling = self._join(running, joined), None
                 if running is not None:
                     running = self._step(running)
             except Exception as e:  # never let one bad step take the server down
                 log.exception("generation failed")
                 self.stats["errors"] += 1
-                for row in running.rows if running else []:
-                    if not row.done:
-                        row.job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                running = None
-            self.running = len(running.rows) if running else 0
+                jobs = [r.job for r in running.rows if not r.done] if running else []
+                for job in jobs + (filling.jobs if filling else []):
+                    job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+                running = filling = None
+            self.running = (len(running.rows) if running else 0) + (len(filling.jobs) if filling else 0)
 
     def _take(self, wait: bool) -> list[Job] | None:
         """Waiting jobs that fit in the batch (none: stopping); idle, wait for one and `batch_wait_s` more."""
@@ -680,55 +703,72 @@ class ContinuousEngine(BatchEngine):
                     taken.append(job)
             return taken
 
-    def _admit(self, running: _Running | None, jobs: list[Job]) -> _Running | None:
-        """Prefill the newcomers in one forward pass and merge them into the batch; if that fails, one at a
-        time, so a failing prompt fails only itself."""
+    def _begin(self, jobs: list[Job]) -> _Prefill | None:
+        """Encode the newcomers' images and splice them into their embeddings, together; if that fails, each
+        alone, so a failing prompt fails only itself and the others go on together."""
         if not jobs:
-            return running
+            return None
         try:
-            groups = [self._prefill(jobs)]
+            return self._embed(jobs)
         except Exception:
-            groups = []
+            good = []
             for job in jobs:
                 try:
-                    groups.append(self._prefill([job]))
+                    self._embed([job], keep_pixels=True)
+                    good.append(job)
                 except Exception as e:
                     log.exception("prefill failed")
                     self.stats["errors"] += 1
                     job.emit("error", f"generation failed: {type(e).__name__}: {e}")
-        for joined in groups:
-            self.stats["rows"] += len(joined.rows)
-            if running is None:  # "batches": runs of the batch from idle to idle
-                self.stats["batches"] += 1
-                running = joined
-            else:
-                running.merge(joined)
-            self.running = len(running.rows)
-            self.stats["max_batch"] = max(self.stats["max_batch"], self.running)
-            self.batch_sizes[self.running] = self.batch_sizes.get(self.running, 0) + 1
-        return running
+            return self._embed(good) if good else None
 
     @torch.inference_mode()
-    def _prefill(self, jobs: list[Job]) -> _Running:
+    def _embed(self, jobs: list[Job], keep_pixels: bool = False) -> _Prefill:
         data = self.processor.collate([job.encoded for job in jobs], padding_side="left")
         model = self.generator.model
         dev = model.device
         pixels, sizes, counts = data["pixel_values"], data.get("image_sizes"), data.get("image_counts")
-        mask = data["attention_mask"].to(dev)
-        out = model(
-            data["input_ids"].to(dev), mask, None if pixels is None else pixels.to(dev), use_cache=True,
-            logits_to_keep=1, image_sizes=None if sizes is None else sizes.to(dev), image_counts=counts,
-        )  # fmt: skip
+        ids, mask = data["input_ids"].to(dev), data["attention_mask"].to(dev)
+        embeds = model.embed(ids, None if pixels is None else pixels.to(dev),
+                             image_sizes=None if sizes is None else sizes.to(dev), image_counts=counts)  # fmt: skip
+        if not keep_pixels:  # the prompt's pixels live on as spliced embeddings; a job keeps none of them
+            for job in jobs:
+                job.encoded = dataclasses.replace(job.encoded, pixel_values=None, image_sizes=None)
         del data
-        rows = []
-        for job in jobs:  # the prompt's pixels were consumed by the prefill; a job keeps none of them
-            job.encoded = dataclasses.replace(job.encoded, pixel_values=None, image_sizes=None)
-            rows.append(_Row(job, self))
-            rows[-1].sampler = _row_sampler(job, dev)
         if pixels is not None:
             del pixels
             release_memory()
-        return _Running(rows, out.past_key_values, mask, out.logits[:, -1])
+        return _Prefill(jobs, ids, mask, embeds)
+
+    @torch.inference_mode()
+    def _fill(self, f: _Prefill) -> _Running | None:
+        """Prefill the next chunk of the newcomers' prompts; once the last is in, they are rows of a batch."""
+        length = f.input_ids.shape[1]
+        end = length if not self.prefill_chunk else min(length, f.done + self.prefill_chunk)
+        out = self.generator.model(
+            f.input_ids[:, f.done : end], f.mask[:, :end], past_key_values=f.cache, use_cache=True,
+            logits_to_keep=1, inputs_embeds=f.embeds[:, f.done : end],
+        )  # fmt: skip
+        f.cache, f.done = out.past_key_values, end
+        if end < length:
+            return None
+        rows = []
+        for job in f.jobs:
+            rows.append(_Row(job, self))
+            rows[-1].sampler = _row_sampler(job, f.mask.device)
+        return _Running(rows, f.cache, f.mask, out.logits[:, -1])
+
+    def _join(self, running: _Running | None, joined: _Running) -> _Running:
+        self.stats["rows"] += len(joined.rows)
+        if running is None:  # "batches": runs of the batch from idle to idle
+            self.stats["batches"] += 1
+            running = joined
+        else:
+            running.merge(joined)
+        self.running = len(running.rows)
+        self.stats["max_batch"] = max(self.stats["max_batch"], self.running)
+        self.batch_sizes[self.running] = self.batch_sizes.get(self.running, 0) + 1
+        return running
 
     @torch.inference_mode()
     def _step(self, running: _Running) -> _Running | None:

@@ -55,6 +55,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="continuous (default): requests join the running batch at the next token; static: whole batches",
     )  # fmt: skip
     p.add_argument(
+        "--prefill-chunk", type=_non_negative, default=256, metavar="N",
+        help="continuous: prefill newcomers' prompts N tokens at a time, decoding the batch between chunks "
+        "(default 256; 0: a prompt at once)",
+    )  # fmt: skip
+    p.add_argument(
         "--shutdown-timeout", type=float, default=30.0, metavar="S",
         help="on SIGTERM, seconds to let in-flight requests finish before they are cut off (default 30)",
     )  # fmt: skip
@@ -86,6 +91,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -187,6 +199,7 @@ def serve(args: argparse.Namespace) -> int:
         max_text_chars=args.max_text_chars,
         allowed_origins=args.allowed_origins,
         batching=args.batching,
+        prefill_chunk=args.prefill_chunk,
     )
     if not settings.api_key and not _is_loopback(args.host):
         log.warning("serving on %s without --api-key: anyone who can reach it can use the model", args.host)

@@ -4,6 +4,8 @@ greedy answer still equals the answer alone (float32)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 
 import pytest
 from PIL import Image
@@ -29,7 +31,8 @@ async def collect(job: Job, log: list[str]) -> tuple[str, object]:
     raise AssertionError("no end event")
 
 
-def test_late_arrivals_join_the_running_batch_and_match_one_at_a_time(gen):
+@pytest.mark.parametrize("prefill_chunk", [0, 3])  # 3: every prompt is prefilled in several chunks
+def test_late_arrivals_join_the_running_batch_and_match_one_at_a_time(gen, prefill_chunk):
     red, blue = Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (24, 48), (20, 40, 220))
     specs = [  # name, prompt, images, max_tokens, stop
         ("long", "hello", [], 200, []), ("img", "What is in the picture?", [red], 9, []),
@@ -37,7 +40,7 @@ def test_late_arrivals_join_the_running_batch_and_match_one_at_a_time(gen):
         ("late", "The capital of France is", [], 10, []),
     ]  # fmt: skip
     want = {n: gen.generate(p, i, GenerationConfig(max_new_tokens=m, stop=s)) for n, p, i, m, s in specs}
-    engine = ContinuousEngine(gen, max_batch_size=4, batch_wait_s=0)
+    engine = ContinuousEngine(gen, max_batch_size=4, batch_wait_s=0, prefill_chunk=prefill_chunk)
     assert ContinuousEngine.supports(gen)
 
     def job(name: str) -> Job:
@@ -120,3 +123,35 @@ def test_a_failing_prompt_fails_alone(gen):
     ends = asyncio.run(go())
     assert [k for k, _ in ends] == ["done", "error", "done"] and "generation failed" in ends[1][1]
     assert ends[0][1].text == ends[2][1].text == want and engine.stats["errors"] == 1
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_batchs_decode_steps(gen, monkeypatch):
+    """A newcomer's 60-token prompt, chunks of 8: the running row decodes a token between every two chunks
+    (without chunks it would wait for the whole prefill), and both answers equal the answers alone."""
+    long_prompt = " ".join(["one two three"] * 20)
+    want = {"run": gen.generate("hello", None, GenerationConfig(max_new_tokens=60)),
+            "new": gen.generate(long_prompt, None, GenerationConfig(max_new_tokens=5))}  # fmt: skip
+    engine = ContinuousEngine(gen, max_batch_size=4, batch_wait_s=0, prefill_chunk=8)
+    calls: list[tuple[str, int]] = []
+    fill, step = engine._fill, engine._step
+    monkeypatch.setattr(engine, "_fill", lambda f: calls.append(("fill", len(f.jobs))) or fill(f))
+    monkeypatch.setattr(engine, "_step", lambda r: calls.append(("step", len(r.rows))) or step(r))
+
+    async def go():
+        engine.start()
+        running = engine.submit(Job(gen.encode("hello", None), 60))
+        while engine.running == 0:
+            await asyncio.sleep(0.002)
+        newcomer = engine.submit(Job(gen.encode(long_prompt, None), 5))
+        running.name, newcomer.name = "run", "new"  # type: ignore[attr-defined]
+        out = [await collect(j, []) for j in (running, newcomer)]
+        engine.stop()
+        return out
+
+    (k1, run), (k2, new) = asyncio.run(go())
+    assert k1 == k2 == "done" and run.text == want["run"] and new.text == want["new"]
+    chunks = [i for i, c in enumerate(calls) if c == ("fill", 1)]
+    needed = math.ceil(len(gen.encode(long_prompt, None).input_ids) / 8)
+    assert needed >= 7 and len(chunks) >= needed  # the newcomer's prefill, chunk by chunk (then the first's)
+    for a, b in itertools.pairwise(chunks[-needed:]):
+        assert ("step", 1) in calls[a:b], calls  # the running row decoded between the two chunks
