@@ -194,3 +194,14 @@ def test_import_reads_the_resize_backend_from_the_processor_class(image_processo
     cfg = {"image_processor_type": image_processor_type, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
            "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}  # fmt: skip
     assert _image_transform(cfg, 32, tmp_path).resize_backend == backend
+
+
+@pytest.mark.parametrize(("key", "value"), [("resample", 2), ("rescale_factor", 1 / 256), ("do_normalize", False),
+                                            ("do_resize", False), ("do_convert_rgb", False)])  # fmt: skip
+def test_import_refuses_an_image_processor_it_would_not_reproduce(key, value, tmp_path):
+    from minillava.interop.hf import _image_transform
+
+    cfg = {"image_processor_type": "CLIPImageProcessor", "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+           "size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, key: value}  # fmt: skip
+    with pytest.raises(ValueError, match=f"{tmp_path}: the image processor sets {key}="):
+        _image_transform(cfg, 32, tmp_path)

@@ -315,7 +315,23 @@ def _side(size: Any, path: Path, key: str) -> int:
     raise ValueError(f"{path}: image processor {key} {size!r} is not square; minillava feeds square images")
 
 
+# What minillava's ImageTransform computes; an image processor configured otherwise would be imported wrong silently
+_REPRODUCED = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+               "do_convert_rgb": True}  # fmt: skip
+
+
+def _check_reproducible(cfg: dict[str, Any], path: Path) -> None:
+    for key, value in _REPRODUCED.items():
+        got = cfg.get(key, value)
+        if got is not None and not (got == value or (isinstance(value, float) and abs(got - value) < 1e-9)):
+            raise ValueError(
+                f"{path}: the image processor sets {key}={got!r}; minillava reproduces {key}={value!r} only "
+                "(bicubic resize, 1/255 rescale, normalisation, RGB), so its pixels would differ"
+            )
+
+
 def _image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> ImageTransform:
+    _check_reproducible(cfg, path)
     crops = bool(cfg.get("do_center_crop", "crop_size" in cfg))  # CLIPImageProcessor crops unless told not to
     # do_pad: LlavaImageProcessor expands to a mean-coloured square first, LLaVA-1.5's "pad".
     aspect = "pad" if cfg.get("do_pad") else "center_crop" if crops else "resize"
@@ -339,6 +355,7 @@ def _resize_backend(cfg: dict[str, Any]) -> str:
 def _next_image_transform(cfg: dict[str, Any], image_size: int, path: Path) -> ImageTransform:
     """LlavaNextImageProcessor squashes the base view to `size` and cuts tiles of `crop_size`; both must be the
     tower's input, as in every LLaVA-NeXT checkpoint (minillava uses one side for both)."""
+    _check_reproducible(cfg, path)
     side = _side(cfg.get("size", image_size), path, "size")
     crop = _side(cfg.get("crop_size", side), path, "crop_size")
     if side != image_size or crop != image_size:
