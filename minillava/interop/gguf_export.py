@@ -17,8 +17,9 @@
 
 Weights: f32, f16 (matrices; norms stay f32), q8_0 (matrices in llama.cpp's 8-bit blocks of 32 with one f16
 scale; norms f32) or q4_0 (4-bit blocks of 32; the vocabulary rows, which a tied LM head reads too, in q8_0).
-Supported LLMs: Llama-architecture models (Llama, SmolLM, TinyLlama, Vicuna ...) with a byte-level BPE tokenizer
-and plain RoPE; anything else is refused in one line.
+Supported LLMs: Llama-architecture models (Llama, SmolLM, TinyLlama, Vicuna ...) and Qwen2 (GGUF arch "qwen2":
+biased q/k/v, RoPE over halves as transformers computes it) with a byte-level BPE tokenizer and plain RoPE; anything
+else is refused in one line.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ log = logging.getLogger("minillava.gguf")
 FORMAT_VERSION = 1
 MANIFEST = GGUF_MANIFEST
 TYPES = ("f32", "f16", "q8_0", "q4_0")
-SUPPORTED = "fusion splice without AnyRes; Llama-architecture LLMs with a byte-level BPE tokenizer and plain RoPE"
+SUPPORTED = "fusion splice without AnyRes; Llama or Qwen2 LLMs with a byte-level BPE tokenizer and plain RoPE"
+ARCHITECTURES = ("llama", "qwen2")
 QUANT_BLOCK = 32  # inputs per scale in a q8_0 / q4_0 block
 
 
@@ -87,12 +89,14 @@ def check_exportable(model: MiniLlava, processor: Processor) -> None:
     if model.anyres is not None:
         raise ExportError(f"AnyRes (image_grid_pinpoints) is not exported to GGUF yet; supported: {SUPPORTED}")
     cfg = model.llm.config
-    if cfg.model_type != "llama":
+    if cfg.model_type not in ARCHITECTURES:
         raise ExportError(f"LLM architecture {cfg.model_type!r} is not exported to GGUF yet; supported: {SUPPORTED}")
+    if getattr(cfg, "use_sliding_window", False):
+        raise ExportError(f"the LLM uses sliding-window attention, which this export does not write; {SUPPORTED}")
     rope_type = _rope(cfg).get("rope_type", "default")
     if rope_type != "default":
         raise ExportError(f"the LLM's RoPE scaling {rope_type!r} is not exported to GGUF; supported: {SUPPORTED}")
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+    if cfg.model_type == "llama" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
         raise ExportError(f"the LLM has attention or MLP biases, which llama.cpp's llama has not; {SUPPORTED}")
     _bpe_spec(processor.tokenizer)
 
@@ -120,13 +124,13 @@ def _bpe_spec(tokenizer: Any) -> dict[str, Any]:
 
 
 def write_llm_gguf(llm: PreTrainedModel, processor: Processor, path: Path, weight_type: str) -> None:
-    """One GGUF file: llama hyper-parameters, the tokenizer, the chat template, then every weight."""
+    """One GGUF file: the architecture's hyper-parameters, the tokenizer, the chat template, then every weight."""
     import gguf  # optional dependency: `pip install minillava[gguf]`
 
-    writer = gguf.GGUFWriter(path, arch="llama")
+    writer = gguf.GGUFWriter(path, arch=llm.config.model_type)
     _write_hparams(writer, llm, weight_type)
     _write_tokenizer(writer, processor, llm.get_input_embeddings().num_embeddings)
-    for name, array in llama_tensors(llm):
+    for name, array in llm_tensors(llm):
         _add_tensor(writer, name, array, weight_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -209,24 +213,30 @@ def pre_tokenizer_name(tokenizer: Any) -> str:
     return "default"
 
 
-def llama_tensors(llm: PreTrainedModel) -> list[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array) for every weight of a transformers Llama, in llama.cpp's layout.
+def llm_tensors(llm: PreTrainedModel) -> list[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array) for every weight of a transformers Llama or Qwen2, in llama.cpp's layout.
 
-    llama.cpp rotates query/key dimensions in interleaved pairs, transformers in two halves: the rows of q_proj and
-    k_proj are permuted per head so that both compute the same attention."""
+    llama.cpp's llama rotates query/key dimensions in interleaved pairs, transformers in two halves: for a Llama the
+    rows of q_proj and k_proj are permuted per head so that both compute the same attention (llama.cpp's qwen2
+    rotates halves, as transformers does: no permutation). Qwen2's q/k/v biases follow their weights' rows."""
     cfg = llm.config
     state = {k: v.detach().float().cpu().numpy() for k, v in llm.state_dict().items()}
+    llama = cfg.model_type == "llama"
     out = [("token_embd.weight", state["model.embed_tokens.weight"])]
     names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
              "mlp.down_proj": "ffn_down"}  # fmt: skip
     for i in range(cfg.num_hidden_layers):
         prefix = f"model.layers.{i}."
-        out.append((f"blk.{i}.attn_q.weight", _rope_rows(state[prefix + "self_attn.q_proj.weight"],
-                                                         cfg.num_attention_heads)))  # fmt: skip
-        out.append((f"blk.{i}.attn_k.weight", _rope_rows(state[prefix + "self_attn.k_proj.weight"],
-                                                         cfg.num_key_value_heads)))  # fmt: skip
+        for hf, gguf_name, heads in (("q_proj", "attn_q", cfg.num_attention_heads),
+                                     ("k_proj", "attn_k", cfg.num_key_value_heads)):  # fmt: skip
+            for kind in ("weight", "bias"):
+                tensor = state.get(f"{prefix}self_attn.{hf}.{kind}")
+                if tensor is not None:
+                    out.append((f"blk.{i}.{gguf_name}.{kind}", _rope_rows(tensor, heads) if llama else tensor))
         out += [(f"blk.{i}.{gguf_name}.weight", state[f"{prefix}{hf}.weight"]) for hf, gguf_name in names.items()]
+        if f"{prefix}self_attn.v_proj.bias" in state:
+            out.append((f"blk.{i}.attn_v.bias", state[f"{prefix}self_attn.v_proj.bias"]))
     out.append(("output_norm.weight", state["model.norm.weight"]))
     embedding, head = llm.get_input_embeddings().weight, llm.get_output_embeddings().weight
     if head.data_ptr() != embedding.data_ptr():  # tied embeddings: llama.cpp reuses token_embd
@@ -234,7 +244,7 @@ def llama_tensors(llm: PreTrainedModel) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def _rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:  # (heads * head_dim, D), halves -> pairs per head
+def _rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:  # (heads * head_dim, ...), halves -> pairs per head
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
