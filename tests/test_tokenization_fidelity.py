@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from PIL import Image
-from tiny_models import CORPUS, make_tokenizer
+from tiny_models import CORPUS, make_sentencepiece, make_tokenizer
 
 from minillava.images import ImageTransform
 from minillava.processor import IGNORE_INDEX, Processor, _tokenize_with_spans
@@ -53,17 +53,8 @@ def gpt2(family):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory):
-    import sentencepiece as spm  # the test extra installs it: CI never skips these
-
-    d = tmp_path_factory.mktemp("sp")
     text = [*CORPUS, VICUNA_SYSTEM, "[INST] You answer briefly. [/INST] USER: ASSISTANT:"] * 5
-    (d / "corpus.txt").write_text("\n".join(text) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tokenizer"), vocab_size=700, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-    )  # fmt: skip
-    return d
+    return make_sentencepiece(tmp_path_factory.mktemp("sp"), text)
 
 
 def _llama(sp_model, legacy: bool, chat_template: str | None = None):

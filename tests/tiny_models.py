@@ -154,3 +154,17 @@ def samples(processor) -> list:
         processor.encode_raw("compare <image> with <image> please", images(2, seed=1)),
         processor.prompt("hello world, how are you today?"),
     ]
+
+
+def make_sentencepiece(directory: Path, lines: list[str], vocab_size: int = 700) -> Path:
+    """A real SentencePiece BPE model (Llama's kind: byte fallback, `▁` for spaces, a dummy prefix) trained on
+    `lines`: `directory/tokenizer.model`, which transformers' LlamaTokenizer loads."""
+    import sentencepiece as spm  # the test extra installs it: CI never skips its tests
+
+    (directory / "corpus.txt").write_text("\n".join(lines) + "\n")
+    spm.SentencePieceTrainer.train(
+        input=str(directory / "corpus.txt"), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )  # fmt: skip
+    return directory
