@@ -9,6 +9,7 @@ positions, stop tokens and sampling, and their answers can be compared.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minillava.anyres import AnyResPacker
 from minillava.processor import Processor
 from minillava.splice import splice_image_features
 
@@ -38,10 +40,11 @@ class ExportedModel(nn.Module):
 
     An nn.Module only so that code written for a MiniLlava (`.eval()`, `.modules()`) runs unchanged."""
 
-    def __init__(self, image_token_id: int, tokens_per_image: int) -> None:
+    def __init__(self, image_token_id: int, tokens_per_image: int, anyres: AnyResPacker | None = None) -> None:
         super().__init__()
         self.config = ExportedConfig(image_token_id=image_token_id)
         self.tokens_per_image = tokens_per_image
+        self.anyres = anyres  # lays out each image's crops, as MiniLlava.project does
 
     @property
     def device(self) -> torch.device:
@@ -64,18 +67,29 @@ class ExportedModel(nn.Module):
     def embed(
         self,
         input_ids: torch.Tensor,  # (B, T)
-        pixel_values: torch.Tensor | None = None,  # (I, 3, H, W)
+        pixel_values: torch.Tensor | None = None,  # (I, 3, H, W); AnyRes: (C crops, 3, H, W)
         image_counts: torch.Tensor | None = None,  # (B,)
+        image_sizes: torch.Tensor | None = None,  # (I, 2): AnyRes only
     ) -> torch.Tensor:  # (B, T, D)
         """Text embeddings with each image's N tokens at its N placeholders, as MiniLlava.embed."""
         features = None if pixel_values is None else self.encode_images(pixel_values)
+        per_image = [] if features is None else [self.tokens_per_image] * features.shape[0]
+        if self.anyres is not None and features is not None:
+            if image_sizes is None:
+                raise ValueError("an AnyRes model needs image_sizes, one (height, width) per image, with its pixels")
+            features = self.anyres(features, image_sizes)  # (sum_i N_i, D)
+            per_image = [self.anyres.layout.num_tokens((int(h), int(w))) for h, w in image_sizes.tolist()]
+        elif image_sizes is not None:
+            raise ValueError("image_sizes: this export has no AnyRes layout")
         per_row = None
         if image_counts is not None:
             counts = [int(c) for c in image_counts.tolist()]
-            images = 0 if features is None else features.shape[0]
-            if sum(counts) != images:
-                raise ValueError(f"the rows' image counts add up to {sum(counts)} images, but {images} were given")
-            per_row = [c * self.tokens_per_image for c in counts]
+            if sum(counts) != len(per_image):
+                raise ValueError(
+                    f"the rows' image counts add up to {sum(counts)} images, but {len(per_image)} were given"
+                )
+            ends = itertools.accumulate(counts)
+            per_row = [sum(per_image[end - n : end]) for n, end in zip(counts, ends, strict=True)]
         text = self.text_embeddings(input_ids)
         return splice_image_features(input_ids, text, features, self.config.image_token_id, per_row)
 

@@ -1,6 +1,9 @@
 """Export a MiniLlava to ONNX as the three-graph split that VLM runtimes consume (SmolVLM's layout):
 
     vision.onnx        pixel_values (B, 3, H, W) --tower, feature selection, projector--> image tokens (B, N, D)
+    anyres.safetensors with AnyRes only: the learned `image_newline` (D,); the runtime lays each image's crops
+                       out (base view, then the unpadded tile map with a newline ending each row), as the manifest
+                       says, so an image's token count follows its size
     embed_tokens.onnx  input_ids (B, T) --the LLM's input embedding--> (B, T, D)
     decoder.onnx       inputs_embeds (B, T, D), attention_mask (B, past + T), position_ids (B, T),
                        past_key_values.{i}.key / .value (B, kv_heads, past, head_dim)
@@ -12,8 +15,7 @@ runtimes; `minillava.interop.onnx_runtime` does it for `minillava generate` / `e
 minillava's processor config go beside the graphs, so prompts are rendered exactly as minillava renders them.
 
 What has no such split is refused with `ExportError`: xattn fusion (the image is cross-attended inside the
-decoder, not spliced), AnyRes (its token count depends on the image size and a learned newline is laid out per
-row), and LLMs with sliding-window or non key/value caches. LoRA adapters are merged first.
+decoder, not spliced) and LLMs with sliding-window or non key/value caches. LoRA adapters are merged first.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
@@ -40,10 +43,10 @@ from minillava.processor import PROCESSOR_CONFIG, Processor
 
 FORMAT_VERSION = 1
 MANIFEST = ONNX_MANIFEST
-VISION, EMBED, DECODER = "vision.onnx", "embed_tokens.onnx", "decoder.onnx"
+VISION, EMBED, DECODER, NEWLINE = "vision.onnx", "embed_tokens.onnx", "decoder.onnx", "anyres.safetensors"
 QUANT_SCHEMES = ("none", "int8")
 OPSET = 18
-SUPPORTED = "fusion splice without AnyRes, any projector, LLMs with a plain key/value cache"
+SUPPORTED = "fusion splice (AnyRes too), any projector, LLMs with a plain key/value cache"
 # protobuf caps a single file at 2 GiB: bigger graphs keep their weights in a `.data` file beside them
 SINGLE_FILE_BYTES = 1_500_000_000
 INT8_BLOCK = 32  # inputs per weight scale in the int8 decoder
@@ -61,6 +64,8 @@ def export_onnx(model: MiniLlava, processor: Processor, out_dir: str | Path, qua
     with _eval_mode(model, llm), atomic_dir(out_dir) as tmp:
         cache = cache_layout(llm)
         export_vision(model, tmp / VISION)
+        if model.anyres is not None:
+            save_file({"image_newline": model.anyres.image_newline.detach().contiguous()}, tmp / NEWLINE)
         export_embed(llm, tmp / EMBED)
         export_decoder(llm, cache, tmp / DECODER)
         if scheme == "int8":
@@ -75,11 +80,6 @@ def check_exportable(model: MiniLlava) -> None:
     """Refuse, in one line naming what is supported, what the three-graph split cannot express."""
     if model.config.fusion != "splice":
         raise ExportError(f"fusion {model.config.fusion!r} cannot be exported to ONNX; supported: {SUPPORTED}")
-    if model.anyres is not None:
-        raise ExportError(
-            "AnyRes (image_grid_pinpoints) cannot be exported to ONNX yet: its token count depends on the image "
-            f"size; supported: {SUPPORTED}"
-        )
     layer_types = getattr(model.llm.config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise ExportError(
@@ -123,14 +123,16 @@ def _quiet(logger_name: str) -> Iterator[None]:
 
 
 class VisionGraph(nn.Module):
-    """pixel_values (B, 3, H, W) -> image tokens (B, N, D): exactly MiniLlava.encode_images without AnyRes."""
+    """pixel_values (B, 3, H, W) -> image tokens (B, N, D): MiniLlava.encode_images, crop by crop with AnyRes (whose
+    layout of the crops is the runtime's)."""
 
     def __init__(self, model: MiniLlava) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.project(self.model.vision(pixel_values))
+        features = self.model.vision(pixel_values)
+        return self.model.projector(features.to(self.model.projector_dtype))
 
 
 class EmbedGraph(nn.Module):
@@ -277,7 +279,8 @@ def build_manifest(
     return {
         "format": "minillava-onnx",
         "format_version": FORMAT_VERSION,
-        "files": {"vision": VISION, "embed_tokens": EMBED, "decoder": DECODER},
+        "files": {"vision": VISION, "embed_tokens": EMBED, "decoder": DECODER,
+                  **({"anyres_newline": NEWLINE} if model.anyres is not None else {})},  # fmt: skip
         "dtype": "float32",
         "quantization": None if scheme == "none" else _quantization_info(scheme),
         "image": {
@@ -293,6 +296,12 @@ def build_manifest(
         "splice": "the processor expands each <image> to tokens_per_image placeholder ids (image.token_id); replace "
         "the embedding at each placeholder, in order (row-major over the batch), with vision.onnx's image tokens, "
         "image 0's tokens first",
+        "anyres": None if model.anyres is None else {
+            **model.anyres.layout.to_dict(),
+            "layout": "each image is cut into a base view and a grid of tiles (minillava.anyres.AnyRes.cut_tiles); its "
+            "tokens are the base view's, then the tiles' tokens as one map of the image (tile rows x grid rows, "
+            "tile columns x grid columns), cropped to the image's unpadded area, each row followed by image_newline",
+        },  # fmt: skip
         "decoder": {
             **cache,
             "hidden_size": llm.get_input_embeddings().embedding_dim,

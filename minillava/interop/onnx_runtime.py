@@ -2,6 +2,7 @@
 (`minillava.interop.exported`): the three graphs answer the calls `generate.decode` makes of a MiniLlava.
 
     prefill:  embed_tokens(ids) (B, T, D), vision(pixels) (I, N, D) --splice--> decoder(past of length 0)
+              (AnyRes: vision(crops) (C, N, D) --base view + unpadded tile map + newlines--> (sum_i N_i, D) first)
     step:     embed_tokens(token) (B, 1, D) --> decoder(past) --> logits (B, 1, V), presents (past + 1)
 """
 
@@ -12,7 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from minillava.anyres import AnyRes, AnyResPacker
 from minillava.interop.exported import ExportedModel, export_kind, read_manifest
 from minillava.interop.onnx_export import FORMAT_VERSION, past_names
 from minillava.model import Output, positions_from_mask
@@ -33,7 +36,7 @@ class OnnxModel(ExportedModel):
 
         directory = Path(directory)
         m = read_manifest(directory, "onnx", FORMAT_VERSION)
-        super().__init__(m["image"]["token_id"], m["image"]["tokens_per_image"])
+        super().__init__(m["image"]["token_id"], m["image"]["tokens_per_image"], _anyres(directory, m))
         self.directory, self.manifest = directory, m
         self.quantization = (m.get("quantization") or {}).get("scheme", "none")
         providers = providers or ["CPUExecutionProvider"]
@@ -66,13 +69,11 @@ class OnnxModel(ExportedModel):
         image_counts: torch.Tensor | None = None,
         **_: Any,  # media, labels ...: nothing an ONNX splice model reads
     ) -> Output:
-        if image_sizes is not None:
-            raise ValueError("image_sizes: AnyRes models are not exported to ONNX")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask)[:, -input_ids.shape[1] :]
-        embeds = self.embed(input_ids, pixel_values, image_counts)
+        embeds = self.embed(input_ids, pixel_values, image_counts, image_sizes)
         past = past_key_values if past_key_values is not None else self.empty_past(input_ids.shape[0])
         feed = {
             "inputs_embeds": embeds.numpy(),
@@ -89,6 +90,16 @@ class OnnxModel(ExportedModel):
         """2L arrays (B, kv_heads, 0, head_dim): the prefill's cache holds nothing yet."""
         heads, head_dim = self.kv_shape
         return [np.zeros((batch, heads, 0, head_dim), np.float32) for _ in self.past_names]
+
+
+def _anyres(directory: Path, m: dict[str, Any]) -> AnyResPacker | None:
+    """The AnyRes layout and learned newline of an export that has them."""
+    if not m.get("anyres"):
+        return None
+    newline = load_file(directory / m["files"]["anyres_newline"])["image_newline"]
+    packer = AnyResPacker(AnyRes.from_dict(m["anyres"]), newline.shape[0])
+    packer.image_newline.data.copy_(newline)
+    return packer.requires_grad_(False).eval()
 
 
 def _np(t: torch.Tensor, dtype: type) -> np.ndarray:

@@ -205,23 +205,37 @@ def test_cli_generate_refuses_load_time_quantize(cli_exported, capsys):
     assert len(err.splitlines()) == 1 and "quantized when exported" in err
 
 
-def test_cli_refuses_anyres_in_one_line(asset_dir, tmp_path, capsys):
+def test_anyres_export_equals_torch_for_every_image_size(asset_dir, tmp_path):
+    """AnyRes through the CLI: the crops go through vision.onnx and are laid out per image (base view, unpadded
+    tile map, learned newlines) by the runtime; logits and greedy tokens equal torch's for images whose sizes give
+    different tile grids and token counts, two images in one row included."""
     cfg = ModelConfig(
-        vision=VisionConfig(source=str(asset_dir("vision", "clip"))),
-        projector=ProjectorConfig(name="mlp2x_gelu"),
-        llm_source=str(asset_dir("llm", "llama")),
-        aspect="resize",
-        image_grid_pinpoints=[[32, 64], [64, 32]],
-    )
+        vision=VisionConfig(source=str(asset_dir("vision", "clip"))), projector=ProjectorConfig(name="mlp2x_gelu"),
+        llm_source=str(asset_dir("llm", "llama")), aspect="resize",
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],
+    )  # fmt: skip
+    torch.manual_seed(0)
     model, processor = MiniLlava.build(cfg)
+    louden(model)
+    with torch.no_grad():
+        model.anyres.image_newline.normal_(0, 1.0)  # a newline the test would miss if it were dropped or moved
     model.save_pretrained(tmp_path / "anyres", processor)
     out = tmp_path / "onnx"
-    assert main(["export", "--model", str(tmp_path / "anyres"), "--format", "onnx", "--out", str(out)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "AnyRes" in err and "supported:" in err
-    assert not out.exists()
-    with pytest.raises(ExportError, match="AnyRes"):
-        export_onnx(model, processor, out)
+    assert main(["export", "--model", str(tmp_path / "anyres"), "--format", "onnx", "--out", str(out)]) == 0
+    onnx_model, onnx_processor = load_onnx(out)
+    pictures = [images(1, seed=s)[0].resize(size) for s, size in enumerate([(30, 100), (90, 40), (64, 64), (7, 5)])]
+    prompts = [onnx_processor.prompt(q, [p]) for q, p in zip(PROMPTS[:3], pictures[:3], strict=True)]
+    prompts.append(onnx_processor.prompt("compare <image> and <image>", pictures[2:]))
+    assert len({len(p.input_ids) for p in prompts}) == 4  # each size its own token count
+    batch = processor.collate(prompts, padding_side="left")
+    args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    kw = {"image_sizes": batch["image_sizes"], "image_counts": batch["image_counts"]}
+    with torch.no_grad():
+        expected = model(*args, **kw).logits
+    got = onnx_model(*args, **kw).logits
+    real = batch["attention_mask"].bool()
+    assert (got[real] - expected[real]).abs().max() < TOL
+    assert greedy_tokens(onnx_model, onnx_processor, prompts, 6) == greedy_tokens(model, processor, prompts, 6)
 
 
 def test_refuses_xattn(asset_dir, tmp_path):
