@@ -41,6 +41,7 @@ from pathlib import Path
 
 import httpx
 import openai
+from common import cpu_info
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(r is not None and r <= 0 for r in rates):
         p.error("--rates must be positive")
     keys = ("clients", "requests", "max_tokens", "mixed", "stream", "threads", "batch_wait_ms", "rates")
-    config = {k: getattr(args, k) for k in keys}
+    config = {k: getattr(args, k) for k in keys} | cpu_info()
     if args.url:
         host = httpx.URL(args.url).host
         if host not in ("127.0.0.1", "localhost", "::1"):
