@@ -795,7 +795,7 @@ def micro_batch_loss(s: Session, b: dict[str, Any]) -> tuple[torch.Tensor, int]:
 
 
 def stop_on_bad_loss(s: Session, step_loss: float, step_no: int) -> NoReturn:
-    keep = f"the last good checkpoint is {s.tally.last_ckpt}" if s.tally.last_ckpt else "no checkpoint was written yet"
+    keep = set_aside_unproven(s)
     if s.progress:
         s.progress.close()
     raise FloatingPointError(f"loss is {step_loss} at step {step_no}; stopping. {keep}; lower --lr or check the data")
@@ -838,22 +838,22 @@ def watch_collapse(s: Session, grad_norm: float | None, step_no: int, step_loss:
         tally.zero_grad_run = collapse_check(s.run.cfg.collapse_steps, tally.zero_grad_run, norm,
                                              tally.peak_grad_norm, step_no, step_loss)  # fmt: skip
     except FloatingPointError as e:
-        raise FloatingPointError(f"{e}; {set_aside_collapsed(s)}") from None
+        raise FloatingPointError(f"{e}; {set_aside_unproven(s)}") from None
 
 
-def set_aside_collapsed(s: Session) -> str:
-    """Rename the checkpoints newer than the last good one to `collapsed-step-*` (kept, but no longer what
-    --resume picks) and say which checkpoint to resume from."""
+def set_aside_unproven(s: Session) -> str:
+    """A run that diverged (a loss that is not finite, or a collapse): rename the checkpoints newer than the last
+    good one to `diverged-step-*` (kept, but no longer what --resume picks) and say which one to resume from."""
     good = s.tally.last_ckpt
     moved = []
     if s.run.d.main:
         for p in ckpt.list_checkpoints(s.run.out):
             if good is None or ckpt.step_of(p) > ckpt.step_of(good):
-                p.rename(p.with_name(f"collapsed-{p.name}"))
+                p.rename(p.with_name(f"diverged-{p.name}"))
                 moved.append(p.name)
-    aside = f" ({len(moved)} saved during the collapse renamed collapsed-step-*)" if moved else ""
+    aside = f" ({len(moved)} saved after it renamed diverged-step-*)" if moved else ""
     if good is None:
-        return f"no checkpoint was saved before it began{aside}"
+        return f"no checkpoint was saved before it diverged{aside}"
     return f"the last good checkpoint is {good}{aside}"
 
 

@@ -95,8 +95,8 @@ def test_a_collapse_keeps_the_last_checkpoint_proven_good_and_sets_the_rest_asid
     good = out / "checkpoints" / "step-00000002"
     assert f"the last good checkpoint is {good}" in str(e.value)
     assert ckpt.list_checkpoints(out) == [good] and ckpt.latest_checkpoint(out) == good
-    aside = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("collapsed-"))
-    assert aside == ["collapsed-step-00000004", "collapsed-step-00000005"]  # step 3's was rotated away
+    aside = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("diverged-"))
+    assert aside == ["diverged-step-00000004", "diverged-step-00000005"]  # step 3's was rotated away
 
 
 def test_a_healthy_run_keeps_keep_last_checkpoints(tmp_path, asset_dir, data):
