@@ -17,7 +17,7 @@ requests arrive whatever is in flight, as from many users):
 
     python benchmarks/serve_load.py --model DIR --requests 40 --max-tokens 32 --mixed --stream --rates 0.5,1,2
 
-With --stream and --rates each server first answers 4 requests alone: their median time to first token is the
+With --stream each server first answers 4 requests alone: their median time to first token is the
 yardstick of `ttft_p99_vs_lone`. Every request carries one image (a data: URL) and greedy decoding.
 Only 127.0.0.1 is ever contacted; request count and time are bounded.
 """
@@ -302,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stream", action="store_true", help="stream the answers (adds time-to-first-token)")
     p.add_argument("--deadline-s", type=float, default=300, help="stop sending after this long, per run")
     p.add_argument("--rates", default=None, metavar="R,...",
-                   help="open loop: Poisson arrivals at each rate (requests/s) instead of --clients; with --stream, "
-                        "each mode also measures a lone request's time to first token")  # fmt: skip
+                   help="open loop: Poisson arrivals at each rate (requests/s) instead of --clients")  # fmt: skip
     p.add_argument("--plot", default=None, metavar="PNG", help="with --rates and --stream: plot latency against rate")
     args = p.parse_args(argv)
     if args.clients < 1 or args.requests < 1 or args.max_tokens < 1:
@@ -342,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             with ServerProcess(model_dir, size, args.threads, log, args.batch_wait_ms, batching) as server:
                 run_load(server.url, "none", "bench", 1, 2, args.max_tokens, False, 60)  # warm-up
                 lone = None
-                if args.stream and args.rates:  # the yardstick: one request alone, nothing else in flight
+                if args.stream:  # the yardstick: one request alone, nothing else in flight
                     lone = run_load(server.url, "none", "bench", 1, 4, args.max_tokens, True, 60).get("ttft_p50_s")
                 for rate in rates:
                     run = run_load(server.url, "none", "bench", args.clients, args.requests, args.max_tokens,
