@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from minillava.images import ImageTransform
 from minillava.processor import IGNORE_INDEX, Processor
 from minillava.projectors import Projector, build_projector
 from minillava.sources import resolve_source
-from minillava.splice import splice_image_features
+from minillava.splice import features_per_row, splice_image_features
 from minillava.vision import VisionTower, load_vision_tower
 
 PROJECTOR_WEIGHTS = "projector.safetensors"
@@ -283,15 +282,11 @@ class MiniLlava(nn.Module):
         self, image_counts: torch.Tensor, image_features: torch.Tensor | None, image_sizes: torch.Tensor | None
     ) -> list[int]:
         """Image feature vectors that belong to each row: its images' token counts, images in reading order."""
-        counts = [int(c) for c in image_counts.tolist()]
         if self.anyres is not None and image_sizes is not None:  # AnyRes: a token count per image size
             per_image = [self.anyres.layout.num_tokens((int(h), int(w))) for h, w in image_sizes.tolist()]
         else:  # (I, N, D): N each
             per_image = [] if image_features is None else [image_features.shape[1]] * image_features.shape[0]
-        if sum(counts) != len(per_image):
-            raise ValueError(f"the rows' image counts add up to {sum(counts)} images, but {len(per_image)} were given")
-        ends = itertools.accumulate(counts)
-        return [sum(per_image[end - n : end]) for n, end in zip(counts, ends, strict=True)]
+        return features_per_row(image_counts, per_image)
 
     def xattn_media(
         self,

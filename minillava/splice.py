@@ -6,6 +6,7 @@ those positions are replaced, in order, by the projected image features, in one 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,16 @@ def splice_image_features(
     # image of the first sample first, exactly the order the processor emitted pixel_values in.
     feats = image_features.to(text_embeds.dtype).reshape(-1, text_embeds.shape[-1])
     return text_embeds.masked_scatter(slots.unsqueeze(-1), feats)
+
+
+def features_per_row(image_counts: torch.Tensor, per_image: list[int]) -> list[int]:
+    """Image feature vectors that belong to each row: (B,) image counts and each image's token count, images in
+    reading order."""
+    counts = [int(c) for c in image_counts.tolist()]
+    if sum(counts) != len(per_image):
+        raise ValueError(f"the rows' image counts add up to {sum(counts)} images, but {len(per_image)} were given")
+    ends = itertools.accumulate(counts)
+    return [sum(per_image[end - n : end]) for n, end in zip(counts, ends, strict=True)]
 
 
 def check_rows(slots_per_row: list[int], features_per_row: list[int]) -> None:

@@ -9,7 +9,6 @@ positions, stop tokens and sampling, and their answers can be compared.
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 from minillava.anyres import AnyResPacker
 from minillava.processor import Processor
-from minillava.splice import splice_image_features
+from minillava.splice import features_per_row, splice_image_features
 
 # each export's manifest file (minillava.interop.onnx_export.MANIFEST, gguf_export.MANIFEST): importing those
 # modules would pull torch.onnx and gguf into every load
@@ -81,15 +80,7 @@ class ExportedModel(nn.Module):
             per_image = [self.anyres.layout.num_tokens((int(h), int(w))) for h, w in image_sizes.tolist()]
         elif image_sizes is not None:
             raise ValueError("image_sizes: this export has no AnyRes layout")
-        per_row = None
-        if image_counts is not None:
-            counts = [int(c) for c in image_counts.tolist()]
-            if sum(counts) != len(per_image):
-                raise ValueError(
-                    f"the rows' image counts add up to {sum(counts)} images, but {len(per_image)} were given"
-                )
-            ends = itertools.accumulate(counts)
-            per_row = [sum(per_image[end - n : end]) for n, end in zip(counts, ends, strict=True)]
+        per_row = None if image_counts is None else features_per_row(image_counts, per_image)
         text = self.text_embeddings(input_ids)
         return splice_image_features(input_ids, text, features, self.config.image_token_id, per_row)
 
