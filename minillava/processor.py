@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from minillava.anyres import AnyRes, Size
+from minillava.fileio import write_atomic
 from minillava.images import DEFAULT_MAX_PIXELS, ImageInput, ImageTransform, load_image
 from minillava.templates import Message, Segment, Template, get_template
 
@@ -220,7 +221,7 @@ class Processor:
     # ---- persistence ----------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.tokenizer.save_pretrained(directory / "llm")
+        save_tokenizer(self.tokenizer, directory / "llm")
         cfg = {
             "image_transform": self.image_transform.to_dict(),
             "tokens_per_image": self.tokens_per_image,
@@ -253,6 +254,20 @@ class Processor:
             cfg["max_pixels"],
             AnyRes.from_dict(cfg["anyres"]) if cfg.get("anyres") else None,
         )
+
+
+def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
+    """`tokenizer.save_pretrained`, keeping SentencePiece's `legacy` flag: transformers 5 leaves it out of
+    tokenizer_config.json and reloads the tokenizer as non-legacy, which drops the `▁` a legacy tokenizer puts
+    after every special token, so a reloaded model would read its prompts in other tokens than it trained on."""
+    tokenizer.save_pretrained(directory)
+    legacy = getattr(tokenizer, "legacy", None)
+    path = Path(directory) / "tokenizer_config.json"
+    if legacy is None or not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if config.get("legacy") != legacy:
+        write_atomic(path, json.dumps(config | {"legacy": legacy}, indent=2, ensure_ascii=False) + "\n")
 
 
 def _leading_special_ids(tokenizer: Any) -> list[int]:

@@ -204,6 +204,16 @@ def test_vicuna_v1_llama_has_no_stray_pieces(llama):
     assert after_eos.startswith("▁") == llama.legacy
 
 
+def test_a_saved_processor_tokenizes_as_the_one_it_was_saved_from(llama, tmp_path):
+    """transformers 5 saves a Llama tokenizer without its `legacy` flag and reloads it non-legacy: a legacy model's
+    prompts (a `▁` after every special token) would come back in other tokens. save_pretrained keeps the flag."""
+    p = processor(llama, "vicuna_v1")
+    p.save_pretrained(tmp_path)
+    loaded = Processor.from_pretrained(tmp_path)
+    assert loaded.tokenizer.legacy == llama.legacy
+    assert loaded.encode(CONV, [IMG]).input_ids == p.encode(CONV, [IMG]).input_ids
+
+
 def test_vicuna_v1_refuses_a_system_message_after_the_first_turn(gpt2):
     p = processor(gpt2, "vicuna_v1")
     mid = [CONV[0], CONV[1], {"role": "system", "content": "be terse"}, *CONV[2:]]

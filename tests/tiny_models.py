@@ -64,7 +64,21 @@ def make_tokenizer(directory: Path, chat_template: bool = True, bos: bool = Fals
 
 
 def make_llm(directory: Path, kind: str, chat_template: bool = True) -> Path:
-    tok = make_tokenizer(directory, chat_template=chat_template, bos=kind == "opt")
+    """A tiny random LLM and its tokenizer: "llama", "qwen2" and "opt" with a byte-level BPE tokenizer, "llama-sp"
+    a Llama with Llama 2's kind of tokenizer (SentencePiece BPE, BOS in front, no chat template)."""
+    if kind == "llama-sp":
+        from transformers import LlamaTokenizer
+
+        make_sentencepiece(directory, CORPUS * 5, vocab_size=400)
+        tok = LlamaTokenizer.from_pretrained(directory, legacy=True, add_bos_token=True, add_eos_token=False)
+        tok.pad_token = tok.unk_token
+        tok.save_pretrained(directory)
+        (directory / "tokenizer.model").unlink()  # transformers reads tokenizer.json, as from a hub checkpoint
+        config = json.loads((directory / "tokenizer_config.json").read_text())
+        (directory / "tokenizer_config.json").write_text(json.dumps(config | {"legacy": True}))  # not saved by 5.x
+        kind = "llama"
+    else:
+        tok = make_tokenizer(directory, chat_template=chat_template, bos=kind == "opt")
     torch.manual_seed(0)
     common = dict(
         vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id

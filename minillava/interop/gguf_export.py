@@ -18,14 +18,16 @@
 Weights: f32, f16 (matrices; norms stay f32), q8_0 (matrices in llama.cpp's 8-bit blocks of 32 with one f16
 scale; norms f32) or q4_0 (4-bit blocks of 32; the vocabulary rows, which a tied LM head reads too, in q8_0).
 Supported LLMs: Llama-architecture models (Llama, SmolLM, TinyLlama, Vicuna ...) and Qwen2 (GGUF arch "qwen2":
-biased q/k/v, RoPE over halves as transformers computes it) with a byte-level BPE tokenizer and plain RoPE; anything
-else is refused in one line.
+biased q/k/v, RoPE over halves as transformers computes it) with plain RoPE and a tokenizer llama.cpp implements:
+byte-level BPE (GGUF "gpt2": SmolLM, Qwen, Llama 3) or SentencePiece BPE with byte fallback (GGUF "llama": Llama 2,
+Vicuna, TinyLlama, Mistral); anything else is refused in one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +47,13 @@ log = logging.getLogger("minillava.gguf")
 FORMAT_VERSION = 1
 MANIFEST = GGUF_MANIFEST
 TYPES = ("f32", "f16", "q8_0", "q4_0")
-SUPPORTED = "fusion splice without AnyRes; Llama or Qwen2 LLMs with a byte-level BPE tokenizer and plain RoPE"
+SUPPORTED = (
+    "fusion splice without AnyRes; Llama or Qwen2 LLMs with plain RoPE and a byte-level BPE or SentencePiece BPE "
+    "(byte fallback) tokenizer"
+)
 ARCHITECTURES = ("llama", "qwen2")
 QUANT_BLOCK = 32  # inputs per scale in a q8_0 / q4_0 block
+_METASPACE = "\u2581"  # SentencePiece's space
 
 
 def export_gguf(model: MiniLlava, processor: Processor, out_dir: str | Path, weight_type: str = "f16") -> Path:
@@ -98,7 +104,7 @@ def check_exportable(model: MiniLlava, processor: Processor) -> None:
         raise ExportError(f"the LLM's RoPE scaling {rope_type!r} is not exported to GGUF; supported: {SUPPORTED}")
     if cfg.model_type == "llama" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
         raise ExportError(f"the LLM has attention or MLP biases, which llama.cpp's llama has not; {SUPPORTED}")
-    _bpe_spec(processor.tokenizer)
+    tokenizer_spec(processor.tokenizer)
 
 
 def _rope(cfg: Any) -> dict[str, Any]:
@@ -110,17 +116,23 @@ def _rope(cfg: Any) -> dict[str, Any]:
     return params
 
 
-def _bpe_spec(tokenizer: Any) -> dict[str, Any]:
-    """The tokenizer's tokenizer.json, checked to be byte-level BPE (GPT-2 style), which GGUF calls "gpt2"."""
+def tokenizer_spec(tokenizer: Any) -> tuple[str, dict[str, Any]]:
+    """The tokenizer's kind in GGUF's words and its tokenizer.json: "gpt2" (byte-level BPE) or "llama"
+    (SentencePiece BPE: `▁` for spaces, unknown characters as <0xXX> byte tokens); anything else is refused."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ExportError(f"GGUF export needs a fast tokenizer (tokenizer.json), not {type(tokenizer).__name__}")
     spec = json.loads(backend.to_str())
-    if spec["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise ExportError(
-            f"the tokenizer is {spec['model']['type']} without byte-level pre-tokenization; supported: {SUPPORTED}"
-        )
-    return spec
+    model = spec["model"]
+    if model["type"] == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
+        return "gpt2", spec
+    if model["type"] == "BPE" and model.get("byte_fallback") and _METASPACE in json.dumps(
+        [spec.get("pre_tokenizer"), spec.get("normalizer")], ensure_ascii=False
+    ):
+        return "llama", spec
+    raise ExportError(
+        f"the tokenizer is {model['type']} without byte-level pre-tokenization or byte fallback; supported: {SUPPORTED}"
+    )
 
 
 def write_llm_gguf(llm: PreTrainedModel, processor: Processor, path: Path, weight_type: str) -> None:
@@ -164,30 +176,24 @@ def _write_hparams(writer: Any, llm: PreTrainedModel, weight_type: str) -> None:
 
 
 def _write_tokenizer(writer: Any, processor: Processor, vocab_size: int) -> None:
-    """The byte-level BPE vocabulary (every id up to the embedding's rows), merges, special ids, template."""
-    import gguf
-
+    """The vocabulary (every id up to the embedding's rows) with its types, the merges (BPE) or scores
+    (SentencePiece), special ids and the chat template."""
     tok = processor.tokenizer
-    spec = _bpe_spec(tok)
-    by_id = {i: t for t, i in tok.get_vocab().items()}
-    added = tok.added_tokens_decoder  # id -> AddedToken
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:  # embedding rows past the tokenizer (padded for speed): never produced by it
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer_name(tok))
+    kind, spec = tokenizer_spec(tok)
+    tokens, types = _vocabulary(tok, vocab_size, kind)
+    writer.add_tokenizer_model(kind)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre(pre_tokenizer_name(tok))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])])
+    else:
+        writer.add_token_scores(_merge_scores(tokens, spec))
+        writer.add_add_space_prefix(_space_prefix(spec))
+        if '"prepend_scheme": "first"' in json.dumps(spec.get("pre_tokenizer")):
+            log.warning("GGUF: this SentencePiece tokenizer is non-legacy (no space after special tokens); llama.cpp's "
+                        "own tokenizer puts one there, so llama-server may split chat prompts differently from "
+                        "training (minillava's runtime tokenizes with the model's own tokenizer)")  # fmt: skip
     for setter, token_id in ((writer.add_bos_token_id, tok.bos_token_id), (writer.add_eos_token_id, tok.eos_token_id),
                              (writer.add_unk_token_id, tok.unk_token_id),
                              (writer.add_pad_token_id, processor.pad_token_id)):  # fmt: skip
@@ -202,11 +208,55 @@ def _write_tokenizer(writer: Any, processor: Processor, vocab_size: int) -> None
         writer.add_chat_template(template)
 
 
+def _vocabulary(tok: Any, vocab_size: int, kind: str) -> tuple[list[str], list[int]]:
+    """Each id's text and GGUF token type: added tokens are CONTROL (special) or USER_DEFINED, SentencePiece's
+    <0xXX> pieces BYTE and its <unk> UNKNOWN, ids past the tokenizer (embedding rows padded for speed) UNUSED."""
+    import gguf
+
+    by_id = {i: t for t, i in tok.get_vocab().items()}
+    added = tok.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = by_id.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(text)
+        if kind == "llama" and i == tok.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", text):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _merge_scores(tokens: list[str], spec: dict[str, Any]) -> list[float]:
+    """SentencePiece's scores, recovered from the merges: llama.cpp joins the adjacent pair whose joined piece
+    scores highest, a BPE tokenizer the pair of lowest rank, so a piece scores minus the rank of the first merge
+    that makes it. Pieces no merge makes (characters, bytes, specials) are never a pair's result: 0."""
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(spec["model"].get("merges", [])):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, r)
+    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts `▁` before the text (SentencePiece's dummy prefix): Metaspace's prepend scheme
+    (transformers 5) or a Prepend normalizer (older tokenizer.json files)."""
+    pre, norm = json.dumps(spec.get("pre_tokenizer")), json.dumps(spec.get("normalizer"))
+    return '"prepend_scheme": "never"' not in pre and ("Metaspace" in pre or '"Prepend"' in norm)
+
+
 def pre_tokenizer_name(tokenizer: Any) -> str:
     """llama.cpp's name for how this tokenizer splits text before BPE: GPT-2's own splitting (byte-level with its
     regex, nothing else) is "gpt-2". Others get "default" and a warning: minillava's engine tokenizes itself, but
     other GGUF readers may split some text differently from the tokenizer the model was trained with."""
-    pre = _bpe_spec(tokenizer).get("pre_tokenizer") or {}
+    pre = tokenizer_spec(tokenizer)[1].get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return "gpt-2"
     log.warning("GGUF: pre-tokenizer %s has no llama.cpp name here; writing 'default'", json.dumps(pre)[:80])

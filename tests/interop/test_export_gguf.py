@@ -18,7 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from minillava.cli import main  # noqa: E402
 from minillava.config import ModelConfig, ProjectorConfig, VisionConfig  # noqa: E402
 from minillava.generate import stop_token_ids  # noqa: E402
-from minillava.interop.gguf_export import MANIFEST, export_gguf  # noqa: E402
+from minillava.interop.gguf_export import MANIFEST, export_gguf, tokenizer_spec  # noqa: E402
 from minillava.interop.hf import ExportError, _export_chat_template  # noqa: E402
 from minillava.interop.llamacpp_runtime import is_gguf_dir, load_gguf  # noqa: E402
 from minillava.model import MiniLlava  # noqa: E402
@@ -134,6 +134,37 @@ def test_gguf_carries_the_training_tokenizer_and_template(exported):
     assert image_token.raw[:n].decode() == processor.image_token
 
 
+def _llama_cpp_ids(gguf_model, text: str, parse_special: bool = False) -> list[int]:
+    vocab = llama_cpp.llama_model_get_vocab(gguf_model.llm)
+    buffer = (llama_cpp.llama_token * 512)()
+    raw = text.encode()
+    n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buffer, 512, False, parse_special)
+    return list(buffer[:n])
+
+
+def test_sentencepiece_tokenizer_is_written_as_llamas(exported):
+    """A Llama 2 style tokenizer (SentencePiece BPE, byte fallback, `▁` for spaces, a dummy prefix) becomes GGUF's
+    "llama" vocabulary: llama.cpp splits text, unseen characters (byte pieces) and whole vicuna prompts with their
+    special tokens as the model's tokenizer does, and the model decodes as in torch."""
+    from gguf import GGUFReader
+
+    model, processor, gguf_model, gguf_processor = exported(llm="llama-sp")
+    tok = processor.tokenizer
+    # (not text that starts with a space: transformers' Metaspace then adds no `▁`, SentencePiece and llama.cpp do)
+    for text in ["What is in the picture?", "a red square on the left\nof a blue circle!", "spaces  and 123 4.5",
+                 "naïve 東京 ☃", "ASSISTANT: the answer"]:  # fmt: skip
+        assert _llama_cpp_ids(gguf_model, text) == tok(text, add_special_tokens=False)["input_ids"], text
+    turn = [{"role": "user", "content": f"{processor.image_token}\nWhat colour is it?"}]
+    prompt = tok.bos_token + "".join(s.text for s in processor.template.render(turn, True))  # vicuna's roles
+    assert _llama_cpp_ids(gguf_model, prompt, parse_special=True) == tok(prompt, add_special_tokens=False)["input_ids"]
+    reader = GGUFReader(gguf_model.directory / gguf_model.manifest["files"]["llm"])
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert greedy_tokens(gguf_model, gguf_processor, samples(gguf_processor), 8) == greedy_tokens(
+        model, processor, samples(processor), 8
+    )
+
+
 def test_manifest_and_processor(exported):
     model, processor, gguf_model, gguf_processor = exported()
     m = json.loads((gguf_model.directory / MANIFEST).read_text())
@@ -169,6 +200,17 @@ def test_refuses_other_llm_architectures(build_tiny, tmp_path, llm):
     with pytest.raises(ExportError, match=f"LLM architecture '{llm}' is not exported to GGUF yet; supported:"):
         export_gguf(model, processor, tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()
+
+
+def test_refuses_tokenizers_llama_cpp_reads_otherwise():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    word_piece = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    word_piece.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=word_piece, unk_token="[UNK]")
+    with pytest.raises(ExportError, match="tokenizer is WordPiece without byte-level pre-tokenization or byte"):
+        tokenizer_spec(tok)
 
 
 def test_refuses_xattn_and_anyres(asset_dir, tmp_path):
