@@ -38,6 +38,7 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
 NUMBERS = phrasing.NUMBERS
+COUNT_SHARE = 0.25  # of the scenes, counting scenes (one to four shapes); the rest show one shape
 # Pairs that never occur in training: the `combo` splits show exactly these.
 HELD_OUT_COMBOS = {
     ("green", "triangle"),
@@ -286,10 +287,13 @@ def pixel_hash(img: Image.Image) -> str:
     return hashlib.md5(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
 
 
-def generate(out: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]:
+def generate(
+    out: Path, sizes: dict[str, int], seed: int = 0, train_count_share: float = COUNT_SHARE
+) -> dict[str, Path]:
     """Write the splits named in `sizes` (train: images; evaluation splits: at least that many questions):
     images, `train.json` (LLaVA format), `<split>.jsonl` (eval format, with each scene's facts), and
-    `scenes.jsonl` (every image's split and configuration, for the disjointness checks)."""
+    `scenes.jsonl` (every image's split and configuration, for the disjointness checks). `train_count_share` of
+    the training scenes are counting scenes (a recipe choice); every evaluation split keeps `COUNT_SHARE`."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     seen: set[str] = set()
@@ -302,7 +306,8 @@ def generate(out: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, Path]
         rows: list[Question] = []
         i = 0
         while (i < target) if split == "train" else (len(rows) < target):
-            scene = count_scene(rng, spec) if rng.random() < 0.25 else single_scene(rng, spec)
+            share = train_count_share if split == "train" else COUNT_SHARE
+            scene = count_scene(rng, spec) if rng.random() < share else single_scene(rng, spec)
             img = render(rng, scene, spec.style)
             key = pixel_hash(img)
             if key in seen:  # never a picture that another split (or this one) already holds
