@@ -18,7 +18,9 @@ requests arrive whatever is in flight, as from many users):
     python benchmarks/serve_load.py --model DIR --requests 40 --max-tokens 32 --mixed --stream --rates 0.5,1,2
 
 With --stream each server first answers 4 requests alone: their median time to first token is the
-yardstick of `ttft_p99_vs_lone`. Every request carries one image (a data: URL) and greedy decoding.
+yardstick of `ttft_p99_vs_lone`; closed loop, `ttft_steady_*` leave out each client's first request (all
+clients start at once: that opening burst queues N prefills together, a state the loop never returns to).
+Every request carries one image (a data: URL) and greedy decoding.
 Only 127.0.0.1 is ever contacted; request count and time are bounded.
 """
 
@@ -69,12 +71,13 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
     lock = threading.Lock()
     latencies: list[float] = []
     first_tokens: list[float] = []
+    steady: list[float] = []  # closed loop: TTFTs of requests that are not their client's first
     tokens = [0]
     errors: list[str] = []
     stop_at = time.monotonic() + deadline_s
     questions = ["What is in the picture?", "describe the image", "What colour is it?", "Is there a cat?"]
 
-    def send(client: openai.OpenAI, i: int) -> None:
+    def send(client: openai.OpenAI, i: int, opening: bool = True) -> None:
         messages = [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image_url(i)}},
             {"type": "text", "text": questions[i % len(questions)]},
@@ -107,15 +110,19 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
             tokens[0] += n
             if first is not None:
                 first_tokens.append(first)
+                if not opening:
+                    steady.append(first)
 
     def worker() -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+        opening = True  # the clients' first requests arrive together, a burst the steady state never sees
         while time.monotonic() < stop_at:
             with lock:
                 i = next(counter, None)
             if i is None:
                 return
-            send(client, i)
+            send(client, i, opening)
+            opening = False
 
     def arrivals() -> list[threading.Thread]:
         gaps = random.Random(0)
@@ -164,6 +171,9 @@ def run_load(url: str, api_key: str, model: str, clients: int, requests: int, ma
     if first_tokens:
         out["ttft_p50_s"] = round(percentile(first_tokens, 50), 4)
         out["ttft_p99_s"] = round(percentile(first_tokens, 99), 4)
+    if steady and not rate:
+        out["ttft_steady_p50_s"] = round(percentile(steady, 50), 4)
+        out["ttft_steady_p99_s"] = round(percentile(steady, 99), 4)
     if errors:
         out["error_samples"] = sorted(set(errors))[:5]
     return out
@@ -348,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.stream, args.deadline_s, args.mixed, rate)  # fmt: skip
                     if lone:
                         run |= {"lone_ttft_s": lone, "ttft_p99_vs_lone": round(run["ttft_p99_s"] / lone, 2)}
+                        if "ttft_steady_p99_s" in run:
+                            run["ttft_steady_p99_vs_lone"] = round(run["ttft_steady_p99_s"] / lone, 2)
                     runs.append({"batching": batching, "max_batch_size": size, "rate_rps": rate, **run})
     for r in runs:  # against the batch-1 server at the same arrival rate
         base = next((b for b in runs if b["max_batch_size"] == 1 and b["rate_rps"] == r["rate_rps"]), None)

@@ -80,6 +80,7 @@ class DemoConfig:
     # val_phrasing / val_combo / val_shift / fashion_val read 89.2 / 89.2 / 85.7 / 74.4 / 91.2 % against
     # 89.0 / 88.0 / 85.7 / 74.4 / 90.8 %
     distill_text: bool = True
+    image_token_noise: float = 0.0  # instruct on noisy image tokens (TrainConfig.image_token_noise)
     # projector-only steps in the LLM's word space, no LLM forward (~0.1 s each). 600, not 300: the layout map has
     # ~0.4 M weights to fit from thousands of images (chosen in session 12 with benchmarks/projector_check.py when
     # it still read t10k; it now reads validation images)
@@ -257,6 +258,7 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         projector_lr=lr if stage == "align" else (1e-4 if fresh_projector else 3e-4),
         lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_layers=cfg.lora_layers if lora else None,
         freeze_projector=cfg.freeze_projector and stage == "instruct", distill_text=cfg.distill_text and lora,
+        image_token_noise=cfg.image_token_noise if stage == "instruct" else 0.0,
         feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
         overwrite=True,  # a demo re-run into the same --out replaces its runs (the feature cache stays)

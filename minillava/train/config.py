@@ -63,6 +63,9 @@ class TrainConfig:
     # text-only samples learn the base LLM's next-token distribution (KL, adapters switched off) instead of their
     # answer tokens: keeps what the LLM knew (train/distill.py); LoRA/QLoRA only
     distill_text: bool = False
+    # Gaussian noise on each image token while training, its std this fraction of the token's RMS: the LLM learns
+    # to take the answer's kind from the question when the image tokens are imprecise (pictures unlike training's)
+    image_token_noise: float = 0.0
     tune_vision: bool = False
     # fit the projector's input standardisation to N images' features (spread over the data) before step 0
     standardize_features: bool = False
@@ -142,6 +145,8 @@ class TrainConfig:
             raise ValueError("--distill-text learns from the LLM with its adapters off: give --lora or --qlora")
         if self.distill_text and self.packing:
             raise ValueError("--distill-text picks text-only rows, --packing mixes samples in a row: give one of them")
+        if not self.image_token_noise >= 0:
+            raise ValueError(f"--image-token-noise must be 0 or more, got {self.image_token_noise}")
         if self.max_tokens_per_batch is not None and not self.packing:
             raise ValueError("--max-tokens-per-batch sizes packed rows: give it with --packing")
         if self.freeze_projector and self.stage != "instruct":

@@ -195,6 +195,12 @@ def dequantize_llm_4bit(model: MiniLlava) -> None:
             setattr(model.llm.get_submodule(parent_name) if parent_name else model.llm, child, plain)
 
 
+def noisy(tokens: torch.Tensor, scale: float) -> torch.Tensor:  # (..., D) image tokens
+    """Each token plus Gaussian noise of std `scale` x the token's RMS (drawn from torch's seeded generator)."""
+    rms = tokens.detach().float().pow(2).mean(-1, keepdim=True).sqrt()
+    return tokens + (torch.randn_like(tokens, dtype=torch.float32) * rms * scale).to(tokens.dtype)
+
+
 class TrainStep(nn.Module):
     """projector (+ vision when it trains) + LLM loss, in one forward so DDP sees every trainable part.
 
@@ -207,11 +213,13 @@ class TrainStep(nn.Module):
     first decoder layer's frozen modules would drop out of its backward.
     """
 
-    def __init__(self, model: MiniLlava, tune_vision: bool, distill_text: bool = False) -> None:
+    def __init__(self, model: MiniLlava, tune_vision: bool, distill_text: bool = False,
+                 image_token_noise: float = 0.0) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.tune_vision = tune_vision
         self.distill_text = distill_text  # text-only rows learn the base LLM's distribution (distill.py)
+        self.image_token_noise = image_token_noise  # std relative to each image token's RMS (config.py)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
@@ -225,6 +233,8 @@ class TrainStep(nn.Module):
             vision_features = m.vision(pixel_values)
         if vision_features is not None:
             image_features = m.project(vision_features, image_sizes)
+            if self.image_token_noise:
+                image_features = noisy(image_features, self.image_token_noise)
             out = m(input_ids, attention_mask, labels=labels, image_features=image_features, return_logits=False,
                     image_sizes=image_sizes, image_counts=image_counts, segment_ids=segment_ids,
                     soft_targets=soft)  # fmt: skip
@@ -609,7 +619,8 @@ def build_optimizer(run: Run, trainee: Trainee, data: Data) -> Optim:
     """Wrap the loss module for the strategy, AdamW over the parameter groups, the LR schedule (and the fp16
     scaler), each restored from a resumed checkpoint."""
     cfg, model, strategy = run.cfg, trainee.model, run.strategy
-    step_module = strategy.wrap(TrainStep(model, cfg.tune_vision, cfg.distill_text), model, cfg.tune_vision)
+    step = TrainStep(model, cfg.tune_vision, cfg.distill_text, cfg.image_token_noise)
+    step_module = strategy.wrap(step, model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, run.device)  # after wrapping: FSDP replaces parameters by shards
     step_module = strategy.attach_optimizer(
