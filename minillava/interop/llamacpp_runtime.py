@@ -150,7 +150,9 @@ class LlamaCppModel(ExportedModel):
             batch.logits[r] = 1
         batch.n_tokens = len(tokens)
         self._run(batch)
-        return torch.stack([self._logits(r) for r in range(len(tokens))])
+        # every row asked for logits, in row order: llama.cpp's output buffer is (B, V), copied in one go
+        pointer = self.lib.llama_get_logits(self.ctx)
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(len(tokens), self.vocab)).copy())
 
     def _run(self, batch: Any) -> None:
         status = self.lib.llama_decode(self.ctx, batch)
