@@ -305,8 +305,8 @@ def generate(
         rng = random.Random(f"{seed}-{split}")  # each split its own stream: changing one size leaves others
         rows: list[Question] = []
         i = 0
+        share = train_count_share if split == "train" else COUNT_SHARE
         while (i < target) if split == "train" else (len(rows) < target):
-            share = train_count_share if split == "train" else COUNT_SHARE
             scene = count_scene(rng, spec) if rng.random() < share else single_scene(rng, spec)
             img = render(rng, scene, spec.style)
             key = pixel_hash(img)

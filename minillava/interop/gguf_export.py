@@ -185,7 +185,7 @@ def _write_tokenizer(writer: Any, processor: Processor, vocab_size: int) -> None
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     if kind == "gpt2":
-        writer.add_tokenizer_pre(pre_tokenizer_name(tok))
+        writer.add_tokenizer_pre(pre_tokenizer_name(spec))
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])])
     else:
         writer.add_token_scores(_merge_scores(tokens, spec))
@@ -252,11 +252,12 @@ def _space_prefix(spec: dict[str, Any]) -> bool:
     return '"prepend_scheme": "never"' not in pre and ("Metaspace" in pre or '"Prepend"' in norm)
 
 
-def pre_tokenizer_name(tokenizer: Any) -> str:
-    """llama.cpp's name for how this tokenizer splits text before BPE: GPT-2's own splitting (byte-level with its
-    regex, nothing else) is "gpt-2". Others get "default" and a warning: minillava's engine tokenizes itself, but
-    other GGUF readers may split some text differently from the tokenizer the model was trained with."""
-    pre = tokenizer_spec(tokenizer)[1].get("pre_tokenizer") or {}
+def pre_tokenizer_name(spec: dict[str, Any]) -> str:
+    """llama.cpp's name for how a tokenizer (its tokenizer.json `spec`) splits text before BPE: GPT-2's own
+    splitting (byte-level with its regex, nothing else) is "gpt-2". Others get "default" and a warning: minillava's
+    engine tokenizes itself, but other GGUF readers may split some text differently from the tokenizer the model
+    was trained with."""
+    pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return "gpt-2"
     log.warning("GGUF: pre-tokenizer %s has no llama.cpp name here; writing 'default'", json.dumps(pre)[:80])

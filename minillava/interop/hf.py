@@ -614,7 +614,7 @@ def _save_processor(model: MiniLlava, processor: Processor, strategy: str, extra
 def _save_tokenizer_and_processors(
     model: MiniLlava, processor: Processor, strategy: str, extra_tokens: int, directory: Path, chat_template: str | None
 ) -> None:
-    save_tokenizer(processor.tokenizer, directory)
+    save_tokenizer(processor.tokenizer, directory)  # the fallback below leaves this copy: keep its legacy flag
     (directory / "preprocessor_config.json").write_text(
         json.dumps(_image_processor_dict(processor.image_transform, processor.anyres), indent=2) + "\n"
     )
@@ -631,7 +631,6 @@ def _save_tokenizer_and_processors(
             chat_template=chat_template,
         )
         llava_processor.save_pretrained(directory)
-        save_tokenizer(processor.tokenizer, directory)  # the flag transformers' own save leaves out (see there)
     except (ImportError, OSError, ValueError, TypeError, AttributeError) as e:
         # The tokenizer and preprocessor_config.json are already written: AutoTokenizer, AutoImageProcessor
         # and the model still load; only the one-call LlavaProcessor is missing.

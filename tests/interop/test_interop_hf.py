@@ -129,6 +129,18 @@ def test_export_merges_lora(build_tiny, tmp_path):
     assert any(isinstance(m, BaseTunerLayer) for m in model.llm.modules())  # the caller's model keeps its adapters
 
 
+def test_export_keeps_a_legacy_tokenizer_legacy(build_tiny, tmp_path):
+    """The exported tokenizer splits text after a special token (a `▁` after `</s>`, as a legacy Llama tokenizer
+    does) as the model's own did."""
+    from transformers import AutoTokenizer
+
+    model, processor = build_tiny(llm="llama-sp")
+    assert processor.tokenizer.legacy
+    out = export_hf_llava(model.eval(), processor, tmp_path / "llava")
+    text = "</s>USER: what is it?"
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == processor.tokenizer(text).input_ids
+
+
 def test_export_replaces_existing_dir(exported, tmp_path):
     model, processor, _, _ = exported
     out = tmp_path / "llava"
