@@ -111,6 +111,22 @@ def test_each_training_sample_is_one_question_about_one_image(data):
     assert len({s["id"] for s in samples}) == len(samples) and len({s["image"] for s in samples}) == SIZES["train"]
 
 
+def test_every_training_scene_answers_in_the_same_slot_order(data):
+    """The warm start's caption spells an image's answers in sample order: a counting scene's are put in a lone
+    shape's order (shape, colour, size, then its count where a lone shape has its position), so a slot of the
+    caption means one thing. Evaluation asks counting scenes what it always asked."""
+    types: dict[str, list[str]] = {}
+    for sample in json.loads((data / "train.json").read_text()):
+        types.setdefault(sample["image"], []).append(sample["id"].split("-")[-1])
+    orders = Counter(tuple(t) for t in types.values())
+    assert set(orders) == {("shape", "colour", "size", "position", "describe", "yesno", "yesno"),
+                           ("shape", "colour", "size", "count", "describe", "yesno", "yesno")}  # fmt: skip
+    assert min(orders.values()) > SIZES["train"] * synthetic.COUNT_SHARE / 2
+    counted = {r["image"] for r in _rows(data, "test") if r["category"] == "count"}
+    asked = Counter(r["category"] for r in _rows(data, "test") if r["image"] in counted)
+    assert set(asked) == {"count", "colour", "describe", "yes/no"}
+
+
 def test_yes_no_questions_are_balanced(data):
     """With one yes in three, answering "no" to everything scored 67 %. Training asks a yes and a no about each
     image; evaluation asks one, yes or no at random."""
