@@ -53,6 +53,9 @@ from minillava.quantize import quantize_model
 from minillava.runtime import fast_bfloat16
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 32
+# the batch-1 decode-only rows (llamacpp_rows) decode longer: 31 tokens at ~160 tokens/s are 0.2 s, too short
+# to time a gap of a few per cent between two engines
+DECODE_TOKENS = 128
 
 
 def make_inputs(batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -113,27 +116,36 @@ def gguf_exports(model, processor, work: Path) -> dict[str, object]:
     return {kind: load_gguf(export_gguf(model, processor, work / f"gguf-{kind}", kind))[0] for kind in GGUF_TYPES}
 
 
-def phases(generate_steps, repeats: int) -> tuple[float, float]:
-    """(time to first token in s, decode-only tokens/s after it), best of `repeats`, batch 1."""
-    first, rate = [], []
-    for _ in range(repeats + 1):  # the first run warms up
-        t = time.perf_counter()
-        steps = iter(generate_steps())
-        next(steps)
-        t_first = time.perf_counter()
-        n = sum(1 for _ in steps)
-        first.append(t_first - t)
-        rate.append(n / (time.perf_counter() - t_first))
-    return min(first[1:]), max(rate[1:])
+def phase(generate_steps) -> tuple[float, float]:
+    """One batch-1 run: (time to first token in s, decode-only tokens/s after it)."""
+    t = time.perf_counter()
+    steps = iter(generate_steps())
+    next(steps)
+    t_first = time.perf_counter()
+    n = sum(1 for _ in steps)
+    return t_first - t, n / (time.perf_counter() - t_first)
 
 
-def ours_steps(model, inputs):
-    cfg = GenerationConfig(max_new_tokens=NEW_TOKENS)
+def phases(runs: dict[str, object], repeats: int) -> dict[str, tuple[float, float]]:
+    """Each runner's best time to first token and best decode-only rate over `repeats` rounds, after a warm-up
+    round. The runners take turns within a round, so a drift in the machine's speed falls on all of them alike."""
+    best: dict[str, tuple[float, float]] = {}
+    for round_no in range(repeats + 1):
+        for name, steps in runs.items():
+            first, rate = phase(steps)
+            if round_no:
+                old = best.get(name, (float("inf"), 0.0))
+                best[name] = (min(old[0], first), max(old[1], rate))
+    return best
+
+
+def ours_steps(model, inputs, new_tokens: int = NEW_TOKENS):
+    cfg = GenerationConfig(max_new_tokens=new_tokens)
     return decode(model, {**inputs, "labels": None}, cfg, stop_ids=[], pad_id=0)
 
 
-def llamacpp_text(path: Path, tokens: list[int], threads: int) -> object:
-    """llama.cpp's own greedy decoding of `tokens` and NEW_TOKENS more, through llama-cpp-python's `Llama`."""
+def llamacpp_text(path: Path, tokens: list[int], threads: int, new_tokens: int = NEW_TOKENS) -> object:
+    """llama.cpp's own greedy decoding of `tokens` and `new_tokens` more, through llama-cpp-python's `Llama`."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
@@ -142,7 +154,7 @@ def llamacpp_text(path: Path, tokens: list[int], threads: int) -> object:
         llm.reset()
         for i, token in enumerate(llm.generate(tokens, temp=0.0)):  # yields without stopping at EOS
             yield token
-            if i == NEW_TOKENS - 1:
+            if i == new_tokens - 1:
                 return
 
     return steps
@@ -177,7 +189,7 @@ def builtin_ttft(work: Path, repeats: int) -> dict[str, float]:
     model, processor = MiniLlava.build(cfg)
     exported, _ = load_gguf(export_gguf(model.eval(), processor, work / "builtin-q8_0", "q8_0"))
     image = Image.new("RGB", (112, 112), (200, 40, 40))
-    out = {}
+    runs = {}
     for name, m in (("ours_fp32", model), ("gguf_q8_0", exported)):
         generator = Generator(m, processor)
 
@@ -185,8 +197,8 @@ def builtin_ttft(work: Path, repeats: int) -> dict[str, float]:
             batch = processor.collate([g.encode("What is in the picture?", [image])], "left")
             return decode(g.model, batch, GenerationConfig(max_new_tokens=4), g.stop_ids, processor.pad_token_id)
 
-        out[f"builtin_ttft_s_{name}"] = round(phases(steps, repeats)[0], 4)
-    return out
+        runs[name] = steps
+    return {f"builtin_ttft_s_{name}": round(first, 4) for name, (first, _) in phases(runs, repeats).items()}
 
 
 def main() -> None:
@@ -228,6 +240,9 @@ def main() -> None:
                                  "prompt_tokens": IMAGE_TOKENS + PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
                                  "bf16_timed": with_bf16, "int8_timed": with_int8, "onnx_timed": with_onnx,
                                  "gguf_timed": with_gguf,
+                                 # `load_gguf`'s auto: the image encoder in bfloat16 where it measures faster
+                                 "gguf_image_encoder_dtype": str(next(iter(gguf_models.values())).vision_dtype)
+                                 if gguf_models else None,
                                  "cuda_graphs": device.type == "cuda"}  # fmt: skip
     for b in (1, 4):
         inputs = make_inputs(b, device)
@@ -297,14 +312,14 @@ def llamacpp_rows(ours32, gguf_models: dict[str, object], repeats: int) -> dict[
     bandwidth = memory_bandwidth()
     out: dict[str, object] = {"memory_bandwidth_gb_s": round(bandwidth / 1e9, 2)}
     llm_bytes = {"ours_fp32": sum(p.numel() * 4 for p in ours32.llm.parameters())}
-    runs = {"ours_fp32": lambda: ours_steps(ours32, inputs)}
+    runs = {"ours_fp32": lambda: ours_steps(ours32, inputs, DECODE_TOKENS)}
     for kind, m in gguf_models.items():
         path = m.directory / m.manifest["files"]["llm"]
         llm_bytes[f"gguf_{kind}"] = llm_bytes[f"llamacpp_text_{kind}"] = path.stat().st_size
-        runs[f"gguf_{kind}"] = lambda m=m: ours_steps(m, inputs)
-        runs[f"llamacpp_text_{kind}"] = llamacpp_text(path, text.tolist(), torch.get_num_threads())
-    for name, steps in runs.items():
-        ttft, rate = phases(steps, repeats)
+        runs[f"gguf_{kind}"] = lambda m=m: ours_steps(m, inputs, DECODE_TOKENS)
+        runs[f"llamacpp_text_{kind}"] = llamacpp_text(path, text.tolist(), torch.get_num_threads(), DECODE_TOKENS)
+    out["decode_tokens"] = DECODE_TOKENS
+    for name, (ttft, rate) in phases(runs, repeats).items():
         ceiling = bandwidth / llm_bytes[name]  # tokens/s if one token cost nothing but reading every weight once
         out |= {f"gen_b1_ttft_s_{name}": round(ttft, 4), f"gen_b1_decode_tok_per_s_{name}": round(rate, 2),
                 f"gen_b1_bandwidth_fraction_{name}": round(rate / ceiling, 3)}  # fmt: skip

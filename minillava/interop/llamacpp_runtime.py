@@ -15,6 +15,7 @@ what llama.cpp looks up for a token id.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from minillava.interop.exported import ExportedModel, export_kind, read_manifest
 from minillava.interop.gguf_export import FORMAT_VERSION
 from minillava.model import Output, load_image_encoder, positions_from_mask
 from minillava.processor import Processor
+from minillava.runtime import parse_dtype
+
+log = logging.getLogger("minillava.gguf")
 
 
 def is_gguf_dir(path: str | Path) -> bool:
@@ -38,7 +42,8 @@ class LlamaCppModel(ExportedModel):
     """A GGUF export behind MiniLlava's forward signature; the KV cache lives in the llama.cpp context, so the
     `past_key_values` handed back is only a marker that a prefill happened."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
+    def __init__(self, directory: str | Path, threads: int | None = None,
+                 vision_dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
         import llama_cpp  # optional dependency: `pip install minillava[llamacpp]`
 
         directory = Path(directory)
@@ -46,7 +51,9 @@ class LlamaCppModel(ExportedModel):
         super().__init__(m["image"]["token_id"], m["image"]["tokens_per_image"])
         self.directory, self.manifest, self.lib = directory, m, llama_cpp
         config = ModelConfig.load(directory)
-        self.vision, self.projector = load_image_encoder(directory, config, m["hidden_size"], torch.float32)
+        # the image encoder runs in torch: in bfloat16 where that is faster (`load_gguf`), the LLM in the file's type
+        self.vision, self.projector = load_image_encoder(directory, config, m["hidden_size"], vision_dtype)
+        self.vision_dtype = vision_dtype
         self.threads = threads or torch.get_num_threads() or os.cpu_count() or 1
         self.wanted = (1, 2048)  # rows, tokens per row: what `reserve` asked for last
         _quiet_logs(llama_cpp)
@@ -76,8 +83,8 @@ class LlamaCppModel(ExportedModel):
         self.wanted = (rows, tokens_per_row)
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D)
-        return self.projector(self.vision(pixel_values.float()))
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (I, 3, H, W) -> (I, N, D) float32
+        return self.projector(self.vision(pixel_values.to(self.vision_dtype))).float()
 
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, D)
         return self.token_embeddings[input_ids]
@@ -212,14 +219,17 @@ def _quiet_logs(lib: Any) -> None:
 def load_gguf(
     directory: str | Path, dtype: str = "auto", quantize: str | None = None, threads: int | None = None
 ) -> tuple[LlamaCppModel, Processor]:
-    """A GGUF export directory as (model, processor) for `Generator`. Its weight type was fixed at export, so
-    asking for another dtype or quantization here is an error, not a silent no-op."""
-    if dtype not in ("auto", "float32"):
-        raise ValueError(f"{directory}: a GGUF export runs in the type it was exported in, not {dtype}")
+    """A GGUF export directory as (model, processor) for `Generator`. The LLM's weight type was fixed at export
+    (asking to quantize here is an error, not a silent no-op); `dtype` is the image encoder's, which runs in torch:
+    float32, bfloat16, or auto (bfloat16 where its matmuls measure faster, `runtime.fast_bfloat16`).
+    With CLIP ViT-B/16 at 224 px that is 0.06 s against 0.21 s per image on an AVX-512 BF16 CPU."""
+    vision_dtype = parse_dtype(dtype, "cpu")
     if quantize not in (None, "none"):
         raise ValueError(f"{directory}: a GGUF export is quantized when exported (`--type q8_0`), not when loaded")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         raise ImportError("running a GGUF export needs llama-cpp-python: pip install 'minillava[llamacpp]'") from None
-    return LlamaCppModel(directory, threads).eval(), Processor.from_pretrained(directory)
+    log.info("GGUF export %s: the LLM in its file's type on llama.cpp, the image encoder in %s (--dtype %s)",
+             directory, str(vision_dtype).removeprefix("torch."), dtype)  # fmt: skip
+    return LlamaCppModel(directory, threads, vision_dtype).eval(), Processor.from_pretrained(directory)

@@ -45,7 +45,7 @@ def exported(build_tiny, tmp_path_factory):
                         p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
             out = tmp_path_factory.mktemp("gguf") / "-".join(key)
             export_gguf(model.eval(), processor, out, weight_type)
-            made[key] = (model, processor, *load_gguf(out))
+            made[key] = (model, processor, *load_gguf(out, "float32"))  # parity: the image encoder in float32 too
         return made[key]
 
     return get
@@ -183,12 +183,30 @@ def test_export_merges_lora(build_tiny, tmp_path):
     louden(model)
     torch.manual_seed(4)
     get_peft_model(model.llm, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    gguf_model, _ = load_gguf(export_gguf(model.eval(), processor, tmp_path / "gguf", "f32"))
+    gguf_model, _ = load_gguf(export_gguf(model.eval(), processor, tmp_path / "gguf", "f32"), "float32")
     batch = processor.collate(samples(processor)[:1])
     args = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
     with torch.no_grad():
         ref = model(*args).logits[:, -1]
     assert relative_error(gguf_model(*args, logits_to_keep=1).logits[:, -1], ref) < REL_TOL
+
+
+def test_image_encoder_dtype_is_bfloat16_where_asked_or_where_auto_finds_it_faster(exported, monkeypatch):
+    """--dtype of a GGUF export is its image encoder's (torch); the LLM keeps the file's type. bfloat16 image
+    tokens stay near float32's; auto follows the measured bf16 speed, whatever this CPU is."""
+    model, processor, exact, _ = exported()
+    directory = exact.directory
+    half, _ = load_gguf(directory, "bfloat16")
+    assert {p.dtype for p in half.vision.parameters()} == {torch.bfloat16}
+    pixels = processor.collate(samples(processor))["pixel_values"]
+    with torch.no_grad():
+        ref, got = exact.encode_images(pixels), half.encode_images(pixels)
+    assert got.dtype == torch.float32 and 0 < relative_error(got, ref) < 0.03
+    for fast, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr("minillava.runtime.fast_bfloat16", lambda device="cpu", fast=fast: fast)
+        assert load_gguf(directory, "auto")[0].vision_dtype == dtype
+    with pytest.raises(ValueError, match="float16 needs a CUDA device"):
+        load_gguf(directory, "float16")
 
 
 # ---- what is refused --------------------------------------------------------------------------------------
