@@ -58,6 +58,13 @@ def stop_token_ids(processor: Processor) -> list[int]:
     return sorted(ids)
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,) the first maximum of each row, as argmax
+    # torch's CPU argmax is not vectorised: 28 us over SmolLM2's 49k logits against numpy's 2 us, every token
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def _sampler(cfg: GenerationConfig, device: torch.device):
     warpers = LogitsProcessorList()
     if cfg.temperature > 0:
@@ -74,7 +81,7 @@ def _sampler(cfg: GenerationConfig, device: torch.device):
 
     def pick(ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
         if cfg.temperature == 0:
-            return logits.argmax(-1)
+            return greedy(logits)
         probs = warpers(ids, logits).softmax(-1)
         return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 

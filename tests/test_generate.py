@@ -248,3 +248,15 @@ def test_static_cache_refuses_sliding_window_layers(build_tiny):
     batch = p.collate([p.prompt("hi")], padding_side="left")
     with pytest.raises(ValueError, match="no sliding window"):
         next(decode(model, batch, GREEDY, [], p.pad_token_id, static_cache=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_picks_the_first_maximum_as_argmax_does(dtype):
+    logits = torch.randn(5, 4099).to(dtype)
+    logits[1, [7, 3000]] = 50.0  # a tie: the first one wins
+    logits[2, 4098] = 60.0  # the last column
+    logits[3] = -float("inf")
+    logits[3, 11] = -1.0  # everything else masked, as the image slot is
+    picked = generate_module.greedy(logits)
+    assert picked.dtype == torch.long and picked.tolist() == logits.argmax(-1).tolist()
+    assert picked[1] == 7 and picked[2] == 4098 and picked[3] == 11

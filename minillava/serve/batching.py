@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from minillava.generate import AnswerText, GenerationConfig, Generator, decode
+from minillava.generate import AnswerText, GenerationConfig, Generator, decode, greedy
 from minillava.model import positions_from_mask
 from minillava.processor import Encoded
 
@@ -775,13 +775,13 @@ class ContinuousEngine(BatchEngine):
         """Sample every row's next token, drop the rows that finished, run one decode step for the rest."""
         logits = running.logits.float()
         logits[:, self.generator.model.config.image_token_id] = -float("inf")  # never a valid output
-        greedy = logits.argmax(-1).tolist()  # one op for all greedy rows; sampled rows sample on their own
+        picks = greedy(logits).tolist()  # one op for all greedy rows; sampled rows sample on their own
         live = []
         for i, row in enumerate(running.rows):
             if row.job.cancelled.is_set():
                 self.stats["cancelled"] += 1
                 continue
-            token = greedy[i] if row.sampler is None else row.sampler(logits[i])
+            token = picks[i] if row.sampler is None else row.sampler(logits[i])
             row.last = token
             row.step(token, logits[i] if row.wants_logprobs else None)
             if row.done:
