@@ -260,3 +260,25 @@ def test_greedy_picks_the_first_maximum_as_argmax_does(dtype):
     picked = generate_module.greedy(logits)
     assert picked.dtype == torch.long and picked.tolist() == logits.argmax(-1).tolist()
     assert picked[1] == 7 and picked[2] == 4098 and picked[3] == 11
+
+
+def test_decode_pads_a_row_after_its_stop_token_and_yields_masks_that_keep_their_values(build_tiny):
+    model, p = build_tiny()
+    louden(model)
+    gen = Generator(model, p)
+    samples = [p.prompt("What is in the picture?", [RED]), p.prompt("hi", [BLUE])]
+    free = raw_tokens(gen, samples, GenerationConfig(max_new_tokens=8))  # (2, 8) no stops
+    stop = int(free[0, 2])  # row 0 stops at its third token; row 1 only if it says the same token
+    batch = p.collate(samples, padding_side="left")
+    steps = list(decode(model, batch, GenerationConfig(max_new_tokens=8), [stop], pad_id=p.pad_token_id))
+    tokens = torch.stack([t for t, _ in steps], 1)
+    masks = torch.stack([f for _, f in steps], 1)  # finished before each step, as yielded (no later changes)
+    cut = [next((i for i, t in enumerate(row.tolist()) if t == stop), None) for row in free]
+    for r, at in enumerate(cut):
+        if at is None:
+            assert tokens[r].tolist() == free[r, : tokens.shape[1]].tolist() and not masks[r].any()
+            continue
+        assert tokens[r, : at + 1].tolist() == free[r, : at + 1].tolist()
+        assert set(tokens[r, at + 1 :].tolist()) <= {p.pad_token_id}
+        assert masks[r].tolist() == [i > at for i in range(tokens.shape[1])]
+    assert tokens.shape[1] == (8 if None in cut else max(cut) + 1)

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from minillava.generate import AnswerText, GenerationConfig, Generator, decode, greedy
+from minillava.generate import AnswerText, GenerationConfig, Generator, decode, forbid_image_slot, greedy
 from minillava.model import positions_from_mask
 from minillava.processor import Encoded
 
@@ -774,7 +774,7 @@ class ContinuousEngine(BatchEngine):
     def _step(self, running: _Running) -> _Running | None:
         """Sample every row's next token, drop the rows that finished, run one decode step for the rest."""
         logits = running.logits.float()
-        logits[:, self.generator.model.config.image_token_id] = -float("inf")  # never a valid output
+        forbid_image_slot(logits, self.generator.model.config.image_token_id)
         picks = greedy(logits).tolist()  # one op for all greedy rows; sampled rows sample on their own
         live = []
         for i, row in enumerate(running.rows):
