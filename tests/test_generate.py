@@ -282,3 +282,24 @@ def test_decode_pads_a_row_after_its_stop_token_and_yields_masks_that_keep_their
         assert set(tokens[r, at + 1 :].tolist()) <= {p.pad_token_id}
         assert masks[r].tolist() == [i > at for i in range(tokens.shape[1])]
     assert tokens.shape[1] == (8 if None in cut else max(cut) + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_never_picks_the_image_slot_even_where_it_scores_highest(tiny, dtype):
+    model, p = loud(tiny[0]).to(dtype), tiny[1]
+    gen = Generator(model, p)
+    samples = [p.prompt("What is in the picture?", [RED]), p.prompt("hi")]
+    plain = raw_tokens(gen, samples)
+    head = model.llm.get_output_embeddings()
+
+    def favour_image_slot(_module, _args, logits):  # the image slot leads every row by far
+        logits[..., p.image_token_id] = logits.max(-1).values + 100.0
+        return logits
+
+    hook = head.register_forward_hook(favour_image_slot)
+    try:
+        tokens = raw_tokens(gen, samples)
+    finally:
+        hook.remove()
+    assert p.image_token_id not in tokens.flatten().tolist()
+    assert torch.equal(tokens, plain)  # the next best token, as if the slot were not there
