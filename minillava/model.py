@@ -61,6 +61,7 @@ class Output:
     past_key_values: object | None = None
     media: MediaState | None = None  # xattn: what a cached continuation reads (pass it back with the cache)
     num_supervised: int = 0
+    hidden: torch.Tensor | None = None  # (B, T, D) the LLM's last hidden states, when asked (`return_hidden`)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -332,6 +333,7 @@ class MiniLlava(nn.Module):
         use_cache: bool = False,
         return_logits: bool = True,
         logits_to_keep: int = 0,
+        return_hidden: bool = False,  # a caller that projects only some positions (train/distill.py)
         media: MediaState | None = None,
         image_sizes: torch.Tensor | None = None,  # (I, 2) (height, width) of each image, AnyRes only
         image_counts: torch.Tensor | None = None,  # (B,) images of each row: the splice checks rows, not the total
@@ -379,6 +381,8 @@ class MiniLlava(nn.Module):
             result.loss, result.num_supervised = self.loss(hidden, labels, soft_targets)
         if return_logits:
             result.logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if return_hidden:
+            result.hidden = hidden
         return result
 
     def check_packable(self, past_key_values: object | None, use_cache: bool) -> None:
