@@ -67,7 +67,7 @@ class LlamaCppModel(ExportedModel):
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.llm))
         self.token_embeddings = torch.from_numpy(_token_embeddings(path))  # (V, D) float32, as llama.cpp reads it
         self.ctx, self.rows, self.per_row = None, 0, 0
-        self.output_view: tuple[tuple[int, int], np.ndarray] | None = None  # ((address, rows), view)
+        self.output_view: tuple[tuple[int, int], torch.Tensor] | None = None  # ((address, rows), view)
         # llama_get_logits returning the address as an int: llama_cpp's own binding returns a float pointer
         self.logits_address = ctypes.CDLL(llama_cpp.llama_cpp._lib._name).llama_get_logits
         self.logits_address.argtypes, self.logits_address.restype = [ctypes.c_void_p], ctypes.c_void_p
@@ -155,23 +155,21 @@ class LlamaCppModel(ExportedModel):
         # own loop spends ~0.3 ms a token on everything but llama_decode
         batch, rows = self.token_batch, tokens.shape[0]
         for r, ((token,), (position,)) in enumerate(zip(tokens.tolist(), positions.tolist(), strict=True)):
-            batch.token[r] = token
+            batch.token[r] = token  # row r is sequence r and asks for its logits: set when the batch was made
             batch.pos[r] = position
-            batch.n_seq_id[r] = 1
-            batch.seq_id[r][0] = r
-            batch.logits[r] = 1
         batch.n_tokens = rows
         self._run(batch)
-        # every row asked for logits, in row order: llama.cpp's output buffer is (B, V), copied in one go (the
-        # buffer is rewritten by the next decode)
-        return torch.from_numpy(self._output_view(rows)[:, None].copy())
+        # every row asked for logits, in row order: llama.cpp's output buffer is (B, V), handed out as it is, not
+        # copied: valid until the next decode rewrites it, as `generate.decode` promises its observers
+        return self._output_view(rows)
 
-    def _output_view(self, rows: int) -> np.ndarray:  # (rows, V) over llama.cpp's logits buffer, not a copy
+    def _output_view(self, rows: int) -> torch.Tensor:  # (rows, 1, V) over llama.cpp's logits buffer, not a copy
         # made again only when llama.cpp moves its buffer: numpy's ctypes view costs 0.15 ms with the caches cold
         address = self.logits_address(self.ctx)
         if self.output_view is None or self.output_view[0] != (address, rows):
             buffer = (ctypes.c_float * (rows * self.vocab)).from_address(address)
-            self.output_view = ((address, rows), np.frombuffer(buffer, np.float32).reshape(rows, self.vocab))
+            view = torch.from_numpy(np.frombuffer(buffer, np.float32).reshape(rows, 1, self.vocab))
+            self.output_view = ((address, rows), view)
         return self.output_view[1]
 
     def _run(self, batch: Any) -> None:
@@ -211,6 +209,10 @@ class LlamaCppModel(ExportedModel):
         self.rows, self.per_row = rows, per_row
         self.embd_batch = lib.llama_batch_init(self.n_batch, self.hidden, 1)
         self.token_batch = lib.llama_batch_init(max(rows, 1), 0, 1)
+        for r in range(rows):  # a decode step: one token of each row r, in sequence r, with its logits
+            self.token_batch.n_seq_id[r] = 1
+            self.token_batch.seq_id[r][0] = r
+            self.token_batch.logits[r] = 1
 
 
 def _token_embeddings(path: Path) -> np.ndarray:
