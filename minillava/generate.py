@@ -59,19 +59,19 @@ def stop_token_ids(processor: Processor) -> list[int]:
     return sorted(ids)
 
 
-def greedy(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,) the first maximum of each row, as argmax
+def greedy(logits: torch.Tensor) -> torch.Tensor:  # (..., V) -> (...) the first maximum of each row, as argmax
     # torch's CPU argmax is not vectorised: 28 us over SmolLM2's 49k logits against numpy's 2 us, every token
     if logits.device.type == "cpu" and logits.dtype == torch.float32:
         return torch.from_numpy(logits.numpy().argmax(-1))
     return logits.argmax(-1)
 
 
-def forbid_image_slot(logits: torch.Tensor, image_token_id: int) -> None:  # (B, V) in place
+def forbid_image_slot(logits: torch.Tensor, image_token_id: int) -> None:  # (..., V) in place
     """An image slot is never a valid output: its logit goes to -inf before a token is picked."""
     if logits.device.type == "cpu":  # through numpy: 6 us against torch's 60 us with the caches cold
-        logits.numpy()[:, image_token_id] = -np.inf
+        logits.numpy()[..., image_token_id] = -np.inf
     else:
-        logits[:, image_token_id] = -float("inf")
+        logits[..., image_token_id] = -float("inf")
 
 
 def _sampler(cfg: GenerationConfig, device: torch.device):
@@ -88,11 +88,11 @@ def _sampler(cfg: GenerationConfig, device: torch.device):
     else:
         gen.seed()
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, 1, V) -> (B, 1): the next input as it is
         if cfg.temperature == 0:
             return greedy(logits)
-        probs = warpers(None, logits).softmax(-1)  # temperature, top-k and top-p read the scores only, not the ids
-        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        probs = warpers(None, logits[:, -1]).softmax(-1)  # temperature, top-k, top-p read the scores only, not ids
+        return torch.multinomial(probs, 1, generator=gen)
 
     return pick
 
@@ -126,14 +126,14 @@ class StaticStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # the graph's output, rewritten by each replay
 
-    def forward(self) -> torch.Tensor:  # (B, V)
+    def forward(self) -> torch.Tensor:  # (B, 1, V)
         # no images in a decode step; the model skips the splice's host-side slot count while capturing
         out = self.model(self.token, self.mask, position_ids=self.position, past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1]
+        return out.logits
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: int) -> torch.Tensor:
-        """Feed `token` (B,) at rotary `position` (B, 1) into cache slot `slot`; the next logits (B, V)."""
-        self.token.copy_(token[:, None])
+        """Feed `token` (B, 1) at rotary `position` (B, 1) into cache slot `slot`; the next logits (B, 1, V)."""
+        self.token.copy_(token)
         self.position.copy_(position)
         self.mask[:, slot] = 1
         if self.graph is not None:
@@ -207,7 +207,7 @@ def decode(
     else:
         with torch.no_grad():  # the prefill: images here only
             out = model(ids, mask, pixels, use_cache=True, logits_to_keep=1, image_sizes=sizes, image_counts=counts)
-    logits = out.logits[:, -1]
+    logits = out.logits  # (B, 1, V): the last position's, kept in that shape, so its token is the next input as is
     # what the steps read is made here, once: on a CPU a small torch op costs 30-60 us after a decode step has
     # evicted the caches, and a dozen of them per token are as much as llama.cpp's whole per-token overhead
     new_positions = positions_from_mask(mask)[:, -1:] + torch.arange(1, cfg.max_new_tokens + 1, device=device)
@@ -224,10 +224,11 @@ def decode(
             logits = logits.float()
         forbid_image_slot(logits, model.config.image_token_id)
         if observe is not None:
-            observe(logits)
-        token = pick(logits)
+            observe(logits[:, -1])
+        column = pick(logits)  # (B, 1)
         if any(stopped):
-            token = token.masked_fill(finished, pad_id)
+            column = column.masked_fill(finished[:, None], pad_id)
+        token = column[:, 0]
         yield token, finished
         hits = [r for r, t in enumerate(token.tolist()) if not stopped[r] and t in stops]
         if hits:
@@ -240,17 +241,17 @@ def decode(
         # token the caller takes (0.08 ms a token on a CPU); and no yield happens inside a mode
         with torch.no_grad():
             if static:
-                logits = step(token, positions[i], prompt_len + i)
+                logits = step(column, positions[i], prompt_len + i)
                 continue
             out = model(
-                token[:, None],
+                column,
                 grown[:, : prompt_len + i + 1],
                 position_ids=positions[i],
                 past_key_values=out.past_key_values,
                 use_cache=True,
                 media=out.media,
             )
-        logits = out.logits[:, -1]
+        logits = out.logits
 
 
 class Generator:
