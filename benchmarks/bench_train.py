@@ -88,7 +88,7 @@ from minillava.model import MiniLlava
 from minillava.projectors import build_projector
 from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train.config import TrainConfig
-from minillava.train.loop import TrainStep, autocast_ctx, make_optimizer
+from minillava.train.loop import TrainStep, attention_kernel, autocast_ctx, make_optimizer
 from minillava.train.stages import LoraSettings, add_lora, freeze, param_groups
 from minillava.vision import HFVisionTower
 
@@ -225,9 +225,10 @@ def ours(s: dict, stage: int, reps: int, device: torch.device, cached: bool = Fa
     def step():
         with torch.no_grad():
             feats = cache if cached else model.vision(b["pixel_values"])
-        with autocast_ctx(precision, device):
-            loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None, None)
-        loss.backward()
+        with attention_kernel(device, b["input_ids"].shape[1]):  # as `train` runs a step: forward and backward
+            with autocast_ctx(precision, device):
+                loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None, None)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -429,10 +430,11 @@ def ours_runner(model: MiniLlava, vision: torch.nn.Module, opt: torch.optim.Opti
             b = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
             with torch.no_grad():
                 feats = None if b["pixel_values"] is None else vision(b["pixel_values"])
-            with autocast_ctx(precision, device):
-                loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None, None,
-                                   b["image_counts"], b.get("segment_ids"))  # fmt: skip
-            (loss * (supervised_in(b) / total)).backward()
+            with attention_kernel(device, b["input_ids"].shape[1]):  # as `train` runs a step
+                with autocast_ctx(precision, device):
+                    loss = step_module(b["input_ids"], b["attention_mask"], b["labels"], feats, None, None,
+                                       b["image_counts"], b.get("segment_ids"))  # fmt: skip
+                (loss * (supervised_in(b) / total)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -334,11 +334,17 @@ def autocast_ctx(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def attention_kernel(device: torch.device):
-    """On a CPU, SDPA's math kernel for training: its backward is a few matmuls, where the CPU flash kernel's
-    backward took 18 ms a layer against 1.2 ms for its forward (SmolLM2-135M, 16 rows of ~50 tokens, bf16 on an AMX
-    Xeon): the demo's instruct steps went from 2.9 to 2.3 s. Other devices keep SDPA's own choice."""
-    if device.type != "cpu":
+# Up to this many tokens a row, SDPA's math kernel trains faster on a CPU than its flash kernel, whose backward has a
+# fixed cost per call: forward + backward of bf16 attention, 9 heads of 64, causal mask, 2 cores of an AMX Xeon,
+# math / flash time: 0.46 at 16 x 32 tokens, 0.42 at 16 x 51 (the demo's rows), 0.57 at 8 x 128, 1.17 at 8 x 192,
+# 1.25 at 4 x 260, 3.3 at 2 x 768 (and math's memory grows with the square of the length)
+MATH_ATTENTION_MAX_TOKENS = 128
+
+
+def attention_kernel(device: torch.device, tokens: int):
+    """SDPA's kernel for a training step over rows of `tokens` tokens: on a CPU the math kernel for short rows
+    (its backward is a few matmuls; the demo's LoRA steps went from ~2.9 to ~2.3 s), else SDPA's own choice."""
+    if device.type != "cpu" or tokens > MATH_ATTENTION_MAX_TOKENS:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -800,7 +806,8 @@ def forward_backward(s: Session, micro: list[dict[str, Any]], n_global: float) -
                 continue
             b = empty_batch(pad_id)  # the other ranks wait for this one's gradients
         # the attention kernel over the backward too: gradient checkpointing recomputes the forward there
-        with strategy.grad_sync(optim.step_module, sync=j == len(micro) - 1), attention_kernel(s.run.device):
+        with strategy.grad_sync(optim.step_module, sync=j == len(micro) - 1), \
+                attention_kernel(s.run.device, b["input_ids"].shape[1]):
             loss, n = micro_batch_loss(s, b)
             scaled = loss * (n * d.world / max(n_global, 1))  # DDP averages over ranks: x world undoes it
             strategy.backward(optim.step_module, optim.scaler.scale(scaled) if optim.scaler else scaled)

@@ -11,7 +11,7 @@ from train_helpers import add_ghost, config, write_images, write_llava
 
 from minillava.cli import main
 from minillava.train import checkpoint as ckpt
-from minillava.train.loop import attention_kernel, train
+from minillava.train.loop import MATH_ATTENTION_MAX_TOKENS, attention_kernel, train
 
 
 def _events(run) -> list[dict]:
@@ -80,14 +80,16 @@ def test_cli_refuses_an_earlier_runs_out_in_one_line(tmp_path, capsys, cli_loggi
                           "--resume to continue it, --overwrite to replace it")  # fmt: skip
 
 
-def test_cpu_training_attention_runs_on_the_math_kernel_and_the_choice_is_undone_after():
+def test_cpu_training_attention_on_short_rows_runs_on_the_math_kernel_and_the_choice_is_undone_after():
     def flags() -> tuple[bool, bool, bool]:
         return (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
                 torch.backends.cuda.math_sdp_enabled())  # fmt: skip
 
     before = flags()
-    with attention_kernel(torch.device("cpu")):
+    with attention_kernel(torch.device("cpu"), MATH_ATTENTION_MAX_TOKENS):
         assert flags() == (False, False, True)
     assert flags() == before
-    with attention_kernel(torch.device("cuda")):  # other devices keep SDPA's own choice (nothing runs here)
+    with attention_kernel(torch.device("cpu"), MATH_ATTENTION_MAX_TOKENS + 1):  # long rows: flash is faster there
+        assert flags() == before
+    with attention_kernel(torch.device("cuda"), 16):  # other devices keep SDPA's own choice (nothing runs here)
         assert flags() == before
