@@ -88,7 +88,8 @@ from minillava.model import MiniLlava
 from minillava.projectors import build_projector
 from minillava.runtime import compile_decoder_layers, fast_bfloat16
 from minillava.train.config import TrainConfig
-from minillava.train.loop import TrainStep, attention_kernel, autocast_ctx, make_optimizer
+from minillava.train.kernels import attention_kernel, autocast_ctx
+from minillava.train.loop import TrainStep, make_optimizer
 from minillava.train.stages import LoraSettings, add_lora, freeze, param_groups
 from minillava.vision import HFVisionTower
 

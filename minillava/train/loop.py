@@ -18,7 +18,6 @@ global batch, whatever the split over micro-batches and ranks, so 2 processes x 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ from minillava.train.cache import FeatureCache
 from minillava.train.config import TrainConfig
 from minillava.train.distill import text_teacher
 from minillava.train.features import fit_feature_stats, open_feature_cache, vision_features_for
+from minillava.train.kernels import attention_kernel, autocast_ctx
 from minillava.train.metrics import MetricsWriter, plot_curves
 from minillava.train.stages import (
     ADAPTER_DIR,
@@ -325,30 +325,6 @@ def collapse_check(limit: int, run: int, grad_norm: float | None, peak: float, s
             f"norm {grad_norm:.1e}); lower --lr"
         )
     return run
-
-
-def autocast_ctx(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# Up to this many tokens a row, SDPA's math kernel trains faster on a CPU than its flash kernel, whose backward has a
-# fixed cost per call: forward + backward of bf16 attention, 9 heads of 64, causal mask, 2 cores of an AMX Xeon,
-# math / flash time: 0.46 at 16 x 32 tokens, 0.42 at 16 x 51 (the demo's rows), 0.57 at 8 x 128, 1.17 at 8 x 192,
-# 1.25 at 4 x 260, 3.3 at 2 x 768 (and math's memory grows with the square of the length)
-MATH_ATTENTION_MAX_TOKENS = 128
-
-
-def attention_kernel(device: torch.device, tokens: int):
-    """SDPA's kernel for a training step over rows of `tokens` tokens: on a CPU the math kernel for short rows
-    (its backward is a few matmuls; the demo's LoRA steps went from ~2.9 to ~2.3 s), else SDPA's own choice."""
-    if device.type != "cpu" or tokens > MATH_ATTENTION_MAX_TOKENS:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -635,7 +611,7 @@ def prepare_projector(run: Run, trainee: Trainee, data: Data) -> dict[str, Any] 
         raise ValueError("--word-warmup-steps needs spliced image tokens, one crop per image (no xattn, no AnyRes)")
     return word_space_warmstart(model, data.dataset, collate, data.cache, run.device, cfg.word_warmup_steps,
                                 cfg.word_warmup_lr, cfg.seed, run.say, cfg.word_warmup_objective,
-                                cfg.word_warmup_images)  # fmt: skip
+                                cfg.word_warmup_images, precision=cfg.precision)  # fmt: skip
 
 
 def build_optimizer(run: Run, trainee: Trainee, data: Data) -> Optim:

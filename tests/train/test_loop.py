@@ -11,7 +11,8 @@ from train_helpers import add_ghost, config, write_images, write_llava
 
 from minillava.cli import main
 from minillava.train import checkpoint as ckpt
-from minillava.train.loop import MATH_ATTENTION_MAX_TOKENS, attention_kernel, train
+from minillava.train.kernels import MATH_ATTENTION_MAX_TOKENS, attention_kernel
+from minillava.train.loop import train
 
 
 def _events(run) -> list[dict]:

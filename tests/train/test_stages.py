@@ -358,7 +358,9 @@ def test_evenly_spaced_gives_every_part_of_the_data_its_share():
     assert evenly_spaced(list(range(1000)), 256)[-1] > 990
 
 
-def test_caption_warmup_makes_image_tokens_spell_the_caption(pretrained):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_caption_warmup_makes_image_tokens_spell_the_caption(pretrained, precision):
+    """In the run's precision: under bf16 autocast the projector's matmuls run in bf16 and it still learns."""
     from minillava.data.dataset import Collator, SupervisedDataset
     from minillava.projectors import build_projector
     from minillava.train.warmstart import caption_targets, collect, word_space_warmstart
@@ -386,9 +388,12 @@ def test_caption_warmup_makes_image_tokens_spell_the_caption(pretrained):
             return (torch.nn.functional.normalize(model.projector(feats), dim=-1) @ table.T).argmax(-1)
 
     assert (spelled() == targets).float().mean() < 0.5
-    lines = []
+    lines, seen = [], set()
+    hook = model.projector.linear.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
     stats = word_space_warmstart(model, dataset, collate, None, torch.device("cpu"), 200, 3e-3, 0, lines.append,
-                                 objective="caption")  # fmt: skip
+                                 objective="caption", precision=precision)  # fmt: skip
+    hook.remove()
+    assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert stats["objective"] == "caption" and "(caption)" in lines[0]
     assert torch.equal(spelled(), targets), (spelled(), targets)
     with pytest.raises(ValueError, match="unknown objective"):
