@@ -56,6 +56,7 @@ from minillava.train.stages import (
     ADAPTER_DIR,
     LoraSettings,
     freeze,
+    keep_adapter_inputs,
     merge_lora,
     param_groups,
     save_adapter,
@@ -544,11 +545,7 @@ def place_model(run: Run, model: MiniLlava) -> None:
             model.llm.to(torch.bfloat16)
             model.xattn.float()  # the cross-attention blocks live inside the LLM but train: float32 masters
     if cfg.use_lora and cfg.precision != "fp32":
-        # autocast already runs each adapter's matmuls in bf16/fp16: peft's cast of a bf16 input up to the adapter's
-        # float32 (which autocast casts straight back) is two copies of an activation per layer and step for nothing
-        for module in model.llm.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
+        keep_adapter_inputs(model.llm)
     model.to(run.device)
     if cfg.grad_checkpointing and cfg.stage == "instruct":
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -100,6 +100,17 @@ def add_lora(model: MiniLlava, settings: LoraSettings) -> LoraSettings:
     return replace(settings, modules=modules)
 
 
+def keep_adapter_inputs(llm: nn.Module) -> None:
+    """Under autocast, let each LoRA adapter take its input in the dtype it comes in: peft casts a bf16 input up to
+    the adapter's float32, which autocast casts straight back for the matmul (two activation copies a layer and
+    step for the same bf16 matmuls)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in llm.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
 def has_lora(model: MiniLlava) -> bool:
     return any("lora_" in n for n, _ in model.llm.named_parameters())
 

@@ -19,6 +19,7 @@ from minillava.train.stages import (
     LoraSettings,
     add_lora,
     freeze,
+    keep_adapter_inputs,
     load_adapter,
     merge_lora,
     save_adapter,
@@ -491,3 +492,22 @@ def test_compile_is_refused_where_it_is_untested(tmp_path, asset_dir):
                  strategy="deepspeed-zero2")  # fmt: skip
     with pytest.raises(ValueError, match="--compile is tested with one process or DDP.*deepspeed-zero2"):
         train(cfg)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_adapter_inputs_lets_a_bf16_input_reach_the_adapter_under_autocast(keep):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    seen: list[torch.dtype] = []
+    model[0].lora_A["default"].register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x)
+        if keep:
+            keep_adapter_inputs(model)
+        after = model(x)
+    # peft's own cast goes up to the adapter's float32; kept, the input stays bf16 and the matmuls are the same
+    assert seen == [torch.float32, torch.bfloat16 if keep else torch.float32]
+    assert torch.equal(before, after)
