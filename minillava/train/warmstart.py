@@ -88,7 +88,7 @@ def word_space_warmstart(
     max_images: int = 2048, max_words: int = 4096, batch_size: int = 128, precision: str = "fp32",
 ) -> dict[str, float]:  # fmt: skip
     """Train the projector alone for `steps` steps in the LLM's word-embedding space (see the module doc), its
-    forward under the run's autocast `precision`."""
+    forward under bf16 autocast when the run's `precision` is bf16 (float32 otherwise)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"word warm start: unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     tokenizer = dataset.processor.tokenizer
@@ -118,11 +118,13 @@ def word_space_warmstart(
     # a resampler's attention rows are short (its latents over the pooled patches and themselves): on a CPU the
     # math kernel, whose backward in bf16 is ~10x cheaper there than the flash kernel's (~35 % of a step)
     rows = feats.shape[1] + model.tokens_per_image
+    # bf16 keeps float32's range; fp16 would need the loop's gradient scaler, which these steps do not have
+    autocast_precision = "bf16" if precision == "bf16" else "fp32"
     try:
         for step in range(steps):
             idx = torch.randint(0, feats.shape[0], (min(batch_size, feats.shape[0]),), generator=gen).to(device)
             with attention_kernel(device, rows):
-                with autocast_ctx(precision, device):
+                with autocast_ctx(autocast_precision, device):
                     tokens = projector(feats[idx].to(model.projector_dtype)).float()  # (B, N, D)
                 cos = torch.einsum("bnd,wd->bnw", F.normalize(tokens, dim=-1), word_dirs)  # (B, N, W)
                 loss = loss_fn(cos, targets[idx]) + 0.1 * (tokens.norm(dim=-1) - word_norm).square().mean()
