@@ -237,7 +237,12 @@ def test_shutdown_drains_within_the_deadline(serve_dir, one_thread, monkeypatch,
 
     monkeypatch.setattr(engines, "decode", slow)
     monkeypatch.setattr(engines.ContinuousEngine, "_step", slow_step)
-    live = start_server(serve_dir, shutdown_timeout=1.5, api_key=None, batching=batching).__enter__()
+    # Both requests must share one batch: a static batch is not joined later, and under a loaded CI host the
+    # second request can arrive after the default 30 ms window. A full batch (2) is formed at once, so the long
+    # window costs nothing.
+    live = start_server(
+        serve_dir, shutdown_timeout=1.5, api_key=None, batching=batching, max_batch_size=2, batch_wait_ms=5000
+    ).__enter__()
     results: dict[str, object] = {}
 
     def call(name: str, max_tokens: int) -> None:
@@ -252,6 +257,7 @@ def test_shutdown_drains_within_the_deadline(serve_dir, one_thread, monkeypatch,
     deadline = time.monotonic() + 20
     while httpx.get(live.url + "/health").json()["running"] < 2 and time.monotonic() < deadline:
         time.sleep(0.02)
+    assert time.monotonic() < deadline, "the two requests never ran in one batch"
     start = time.monotonic()
     live.server.should_exit = True
     live.thread.join(15)
