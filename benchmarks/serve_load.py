@@ -17,7 +17,7 @@ requests arrive whatever is in flight, as from many users):
 
     python benchmarks/serve_load.py --model DIR --requests 40 --max-tokens 32 --mixed --stream --rates 0.5,1,2
 
-With --stream each server first answers 4 requests alone: their median time to first token is the
+With --stream each server first answers 8 requests alone: their median time to first token is the
 yardstick of `ttft_p99_vs_lone`; closed loop, `ttft_steady_*` leave out each client's first request (all
 clients start at once: that opening burst queues N prefills together, a state the loop never returns to).
 Every request carries one image (a data: URL) and greedy decoding.
@@ -215,13 +215,13 @@ class ServerProcess:
 
     def __init__(
         self, model: str, batch_size: int, threads: int | None, log: Path, wait_ms: float | None = None,
-        batching: str = "continuous",
+        batching: str = "continuous", dtype: str = "float32",
     ) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "minillava.serve.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--max-batch-size", str(batch_size), "--served-model-name", "bench",
-               "--log-level", "warning", "--device", "cpu", "--batching", batching]  # fmt: skip
+               "--log-level", "warning", "--device", "cpu", "--batching", batching, "--dtype", dtype]  # fmt: skip
         if threads:
             cmd += ["--threads", str(threads)]
         if wait_ms is not None:
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mixed", action="store_true", help="mixed answer lengths: 1 in 4 long, the rest 1/4 of it")
     p.add_argument("--threads", type=int, default=None, help="torch threads for each server (default: torch's)")
     p.add_argument("--batch-wait-ms", type=float, default=None, help="the servers' --batch-wait-ms (default: theirs)")
+    p.add_argument("--dtype", default="float32", help="the servers' --dtype (auto: bf16 where it is fast)")
     p.add_argument("--stream", action="store_true", help="stream the answers (adds time-to-first-token)")
     p.add_argument("--deadline-s", type=float, default=300, help="stop sending after this long, per run")
     p.add_argument("--rates", default=None, metavar="R,...",
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--rates takes requests/s numbers, e.g. 0.5,1,2")
     if any(r is not None and r <= 0 for r in rates):
         p.error("--rates must be positive")
-    keys = ("clients", "requests", "max_tokens", "mixed", "stream", "threads", "batch_wait_ms", "rates")
+    keys = ("clients", "requests", "max_tokens", "mixed", "stream", "threads", "batch_wait_ms", "dtype", "rates")
     config = {k: getattr(args, k) for k in keys} | cpu_info()
     if args.url:
         host = httpx.URL(args.url).host
@@ -348,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for batching, size in modes:
             log = Path(tmp) / f"server-{batching}-{size}.log"
-            with ServerProcess(model_dir, size, args.threads, log, args.batch_wait_ms, batching) as server:
+            with ServerProcess(model_dir, size, args.threads, log, args.batch_wait_ms, batching, args.dtype) as server:
                 run_load(server.url, "none", "bench", 1, 2, args.max_tokens, False, 60)  # warm-up
                 lone = None
                 if args.stream:  # the yardstick: one request alone, nothing else in flight
-                    lone = run_load(server.url, "none", "bench", 1, 4, args.max_tokens, True, 60).get("ttft_p50_s")
+                    lone = run_load(server.url, "none", "bench", 1, 8, args.max_tokens, True, 60).get("ttft_p50_s")
                 for rate in rates:
                     run = run_load(server.url, "none", "bench", args.clients, args.requests, args.max_tokens,
                                    args.stream, args.deadline_s, args.mixed, rate)  # fmt: skip
@@ -360,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                         run |= {"lone_ttft_s": lone, "ttft_p99_vs_lone": round(run["ttft_p99_s"] / lone, 2)}
                         if "ttft_steady_p99_s" in run:
                             run["ttft_steady_p99_vs_lone"] = round(run["ttft_steady_p99_s"] / lone, 2)
-                    runs.append({"batching": batching, "max_batch_size": size, "rate_rps": rate, **run})
+                    runs.append({"batching": batching, "max_batch_size": size, "dtype": args.dtype, "rate_rps": rate,
+                                 **run})  # fmt: skip
     for r in runs:  # against the batch-1 server at the same arrival rate
         base = next((b for b in runs if b["max_batch_size"] == 1 and b["rate_rps"] == r["rate_rps"]), None)
         if base and base["throughput_rps"]:
