@@ -2,7 +2,7 @@
 
 A scene is one shape (asked its shape, colour, size, position, a yes/no question and a description) or one to
 four shapes of one kind (asked how many, their colour, yes/no and a description). Every scene is drawn with
-its own canvas size, centre jitter, radius, rotation, tint, background texture and anti-aliasing, so no two
+its own canvas size, position, radius, rotation, tint, background texture and anti-aliasing, so no two
 scenes coincide by chance, and every split is checked against the others by its decoded pixels: an evaluation
 image that equals an image of another split is drawn again.
 
@@ -36,7 +36,14 @@ COLOURS = {
     "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
-POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
+POSITIONS = ("left", "right", "top", "bottom", "center")
+# How far a lone shape's centre sits from the canvas' middle along its position's axis (fractions of that side),
+# and how far off the middle across it. A fixed spot for each word (0.27 / 0.73, +-0.05) taught the model five
+# templates: on pictures drawn by other code, with the shape nearer an edge, it answered "where is the star?"
+# with "one" (benchmarks/outside_probe.py, position 32 % right). A large shape keeps today's range (it reaches
+# the edge there already).
+REACH = {"small": (0.15, 0.36), "large": (0.18, 0.28)}
+ACROSS = 0.10
 NUMBERS = phrasing.NUMBERS
 COUNT_SHARE = 0.25  # of the scenes, counting scenes (one to four shapes); the rest show one shape
 # Pairs that never occur in training: the `combo` splits show exactly these.
@@ -56,7 +63,7 @@ class Style:
     side: tuple[int, int]  # canvas width (pixels)
     aspect: tuple[float, float]  # height / width
     radius: dict[str, tuple[float, float]]  # per size word, as a fraction of the canvas' shorter side
-    jitter: float  # centre offset, fraction of the side
+    jitter: float  # a centred shape's offset from the middle, fraction of the side
     tint: int  # largest change of each colour channel
     background: tuple[int, int]  # grey level of the background
     texture: float  # amplitude of the blotchy background texture
@@ -206,12 +213,20 @@ def _angle(rng: random.Random, shape: str, style: Style) -> float:
 
 def single_scene(rng: random.Random, spec: SplitSpec) -> Scene:
     colour, shape = rng.choice(_pairs(spec))
-    size, position = rng.choice(("small", "large")), rng.choice(list(POSITIONS))
+    size, position = rng.choice(("small", "large")), rng.choice(POSITIONS)
     st = spec.style
-    x, y = (p + rng.uniform(-st.jitter, st.jitter) for p in POSITIONS[position])
-    s = Shape(colour, shape, size, position, (x, y), rng.uniform(*st.radius[size]), _angle(rng, shape, st),
-              _tinted(rng, colour, st))  # fmt: skip
+    s = Shape(colour, shape, size, position, _centre(rng, position, size, st), rng.uniform(*st.radius[size]),
+              _angle(rng, shape, st), _tinted(rng, colour, st))  # fmt: skip
     return Scene((s,), counted=False)
+
+
+def _centre(rng: random.Random, position: str, size: str, style: Style) -> tuple[float, float]:
+    """Where a lone shape at `position` sits: (x, y) as fractions of the width and height."""
+    if position == "center":
+        return 0.5 + rng.uniform(-style.jitter, style.jitter), 0.5 + rng.uniform(-style.jitter, style.jitter)
+    along = 0.5 + rng.uniform(*REACH[size]) * (-1 if position in ("left", "top") else 1)
+    across = 0.5 + rng.uniform(-ACROSS, ACROSS)
+    return (along, across) if position in ("left", "right") else (across, along)
 
 
 def count_scene(rng: random.Random, spec: SplitSpec) -> Scene:
