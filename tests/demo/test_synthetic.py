@@ -30,6 +30,11 @@ def _scenes(root):
     return [json.loads(line) for line in (root / "scenes.jsonl").read_text().splitlines()]
 
 
+def _shape_pixels(img: np.ndarray) -> np.ndarray:  # (H, W, 3) -> (H, W) bool
+    """The shape's saturated pixels: the background is near grey, every palette colour far from it."""
+    return img.max(-1) - img.min(-1) > 80
+
+
 def test_no_picture_is_in_two_splits_by_its_decoded_pixels(data):
     """The old renderer drew 1200 training files from ~425 distinct pictures: 41 of 50 "new" test images were
     pixel-identical to training images. Identity is the decoded RGB, never the file name."""
@@ -77,8 +82,8 @@ def test_answers_match_the_pixels(data):
     """The named colour is the nearest palette colour to the shape's pixels (tinted, anti-aliased)."""
     palette = np.array(list(synthetic.COLOURS.values()), dtype=float)
     for r in _rows(data, "test")[:200]:
-        pixels = np.asarray(Image.open(data / r["image"]).convert("RGB"), dtype=float).reshape(-1, 3)
-        saturated = pixels[pixels.max(1) - pixels.min(1) > 80]
+        pixels = np.asarray(Image.open(data / r["image"]).convert("RGB"), dtype=float)
+        saturated = pixels[_shape_pixels(pixels)]
         nearest = np.argmin(((saturated[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
         assert list(synthetic.COLOURS)[Counter(nearest.tolist()).most_common(1)[0][0]] == r["facts"]["colour"]
 
@@ -92,7 +97,7 @@ def test_a_position_word_covers_a_range_of_places_and_reads_plainly(data):
         if r["answer"] not in synthetic.POSITIONS:  # only a position question is answered with one of them
             continue
         img = np.asarray(Image.open(data / r["image"]).convert("RGB"), dtype=float)
-        ys, xs = np.nonzero(img.max(2) - img.min(2) > 80)  # the shape's saturated pixels
+        ys, xs = np.nonzero(_shape_pixels(img))
         h, w = img.shape[:2]
         centres.setdefault(r["answer"], []).append((xs.mean() / w - 0.5, ys.mean() / h - 0.5))
     assert set(centres) == set(synthetic.POSITIONS)
