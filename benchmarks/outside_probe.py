@@ -34,6 +34,7 @@ import os
 import platform
 import random
 import re
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -477,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    responses, device = answer_all(args.model, items, args.batch_size, args.device)
+    try:
+        responses, device = answer_all(args.model, items, args.batch_size, args.device)
+    except (OSError, ValueError) as e:  # not a model directory, a broken one, an unknown device
+        print(f"outside_probe.py: error: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t0
 
     rows = []
