@@ -30,19 +30,18 @@ import argparse
 import io
 import json
 import math
-import os
-import platform
 import random
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from common import cpu_info
 from PIL import Image, ImageDraw
 
-from minillava.eval.metrics import normalize_answer
+from minillava.eval.metrics import normalize_answer, wilson_interval
+from minillava.fileio import write_atomic
 
 # ---- the domain: the only thing taken from the demo is this list of concepts -------------------------------
 
@@ -378,27 +377,6 @@ def score(kind: str, expected: str, response: str) -> tuple[bool, bool]:
     return correct, correct and not others
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval for a binomial proportion (95 % with z = 1.96)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 # ---- running ----------------------------------------------------------------------------------------------
 
 
@@ -432,22 +410,6 @@ def answer_all(model_dir: str, items: list[Item], batch_size: int, device: str |
         samples = [gen.encode(item.question, [item.image]) for item in chunk]  # type: ignore[list-item]
         responses += gen.generate_batch(samples, cfg)
     return responses, str(model.device)
-
-
-def write_json(path: str, payload: object) -> None:
-    """Write atomically: a temporary file beside `path`, then a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -494,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
-    lo, hi = wilson(correct, n)
+    lo, hi = wilson_interval(correct, n)
     per_type = {}
     for kind in TYPES:
         mine = [r for r in rows if r["type"] == kind]
@@ -521,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_ci95_wilson": [round(lo, 4), round(hi, 4)],
         "strict_accuracy": round(sum(r["strict_correct"] for r in rows) / n, 4),
         "per_type": per_type,
-        "cpu": cpu_name(),
+        **cpu_info(),
         "device": device,
         "seconds": round(seconds, 1),
         "errors_shown": min(20, len(errors)),
@@ -529,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(summary, indent=1))
     if args.out:
-        write_json(args.out, {"summary": {k: v for k, v in summary.items() if k != "errors"}, "rows": rows})
+        brief = {k: v for k, v in summary.items() if k != "errors"}
+        write_atomic(args.out, json.dumps({"summary": brief, "rows": rows}, indent=1) + "\n")
     return 0
 
 
