@@ -220,17 +220,23 @@ def accepted_answers(answer: str, qtype: str) -> list[str]:
 
 def describes(prediction: str, facts: dict[str, str]) -> bool:
     """A free-form description is right when it names the scene's colour, shape (singular or plural) and size or
-    count (a number word or digit; "small" / "little" / "tiny", "large" / "big"), and no other colour or shape.
+    count (a number word or digit; "small" / "little" / "tiny", "large" / "big"), and no other colour or shape;
+    of a scene of several kinds ("objects": "red circle, blue star"), every colour and shape there and no other.
     Position and word order are free."""
     from minillava.demo.synthetic import COLOURS, SHAPES
     from minillava.eval.metrics import normalize_answer
 
     words = {w[:-1] if w[:-1] in SHAPES else w for w in normalize_answer(prediction).split()}
-    sizes = {"small": {"small", "little", "tiny"}, "large": {"large", "big"}}
-    wanted = [{facts["colour"]}, {facts["shape"]}]
-    if "size" in facts:
-        wanted.append(sizes[facts["size"]])
-    if "count" in facts:
-        wanted.append({normalize_answer(facts["count"])})
-    wrong = (set(COLOURS) - {facts["colour"]}) | (set(SHAPES) - {facts["shape"]})
+    if "objects" in facts:
+        shown = [word for pair in facts["objects"].split(", ") for word in pair.split()]
+        wanted = [{word} for word in shown]
+    else:
+        shown = [facts["colour"], facts["shape"]]
+        wanted = [{facts["colour"]}, {facts["shape"]}]
+        sizes = {"small": {"small", "little", "tiny"}, "large": {"large", "big"}}
+        if "size" in facts:
+            wanted.append(sizes[facts["size"]])
+        if "count" in facts:
+            wanted.append({normalize_answer(facts["count"])})
+    wrong = (set(COLOURS) | set(SHAPES)) - set(shown)
     return all(words & w for w in wanted) and not words & wrong

@@ -24,6 +24,7 @@ class Question:
     question: str
     answer: str  # the canonical answer, the one training teaches
     facts: dict[str, str] = field(default_factory=dict)  # what the image shows (colour, shape, size / count)
+    scene: str = ""  # the kind of scene asked about (synthetic.SCENE_DRAWERS): the report's per-scene rows
 
 
 def write_training(path: Path, questions: list[Question]) -> Path:
@@ -38,7 +39,8 @@ def write_training(path: Path, questions: list[Question]) -> Path:
 
 def write_evaluation(path: Path, questions: list[Question]) -> Path:
     rows = ({"question_id": q.qid, "image": q.image, "question": q.question, "answer": q.answer,
-             "answers": accepted_answers(q.answer, q.category), "category": q.category, "facts": q.facts}
+             "answers": accepted_answers(q.answer, q.category), "category": q.category, "facts": q.facts,
+             "scene": q.scene}
             for q in questions)  # fmt: skip
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -62,13 +62,15 @@ def heldout_grid(predictions: list[dict], data: Path, png: Path, per_split: int 
 
 
 def format_report(report: dict[str, Any], predictions: list[dict], n_examples: int = 4) -> str:
-    """The table printed at the end of the demo: accuracy per split and question type, then examples."""
+    """The table printed at the end of the demo: accuracy per split, question type and scene, then examples."""
     lines = ["", f"{'split':<13} {'type':<10} {'accuracy':>9} {'n':>6}  95 % interval"]
     for split, r in report["eval"].items():
         low, high = r["ci95"]
         lines.append(f"{split:<13} {'(all)':<10} {r['accuracy']:>9.1%} {r['n']:>6}  {low:.1%} - {high:.1%}")
         for qtype, acc in sorted(r["by_type"].items()):
             lines.append(f"{'':<13} {qtype:<10} {acc:>9.1%}")
+        for scene, acc in sorted(r.get("by_scene", {}).items()):  # one shape, one kind counted, several kinds
+            lines.append(f"{'':<13} {'(' + scene + ')':<10} {acc:>9.1%}")
     text = report["text_retention"]
     lines.append(f"text-only check (LLM knowledge, n {text['n']}): {text['before']:.1%} before tuning, "
                  f"{text['after']:.1%} after")

@@ -4,9 +4,11 @@ samples that keep it.
 `CHECK` holds fixed prompts with known answers that the built-in SmolLM2-135M-Instruct answers right (each candidate
 was asked once, greedy; the ones it missed were dropped, so it scores near 100 %: 32 of 33 within the check's 16 new
 tokens, where its answer about the sky has not reached "blue" yet; the check measures what tuning takes away). A
-response counts when it contains an accepted answer as whole words, after VQA normalisation. `REPLAY` holds other
-prompts, none of them in `CHECK`: the demo asks the base model them before training and trains on its own answers,
-text-only, beside the image questions.
+response counts when it contains an accepted answer as whole words, after VQA normalisation. `CHECK` is the test
+check, read only to report (`minillava demo`); `VALIDATION_CHECK`, other prompts chosen the same way, is what
+recipes are chosen on (`minillava demo --eval-on validation`). `REPLAY` holds other prompts again, in neither
+check: the demo asks the base model them before training and trains on its own answers, text-only, beside the
+image questions.
 """
 
 from __future__ import annotations
@@ -50,6 +52,54 @@ CHECK: list[tuple[str, tuple[str, ...]]] = [
     ("What is the longest river in Africa?", ("nile",)),
     ("What is the plural of mouse?", ("mice",)),
     ("What is the currency of Japan?", ("yen",)),
+]
+
+# asked of the base model once, greedy, like CHECK's candidates: these are the 44 of 84 that it answered right
+VALIDATION_CHECK: list[tuple[str, tuple[str, ...]]] = [
+    ("What is the capital of the Netherlands?", ("amsterdam",)),
+    ("What is the capital of Thailand?", ("bangkok",)),
+    ("What is the capital of Peru?", ("lima",)),
+    ("What is the capital of Switzerland?", ("bern",)),
+    ("What is the capital of Hungary?", ("budapest",)),
+    ("What is the capital of Vietnam?", ("hanoi",)),
+    ("What is the capital of the Philippines?", ("manila",)),
+    ("What is the capital of Chile?", ("santiago",)),
+    ("What is the capital of Colombia?", ("bogota",)),
+    ("What is the capital of the Czech Republic?", ("prague",)),
+    ("What is the capital of Iran?", ("tehran",)),
+    ("What is the capital of Iraq?", ("baghdad",)),
+    ("What is the capital of New Zealand?", ("wellington",)),
+    ("What is the chemical symbol for sodium?", ("na",)),
+    ("What is the chemical symbol for silver?", ("ag",)),
+    ("How many days are in a year?", ("365",)),
+    ("How many sides does a square have?", ("4",)),
+    ("What is 10 plus 10?", ("20",)),
+    ("What is the opposite of left?", ("right",)),
+    ("What is the opposite of happy?", ("sad",)),
+    ("What is the opposite of light?", ("dark", "heavy")),
+    ("What is the opposite of short?", ("tall", "long")),
+    ("What is the opposite of open?", ("closed", "close")),
+    ("What is the opposite of good?", ("bad", "evil")),
+    ("What is the opposite of full?", ("empty",)),
+    ("What is the opposite of strong?", ("weak",)),
+    ("What color is grass?", ("green",)),
+    ("Who wrote Pride and Prejudice?", ("austen",)),
+    ("Who wrote Macbeth?", ("shakespeare",)),
+    ("Who wrote the Harry Potter books?", ("rowling",)),
+    ("Who developed the theory of relativity?", ("einstein",)),
+    ("Who discovered the law of gravity?", ("newton",)),
+    ("Who invented the telephone?", ("bell",)),
+    ("What language is spoken in France?", ("french",)),
+    ("What language is spoken in Spain?", ("spanish",)),
+    ("What language is spoken in Italy?", ("italian",)),
+    ("What language is spoken in China?", ("chinese", "mandarin")),
+    ("In which country is the Eiffel Tower?", ("france",)),
+    ("In which city is the Colosseum?", ("rome",)),
+    ("What is the currency of the United States?", ("dollar",)),
+    ("What is the currency of most of Europe?", ("euro",)),
+    ("What is the currency of India?", ("rupee",)),
+    ("Which ocean lies between Europe and North America?", ("atlantic",)),
+    ("What planet do we live on?", ("earth",)),
 ]
 
 REPLAY: list[str] = [
@@ -111,9 +161,9 @@ def ask(model: Any, processor: Any, prompts: list[str], max_new_tokens: int, bat
         model.train(was_training)
 
 
-def score(model: Any, processor: Any) -> dict[str, Any]:
-    """The share of `CHECK` prompts answered right, and every response."""
-    responses = ask(model, processor, [p for p, _ in CHECK], max_new_tokens=16)  # the answer comes first
+def score(model: Any, processor: Any, check: list[tuple[str, tuple[str, ...]]] = CHECK) -> dict[str, Any]:
+    """The share of `check`'s prompts answered right, and every response."""
+    responses = ask(model, processor, [p for p, _ in check], max_new_tokens=16)  # the answer comes first
     rows = [{"prompt": p, "accepted": list(a), "response": r, "correct": correct(r, a)}
-            for (p, a), r in zip(CHECK, responses, strict=True)]  # fmt: skip
+            for (p, a), r in zip(check, responses, strict=True)]  # fmt: skip
     return {"accuracy": sum(r["correct"] for r in rows) / len(rows), "n": len(rows), "responses": rows}

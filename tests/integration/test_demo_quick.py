@@ -14,7 +14,7 @@ def test_demo_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "sample conversations" in printed
     report = json.loads((out / "report.json").read_text())
-    assert set(report["eval"]) >= {"test", "phrasing", "combo", "shift"}
+    assert set(report["eval"]) >= {"test", "phrasing", "combo", "shift", "mixed"}
     for split in report["eval"].values():
         low, high = split["ci95"]
         assert 0.0 <= low <= split["accuracy"] <= high <= 1.0 and split["n"] > 0 and split["by_type"]
