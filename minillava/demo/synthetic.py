@@ -404,12 +404,14 @@ def pixel_hash(img: Image.Image) -> str:
 
 
 def generate(
-    out: Path, sizes: dict[str, int], seed: int = 0, train_count_share: float = COUNT_SHARE
+    out: Path, sizes: dict[str, int], seed: int = 0, train_count_share: float = COUNT_SHARE,
+    train_mixed_share: float = 0.0,
 ) -> dict[str, Path]:
     """Write the splits named in `sizes` (train: images; evaluation splits: at least that many questions):
     images, `train.json` (LLaVA format), `<split>.jsonl` (eval format, with each scene's facts), and
     `scenes.jsonl` (every image's split and configuration, for the disjointness checks). `train_count_share` of
-    the training scenes are counting scenes (a recipe choice); every evaluation split keeps `COUNT_SHARE`."""
+    the training scenes are counting scenes and `train_mixed_share` mixed ones (recipe choices); every evaluation split
+    keeps `COUNT_SHARE`."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     seen: set[str] = set()
@@ -422,8 +424,12 @@ def generate(
         rows: list[Question] = []
         i = 0
         share = train_count_share if split == "train" else COUNT_SHARE
+        mixed_share = train_mixed_share if split == "train" else 0.0
         while (i < target) if split == "train" else (len(rows) < target):
-            kind = "mixed" if spec.mixed else "count" if rng.random() < share else "single"
+            if spec.mixed or (mixed_share and rng.random() < mixed_share):  # no draw at 0: the splits stay as they were
+                kind = "mixed"
+            else:
+                kind = "count" if rng.random() < share else "single"
             scene = SCENE_DRAWERS[kind](rng, spec)
             img = render(rng, scene, spec.style)
             key = pixel_hash(img)
