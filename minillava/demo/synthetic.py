@@ -218,7 +218,12 @@ def render(rng: random.Random, scene: Scene, style: Style) -> Image.Image:
 
 
 def _tinted(rng: random.Random, colour: str, style: Style) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c + rng.randint(-style.tint, style.tint), 0, 255)) for c in COLOURS[colour])
+    """`colour` shifted by up to `style.tint` a channel, drawn again while it is nearer another palette colour
+    (a yellow tinted to (255, 178, 24) is orange's)."""
+    while True:
+        rgb = tuple(int(np.clip(c + rng.randint(-style.tint, style.tint), 0, 255)) for c in COLOURS[colour])
+        if min(COLOURS, key=lambda name: math.dist(rgb, COLOURS[name])) == colour:
+            return rgb
 
 
 def _pairs(spec: SplitSpec) -> list[tuple[str, str]]:
