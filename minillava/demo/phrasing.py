@@ -264,9 +264,9 @@ def accepted_answers(answer: str, qtype: str) -> list[str]:
 
 def describes(prediction: str, facts: dict[str, str]) -> bool:
     """A free-form description is right when it names the scene's colour, shape (singular or plural) and size or
-    count (a number word or digit; "small" / "little" / "tiny", "large" / "big"), and no other colour or shape;
-    of a scene of several kinds ("objects": "red circle, blue star"), every colour and shape there and no other.
-    Position and word order are free."""
+    count (a number word or digit, or for one shape an opening article; "small" / "little" / "tiny", "large" /
+    "big"), and no other colour or shape; of a scene of several kinds ("objects": "red circle, blue star"), every
+    colour and shape there and no other. Position and word order are free."""
     from minillava.demo.synthetic import COLOURS, SHAPES
     from minillava.eval.metrics import normalize_answer
 
@@ -280,7 +280,8 @@ def describes(prediction: str, facts: dict[str, str]) -> bool:
         sizes = {"small": {"small", "little", "tiny"}, "large": {"large", "big"}}
         if "size" in facts:
             wanted.append(sizes[facts["size"]])
-        if "count" in facts:
+        # "a small red circle" says one as "one small red circle" does (the VQA rules drop the article)
+        if "count" in facts and not (facts["count"] == "one" and re.match(r"(an?|one)\b", prediction.strip(), re.I)):
             wanted.append({normalize_answer(facts["count"])})
     wrong = (set(COLOURS) | set(SHAPES)) - set(shown)
     return all(words & w for w in wanted) and not words & wrong

@@ -258,6 +258,10 @@ def test_accepted_answers_and_descriptions():
     assert not phrasing.describes("A large red circle.", facts) and not phrasing.describes("A red star.", facts)
     assert not phrasing.describes("A large red star and a blue star.", facts)
     assert phrasing.describes("3 small green stars", {"colour": "green", "shape": "star", "count": "three"})
+    one = {"colour": "green", "shape": "star", "count": "one"}
+    assert phrasing.describes("A small green star on the left.", one) and phrasing.describes("One green star.", one)
+    assert not phrasing.describes("Small green stars.", one)
+    assert not phrasing.describes("A small green star.", {**one, "count": "two"})
     facts = {"objects": "red circle, blue star", "count": "two"}
     assert phrasing.describes("A blue star and a red circle.", facts)
     assert not phrasing.describes("A red circle.", facts) and not phrasing.describes("A red star, a blue star.", facts)
