@@ -8,6 +8,13 @@ vary at random. Families are split three ways, by name:
 - validation families: asked only by the validation split that recipes are chosen on;
 - held-out families: asked only by the `phrasing` test split, never seen while training or choosing a recipe.
 
+Around a family's words, a question may also be called by another name for the picture (image / picture / photo /
+drawing), come as a bare fragment ("Shape?", "How many circles?": each type has a `short` family), or be wrapped
+in an instruction before it ("Question: ...") or after it, saying how to answer ("... Answer in one word.").
+Those wrappers are split three ways like the families, so a held-out question is new in its wrapper too. Trained
+only on full questions, the model answered questions by other people in those forms with a word copied from the
+question ("Give the position of the object in one word." -> "one"; benchmarks/outside_probe.py).
+
 The answers never vary in training (one canonical word or sentence per fact: the warm start's caption spells
 them); evaluation accepts the other forms a person would give (`accepted_answers`).
 """
@@ -22,6 +29,7 @@ COLOUR_WORDS = ("colour", "color")
 NOUNS = ("shape", "object", "thing", "item", "figure")  # what a single object may be called besides its shape
 PLURAL_NOUNS = ("shapes", "objects", "things", "items", "figures")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+IMAGE_WORDS = ("image", "picture", "photo", "drawing")  # what a template's "image" or "picture" may be called
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ FAMILIES: list[Family] = [
         drawn_is=("The object in the image is which shape?", "The figure shown has what shape?"),
         shape_of=("What is the shape of the {noun}?", "What's the shape of the {noun} in the image?",
                   "Give the shape of the {noun}."),
+        short=("Shape?", "Which shape?", "The shape?"),
     ),  # fmt: skip
     *_families(
         "colour",
@@ -60,6 +69,7 @@ FAMILIES: list[Family] = [
         obj_is_what=("The {obj} is what {colour_word}?", "The {obj} has which {colour_word}?"),
         painted=("In what {colour_word} is the {obj} drawn?", "What {colour_word} has the {obj} been painted?",
                  "What {colour_word} was used for the {obj}?"),
+        short=("{obj} {colour_word}?", "{colour_word}?", "Which {colour_word}?"),
     ),  # fmt: skip
     *_families(
         "size",
@@ -69,6 +79,7 @@ FAMILIES: list[Family] = [
         tell_size=("Tell me whether the {obj} is small or large.", "Say if the {obj} is large or small."),
         would_you=("Would you call the {obj} small or large?", "Would you say the {obj} is small or large?"),
         size_of=("Give the size of the {obj}: small or large.", "Size of the {obj}, small or large?"),
+        short=("{obj} size?", "Small or large?", "Big or small?"),
     ),  # fmt: skip
     *_families(
         "position",
@@ -79,6 +90,7 @@ FAMILIES: list[Family] = [
         tell_where=("Tell me where the {obj} is.", "Say where the {obj} is placed."),
         position_of=("What is the position of the {obj}?", "What's the position of the {obj} in the image?"),
         located=("The {obj} is located where?", "The {obj} sits in which part of the image?"),
+        short=("Where's the {obj}?", "{obj}: where?", "Position?"),
     ),  # fmt: skip
     *_families(
         "count",
@@ -88,6 +100,7 @@ FAMILIES: list[Family] = [
         tell_count=("Tell me how many {objs} there are.", "Say how many {objs} you see."),
         how_many_shown=("How many {objs} does the image show?", "How many {objs} are drawn?"),
         count_of=("Give the count of {objs}.", "What's the count of {objs} in the picture?"),
+        short=("How many {objs}?", "{objs}, how many?", "Count?"),
     ),  # fmt: skip
     *_families(
         "yes/no",
@@ -97,6 +110,7 @@ FAMILIES: list[Family] = [
         is_present=("Is {a} {thing} present?", "Is {a} {thing} visible in the image?"),
         answer_yes_no=("Answer yes or no: is there {a} {thing}?", "Yes or no: does the image have {a} {thing}?"),
         any=("Is any {thing} in the picture?", "Are there any {thing}s in the image?"),
+        short=("{a} {thing} here?", "See {a} {thing}?"),
     ),  # fmt: skip
     *_families(
         "describe",
@@ -107,6 +121,7 @@ FAMILIES: list[Family] = [
                     "In one sentence, what does the picture show?"),
         summarise=("Summarize the image in a sentence.", "Summarise the picture in one sentence."),
         tell_about=("Tell me about this image in one sentence.", "Say in a sentence what is drawn."),
+        short=("Caption?", "Description, please."),
     ),  # fmt: skip
     *_families(
         "fashion",
@@ -116,6 +131,7 @@ FAMILIES: list[Family] = [
         which_item=("Which clothing item is shown?", "Which fashion item is in the image?"),
         type_of=("What type of fashion item is this?", "What type of apparel is shown?"),
         identify=("Identify the clothing item.", "Tell me what item of clothing this is."),
+        short=("Item?", "Which garment?"),
     ),  # fmt: skip
 ]
 # One family per type for validation, one for the `phrasing` test split; the other four train.
@@ -126,6 +142,17 @@ HELD_OUT_FAMILIES = {"shape": "shape_of", "colour": "painted", "size": "size_of"
                      "count": "count_of", "yes/no": "answer_yes_no", "describe": "tell_about",
                      "fashion": "identify"}  # fmt: skip
 PHRASINGS = ("train", "validation", "held_out")
+# Instructions around a question, split like the families: (before it, after it by answer kind)
+PREFIXES = {"train": ("Look at the image.", "Question:", "Please answer:"), "validation": ("Quick question:",),
+            "held_out": ("Here is a picture.",)}  # fmt: skip
+SUFFIXES = {
+    "word": {"train": ("Answer in one word.", "One word.", "Reply with a single word."),
+             "validation": ("Use a single word.",), "held_out": ("Give a one-word answer.",)},
+    "number": {"train": ("Answer with a number.", "Reply with a number."), "validation": ("Give a number.",),
+               "held_out": ("Respond with a number.",)},
+}  # fmt: skip
+ANSWER_KINDS = {"count": "number", "describe": None}  # every other type answers in one word
+WRAPPED = 0.3  # of the questions, those with an instruction before or after them
 
 
 def families(qtype: str, phrasing: str) -> list[Family]:
@@ -157,10 +184,25 @@ def surface(rng: random.Random, text: str) -> str:
 
 
 def ask(rng: random.Random, qtype: str, phrasing: str, **slots: str) -> str:
-    """One question of `qtype` in a random family of the phrasing set, slots filled, surface varied."""
+    """One question of `qtype` in a random family of the phrasing set, slots filled, the picture named, maybe
+    wrapped in an instruction, surface varied."""
     template = rng.choice(rng.choice(families(qtype, phrasing)).templates)
     values = {"colour_word": rng.choice(COLOUR_WORDS), "noun": rng.choice(NOUNS), **slots}
-    return surface(rng, template.format(**values))
+    text = template.format(**values)
+    text = text[0].upper() + text[1:]  # a template may open with a slot: "{obj} size?"
+    text = re.sub(r"\b(image|picture)\b", lambda _: rng.choice(IMAGE_WORDS), text)
+    return surface(rng, wrap(rng, text, qtype, phrasing))
+
+
+def wrap(rng: random.Random, question: str, qtype: str, phrasing: str) -> str:
+    """The question, or (`WRAPPED` of the time) an instruction before it, or one after it on how to answer."""
+    kind = ANSWER_KINDS.get(qtype, "word")
+    if rng.random() >= WRAPPED:
+        return question
+    if kind is None or rng.random() < 0.5:
+        prefix = rng.choice(PREFIXES[phrasing])
+        return f"{prefix} {question if prefix.endswith('.') else question[0].lower() + question[1:]}"
+    return f"{question} {rng.choice(SUFFIXES[kind][phrasing])}"
 
 
 _SINGULAR_VERBS = re.compile(r"\b(is|does|has|IS|DOES|HAS|Is|Does|Has)\b")
@@ -180,13 +222,15 @@ def plural_verbs(question: str) -> str:
 
 def skeleton(question: str) -> str:
     """A question with its content words masked and its surface normalised: what a phrasing *is*. Two questions
-    share a skeleton when they differ only in colour, shape, synonym, case or final punctuation."""
+    share a skeleton when they differ only in colour, shape, synonym (the picture's name too), case or final
+    punctuation."""
     from minillava.demo.synthetic import COLOURS, SHAPES
 
     words = question.lower().replace("?", " ").replace(".", " ").replace(",", " ").replace(":", " ").split()
     content = {**dict.fromkeys(COLOURS, "<c>"), **{s: "<s>" for s in SHAPES}, **{s + "s": "<s>" for s in SHAPES},
                **dict.fromkeys(NOUNS + PLURAL_NOUNS, "<s>"), **dict.fromkeys(COLOUR_WORDS, "<colour>"),
-               "centre": "center", "an": "a", "summarise": "summarize"}  # fmt: skip
+               **dict.fromkeys(IMAGE_WORDS, "<image>"), "centre": "center", "an": "a",
+               "summarise": "summarize"}  # fmt: skip
     return " ".join(content.get(w, w) for w in words)
 
 
@@ -220,9 +264,9 @@ def accepted_answers(answer: str, qtype: str) -> list[str]:
 
 def describes(prediction: str, facts: dict[str, str]) -> bool:
     """A free-form description is right when it names the scene's colour, shape (singular or plural) and size or
-    count (a number word or digit; "small" / "little" / "tiny", "large" / "big"), and no other colour or shape;
-    of a scene of several kinds ("objects": "red circle, blue star"), every colour and shape there and no other.
-    Position and word order are free."""
+    count (a number word or digit, or for one shape an opening article; "small" / "little" / "tiny", "large" /
+    "big"), and no other colour or shape; of a scene of several kinds ("objects": "red circle, blue star"), every
+    colour and shape there and no other. Position and word order are free."""
     from minillava.demo.synthetic import COLOURS, SHAPES
     from minillava.eval.metrics import normalize_answer
 
@@ -236,7 +280,8 @@ def describes(prediction: str, facts: dict[str, str]) -> bool:
         sizes = {"small": {"small", "little", "tiny"}, "large": {"large", "big"}}
         if "size" in facts:
             wanted.append(sizes[facts["size"]])
-        if "count" in facts:
+        # "a small red circle" says one as "one small red circle" does (the VQA rules drop the article)
+        if "count" in facts and not (facts["count"] == "one" and re.match(r"(an?|one)\b", prediction.strip(), re.I)):
             wanted.append({normalize_answer(facts["count"])})
     wrong = (set(COLOURS) | set(SHAPES)) - set(shown)
     return all(words & w for w in wanted) and not words & wrong

@@ -66,6 +66,7 @@ class DemoConfig:
     # questions in each evaluation split: 500 put about +-2 points (95 %) on a score near 95 %
     n_eval: int = 500
     count_share: float = synthetic.COUNT_SHARE  # of the training scenes, counting scenes (evaluation keeps 0.25)
+    mixed_share: float = 0.0  # of the training scenes, scenes of two or three different kinds
     n_fashion_train: int = 6400
     n_fashion_eval: int = 500
     eval_on: str = "test"  # or "validation": the splits recipes are chosen on
@@ -151,7 +152,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     data = out / "data"
     sizes = {"train": cfg.n_train} | dict.fromkeys(cfg.eval_splits, cfg.n_eval)
-    files = synthetic.generate(data, sizes, cfg.seed, cfg.count_share)
+    files = synthetic.generate(data, sizes, cfg.seed, cfg.count_share, cfg.mixed_share)
     with_fashion = cfg.fashion and fashion.available()
     if with_fashion:
         sizes = {"fashion_train": cfg.n_fashion_train, cfg.fashion_eval_split: cfg.n_fashion_eval}

@@ -218,7 +218,12 @@ def render(rng: random.Random, scene: Scene, style: Style) -> Image.Image:
 
 
 def _tinted(rng: random.Random, colour: str, style: Style) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c + rng.randint(-style.tint, style.tint), 0, 255)) for c in COLOURS[colour])
+    """`colour` shifted by up to `style.tint` a channel, drawn again while it is nearer another palette colour
+    (a yellow tinted to (255, 178, 24) is orange's)."""
+    while True:
+        rgb = tuple(int(np.clip(c + rng.randint(-style.tint, style.tint), 0, 255)) for c in COLOURS[colour])
+        if min(COLOURS, key=lambda name: math.dist(rgb, COLOURS[name])) == colour:
+            return rgb
 
 
 def _pairs(spec: SplitSpec) -> list[tuple[str, str]]:
@@ -404,12 +409,14 @@ def pixel_hash(img: Image.Image) -> str:
 
 
 def generate(
-    out: Path, sizes: dict[str, int], seed: int = 0, train_count_share: float = COUNT_SHARE
+    out: Path, sizes: dict[str, int], seed: int = 0, train_count_share: float = COUNT_SHARE,
+    train_mixed_share: float = 0.0,
 ) -> dict[str, Path]:
     """Write the splits named in `sizes` (train: images; evaluation splits: at least that many questions):
     images, `train.json` (LLaVA format), `<split>.jsonl` (eval format, with each scene's facts), and
     `scenes.jsonl` (every image's split and configuration, for the disjointness checks). `train_count_share` of
-    the training scenes are counting scenes (a recipe choice); every evaluation split keeps `COUNT_SHARE`."""
+    the training scenes are counting scenes and `train_mixed_share` mixed ones (recipe choices); every evaluation split
+    keeps `COUNT_SHARE`."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     seen: set[str] = set()
@@ -422,8 +429,12 @@ def generate(
         rows: list[Question] = []
         i = 0
         share = train_count_share if split == "train" else COUNT_SHARE
+        mixed_share = train_mixed_share if split == "train" else 0.0
         while (i < target) if split == "train" else (len(rows) < target):
-            kind = "mixed" if spec.mixed else "count" if rng.random() < share else "single"
+            if spec.mixed or (mixed_share and rng.random() < mixed_share):  # no draw at 0: the splits stay as they were
+                kind = "mixed"
+            else:
+                kind = "count" if rng.random() < share else "single"
             scene = SCENE_DRAWERS[kind](rng, spec)
             img = render(rng, scene, spec.style)
             key = pixel_hash(img)

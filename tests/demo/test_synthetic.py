@@ -66,12 +66,35 @@ def test_held_out_phrasings_are_never_trained_or_validated_on(data):
     assert len(train) > 60 and len(held_out) > 10 and len(validation) > 10
     assert not train & held_out and not train & validation and not held_out & validation
     # the other splits isolate one novelty each: their questions are trained phrasings (all that training asks of
-    # the scenes it draws, drawn without pictures: the fixture's few hundred images miss a rare one by chance)
+    # the scenes it draws, drawn without pictures: the fixture's few hundred images miss a rare one by chance); a
+    # question and the
+    # instruction wrapped around it are checked apart, as their combinations are too many to draw them all
     rng, spec = random.Random(0), synthetic.SPLITS["train"]
     scenes = [synthetic.SCENE_DRAWERS[kind](rng, spec) for _ in range(3000) for kind in ("single", "count")]
-    trained = {phrasing.skeleton(q) for scene in scenes for _, q, _ in synthetic.questions(rng, scene, spec, True)}
-    seen = {phrasing.skeleton(r["question"]) for split in ("test", "combo", "shift") for r in _rows(data, split)}
-    assert train <= trained and seen <= trained
+    trained = {_unwrapped(q) for scene in scenes for _, q, _ in synthetic.questions(rng, scene, spec, True)}
+    seen = {_unwrapped(r["question"]) for split in ("train", "test", "combo", "shift") for r in _rows(data, split)}
+    assert {b for b, _ in seen} <= {b for b, _ in trained} and {w for _, w in seen} <= {w for _, w in trained}
+
+
+def _unwrapped(question: str) -> tuple[str, str]:
+    """(the question's skeleton without its instruction, the instruction's skeleton or "")."""
+    skeleton = phrasing.skeleton(question)
+    wrappers = [*phrasing.PREFIXES.values(), *(w for kind in phrasing.SUFFIXES.values() for w in kind.values())]
+    for w in sorted({phrasing.skeleton(x) for group in wrappers for x in group}, key=len, reverse=True):
+        if skeleton.startswith(w + " "):
+            return skeleton.removeprefix(w + " "), w
+        if skeleton.endswith(" " + w):
+            return skeleton.removesuffix(" " + w), w
+    return skeleton, ""
+
+
+def test_held_out_phrasings_are_new_in_their_instructions_too(data):
+    """A held-out question's instruction (before or after it) is never one that training or validation use."""
+    wrappers = {split: {w for _, w in map(_unwrapped, (r["question"] for r in _rows(data, split)))} - {""}
+                for split in ("train", "val_phrasing", "phrasing")}  # fmt: skip
+    assert all(wrappers.values())
+    assert not wrappers["train"] & wrappers["phrasing"] and not wrappers["train"] & wrappers["val_phrasing"]
+    assert not wrappers["phrasing"] & wrappers["val_phrasing"]
 
 
 def test_questions_vary_in_words_case_and_punctuation(data):
@@ -235,6 +258,10 @@ def test_accepted_answers_and_descriptions():
     assert not phrasing.describes("A large red circle.", facts) and not phrasing.describes("A red star.", facts)
     assert not phrasing.describes("A large red star and a blue star.", facts)
     assert phrasing.describes("3 small green stars", {"colour": "green", "shape": "star", "count": "three"})
+    one = {"colour": "green", "shape": "star", "count": "one"}
+    assert phrasing.describes("A small green star on the left.", one) and phrasing.describes("One green star.", one)
+    assert not phrasing.describes("Small green stars.", one)
+    assert not phrasing.describes("A small green star.", {**one, "count": "two"})
     facts = {"objects": "red circle, blue star", "count": "two"}
     assert phrasing.describes("A blue star and a red circle.", facts)
     assert not phrasing.describes("A red circle.", facts) and not phrasing.describes("A red star, a blue star.", facts)
