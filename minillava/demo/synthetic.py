@@ -94,8 +94,8 @@ class SplitSpec:
     style: Style
     phrasing: str  # phrasing.PHRASINGS
     # only scenes of two or three different kinds, which training never draws: a novelty of its own. Trained on
-    # (15-20 % of the scenes, validation seed 0), they cost more on the other scenes than they gained on these
-    # (docs/training.md, session 27)
+    # (15-20 % of the scenes, `DemoConfig.mixed_share`), they cost more on the other scenes than they gained on
+    # these (docs/training.md, sessions 27 and 28)
     mixed: bool = False
 
 

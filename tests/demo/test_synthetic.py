@@ -175,6 +175,14 @@ def test_deterministic_per_seed(tmp_path):
     assert d["train"].read_text() == a["train"].read_text() and d["test"].read_text() == a["test"].read_text()
 
 
+def test_training_may_draw_scenes_of_several_kinds(tmp_path):
+    """`train_mixed_share` (DemoConfig.mixed_share, a recipe knob) puts mixed scenes in training only."""
+    synthetic.generate(tmp_path, {"train": 40, "test": 20}, seed=3, train_mixed_share=0.5)
+    scenes = [json.loads(line) for line in (tmp_path / "scenes.jsonl").read_text().splitlines()]
+    kinds = Counter((s["split"], s["configuration"][0] == "mixed") for s in scenes)
+    assert kinds["train", True] >= 10 and kinds["train", False] >= 10 and not kinds["test", True]
+
+
 def test_each_training_sample_is_one_question_about_one_image(data):
     samples = json.loads((data / "train.json").read_text())
     assert all(len(s["conversations"]) == 2 and s["conversations"][0]["value"].startswith("<image>\n") for s in samples)
