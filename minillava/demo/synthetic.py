@@ -136,7 +136,7 @@ class Scene:
     @property
     def configuration(self) -> tuple:
         """What the scene shows, without how it was drawn: the unit that "unseen" splits keep disjoint. Its
-        colour-shape pairs are `pairs(configuration)`."""
+        colour-shape pairs are `shown_pairs(configuration)`."""
         s = self.shapes[0]
         if self.kind == "count":
             return ("count", s.colour, s.shape, len(self.shapes))
@@ -154,8 +154,8 @@ class Scene:
         return facts | ({"count": NUMBERS[n]} if self.kind == "count" else {"size": s.size})
 
 
-def pairs(configuration: tuple | list) -> set[tuple[str, str]]:
-    """The colour-shape pairs a scene's configuration shows."""
+def shown_pairs(configuration: tuple | list) -> set[tuple[str, str]]:
+    """The colour-shape pairs a scene's configuration shows (`_pairs` gives those a split may draw)."""
     words = configuration[1:3] if configuration[0] in ("single", "count") else configuration[1:]
     return {(words[i], words[i + 1]) for i in range(0, len(words), 2)}
 
@@ -317,7 +317,7 @@ def yes_no(rng: random.Random, scene: Scene, spec: SplitSpec, answer: str) -> st
     """A question whether the scene shows a colour, a shape or a colour-shape pair, whose true answer is
     `answer`. A "no" about a pair names a colour or a shape that is there, never both: "a red star" beside a red
     circle and a blue star asks whether the model binds a colour to its shape, which training never asks."""
-    shown = pairs(scene.configuration)
+    shown = shown_pairs(scene.configuration)
     colours, shapes = {c for c, _ in shown}, {x for _, x in shown}
     kind = rng.choice(("pair", "pair", "colour", "shape"))
     if kind == "colour":
@@ -333,8 +333,8 @@ def yes_no(rng: random.Random, scene: Scene, spec: SplitSpec, answer: str) -> st
 
 
 def _pick(rng: random.Random, options: list):
-    """`rng.choice`, but a lone option draws nothing: the scenes of one kind draw what they drew before the
-    mixed scenes came, so their splits (and the figures read on them) stay the same questions."""
+    """`rng.choice`, but a lone option draws nothing. Added with the mixed scenes so that the scenes of one kind
+    drew what they drew before (session 27); every figure since is read with it, so dropping it would redraw them."""
     return options[0] if len(options) == 1 else rng.choice(options)
 
 

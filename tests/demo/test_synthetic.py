@@ -50,7 +50,7 @@ def test_no_picture_is_in_two_splits_by_its_decoded_pixels(data):
 def test_unseen_pairs_never_occur_or_are_named_in_training(data):
     by_split: dict[str, set] = {}
     for scene in _scenes(data):
-        by_split.setdefault(scene["split"], set()).update(synthetic.pairs(scene["configuration"]))
+        by_split.setdefault(scene["split"], set()).update(synthetic.shown_pairs(scene["configuration"]))
     assert not by_split["train"] & synthetic.HELD_OUT_COMBOS
     for split in ("combo", "val_combo"):
         assert by_split[split] and by_split[split] <= synthetic.HELD_OUT_COMBOS
@@ -76,11 +76,15 @@ def test_held_out_phrasings_are_never_trained_or_validated_on(data):
     assert {b for b, _ in seen} <= {b for b, _ in trained} and {w for _, w in seen} <= {w for _, w in trained}
 
 
+_WRAPPERS = [*phrasing.PREFIXES.values(), *(w for kind in phrasing.SUFFIXES.values() for w in kind.values())]
+# longest first: an instruction's skeleton may end like a shorter one's
+_WRAPPER_SKELETONS = sorted({phrasing.skeleton(x) for group in _WRAPPERS for x in group}, key=len, reverse=True)
+
+
 def _unwrapped(question: str) -> tuple[str, str]:
     """(the question's skeleton without its instruction, the instruction's skeleton or "")."""
     skeleton = phrasing.skeleton(question)
-    wrappers = [*phrasing.PREFIXES.values(), *(w for kind in phrasing.SUFFIXES.values() for w in kind.values())]
-    for w in sorted({phrasing.skeleton(x) for group in wrappers for x in group}, key=len, reverse=True):
+    for w in _WRAPPER_SKELETONS:
         if skeleton.startswith(w + " "):
             return skeleton.removeprefix(w + " "), w
         if skeleton.endswith(" " + w):
@@ -214,7 +218,7 @@ def test_every_training_scene_answers_in_the_same_slot_order(data):
 def test_yes_no_answers_agree_with_the_scene(data):
     """Every yes/no question's answer follows from the scene's colour-shape pairs; a "no" about a pair names a
     colour or a shape that is there (not one the picture lacks altogether), never both (see `synthetic.yes_no`)."""
-    shown = {s["image"]: synthetic.pairs(s["configuration"]) for s in _scenes(data)}
+    shown = {s["image"]: synthetic.shown_pairs(s["configuration"]) for s in _scenes(data)}
     kinds = {s["image"]: s["configuration"][0] for s in _scenes(data)}
     near = 0
     for split in ("train", "test", "combo", "phrasing", "mixed"):
