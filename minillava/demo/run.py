@@ -81,6 +81,7 @@ class DemoConfig:
     # val_phrasing / val_combo / val_shift / fashion_val read 89.2 / 89.2 / 85.7 / 74.4 / 91.2 % against
     # 89.0 / 88.0 / 85.7 / 74.4 / 90.8 %
     distill_text: bool = True
+    distill_weight: float = 1.0
     # instruct on image tokens with noise of half their RMS (TrainConfig.image_token_noise): on the shifted renderer
     # the model answered "where is the shape?" with "two" (the LLM copied a word its image tokens spelt). Over
     # validation seeds 0-2, 0.5 against none read val / val_phrasing / val_combo / val_shift / fashion_val 92.6 /
@@ -269,6 +270,7 @@ def train_stage(cfg: DemoConfig, out: Path, model: Path, data: list[Path], stage
         projector_lr=lr if stage == "align" else (1e-4 if fresh_projector else 3e-4),
         lora_r=16, lora_alpha=32, lora_dropout=0.0, lora_layers=cfg.lora_layers if lora else None,
         freeze_projector=cfg.freeze_projector and stage == "instruct", distill_text=cfg.distill_text and lora,
+        distill_weight=cfg.distill_weight,
         image_token_noise=cfg.image_token_noise if stage == "instruct" else 0.0,
         feature_cache=cache, seed=cfg.seed, num_workers=0,
         warmup_ratio=warmup, frozen_bf16=True, save_every=None, keep_last=1,
