@@ -52,6 +52,7 @@ class SoftTargets:
 
     rows: torch.Tensor  # (B,) bool
     logprobs: torch.Tensor  # (n, V) the teacher's log-probabilities at those rows' supervised positions, in order
+    weight: float = 1.0  # one position's KL counts as this many label tokens' cross-entropy
 
 
 @dataclass
@@ -413,7 +414,7 @@ class MiniLlava(nn.Module):
         per_token = F.cross_entropy(logits, targets[keep], reduction="none")
         student = F.log_softmax(logits[soft], dim=-1)
         kl = F.kl_div(student, soft_targets.logprobs.float(), log_target=True, reduction="none").sum(-1)
-        return per_token.masked_scatter(soft, kl).mean(), n
+        return per_token.masked_scatter(soft, kl * soft_targets.weight).mean(), n
 
     # ---- reporting ------------------------------------------------------------------------------
     def named_parts(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

@@ -72,8 +72,8 @@ def format_report(report: dict[str, Any], predictions: list[dict], n_examples: i
         for scene, acc in sorted(r.get("by_scene", {}).items()):  # one shape, one kind counted, several kinds
             lines.append(f"{'':<13} {'(' + scene + ')':<10} {acc:>9.1%}")
     text = report["text_retention"]
-    lines.append(f"text-only check (LLM knowledge, n {text['n']}): {text['before']:.1%} before tuning, "
-                 f"{text['after']:.1%} after")
+    lines.append(f"text-only check (LLM knowledge, n {text['n']}, {text['dtype']}): {text['before']:.1%} before "
+                 f"tuning, {text['after']:.1%} after")
     lines += ["", "sample conversations (held-out images):"]
     for p in predictions[:: max(1, len(predictions) // n_examples)][:n_examples]:
         lines.append(f"  [{p['split']}] {p['image']}")

@@ -60,6 +60,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lora-layers", type=int, help="LoRA on the last N decoder layers only (default: all)")
     _bool_flag(g, "distill-text", "text-only samples learn the base LLM's distribution (KL with the adapters off), "
                "not their answer tokens: keeps what the LLM knew (LoRA/QLoRA)")
+    g.add_argument("--distill-weight", type=float, help="with --distill-text: a text position's KL counts this many "
+                   "answer tokens' cross-entropy (default 1)")
     g.add_argument("--image-token-noise", type=float, help="train on image tokens with Gaussian noise, std this "
                    "fraction of each token's RMS (default 0): the answer's kind must come from the question")
     _bool_flag(g, "freeze-projector", "instruct with the projector frozen (with --lora-layers, backward stops at "

@@ -63,6 +63,9 @@ class TrainConfig:
     # text-only samples learn the base LLM's next-token distribution (KL, adapters switched off) instead of their
     # answer tokens: keeps what the LLM knew (train/distill.py); LoRA/QLoRA only
     distill_text: bool = False
+    # a distilled position's KL counts this many answer tokens' cross-entropy: text-only batches (the sampler groups
+    # by modality) have small KL gradients beside the image batches', so the pull back to the base is weak at 1
+    distill_weight: float = 1.0
     # Gaussian noise on each image token while training, its std this fraction of the token's RMS: the LLM learns
     # to take the answer's kind from the question when the image tokens are imprecise (pictures unlike training's)
     image_token_noise: float = 0.0

@@ -45,9 +45,9 @@ def adapters_off(llm: nn.Module) -> Iterator[None]:
 
 
 def text_teacher(model: MiniLlava, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor) -> SoftTargets | None:  # fmt: skip
-    """The base LLM's log-probabilities at the supervised positions of the rows without an image; None when
-    every row has one (or no text row has a supervised token)."""
+                 labels: torch.Tensor, weight: float = 1.0) -> SoftTargets | None:  # fmt: skip
+    """The base LLM's log-probabilities at the supervised positions of the rows without an image, their KL
+    weighted by `weight`; None when every row has one (or no text row has a supervised token)."""
     rows = ~(input_ids == model.config.image_token_id).any(dim=1)  # (B,)
     keep = labels[rows][:, 1:] != IGNORE_INDEX  # (R, T-1)
     if not bool(keep.any()):
@@ -57,4 +57,4 @@ def text_teacher(model: MiniLlava, input_ids: torch.Tensor, attention_mask: torc
         # the vocabulary projection at the supervised positions only, as the student's loss does: a text row's
         # logits at every position were (R, T, 49k) floats, ~40 % of a step that had text rows
         logits = model.lm_head(hidden[:, :-1][keep])  # (n, V)
-    return SoftTargets(rows, F.log_softmax(logits.float(), dim=-1))  # (n, V)
+    return SoftTargets(rows, F.log_softmax(logits.float(), dim=-1), weight)  # (n, V)

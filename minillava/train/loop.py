@@ -215,11 +215,12 @@ class TrainStep(nn.Module):
     """
 
     def __init__(self, model: MiniLlava, tune_vision: bool, distill_text: bool = False,
-                 image_token_noise: float = 0.0) -> None:  # fmt: skip
+                 image_token_noise: float = 0.0, distill_weight: float = 1.0) -> None:  # fmt: skip
         super().__init__()
         self.model = model
         self.tune_vision = tune_vision
         self.distill_text = distill_text  # text-only rows learn the base LLM's distribution (distill.py)
+        self.distill_weight = distill_weight
         self.image_token_noise = image_token_noise  # std relative to each image token's RMS (config.py)
 
     def forward(
@@ -229,7 +230,7 @@ class TrainStep(nn.Module):
         segment_ids: torch.Tensor | None = None,  # (B, T) --packing: each row's samples 1, 2, ...; 0 padding
     ) -> torch.Tensor:  # fmt: skip
         m = self.model
-        soft = text_teacher(m, input_ids, attention_mask, labels) if self.distill_text else None
+        soft = text_teacher(m, input_ids, attention_mask, labels, self.distill_weight) if self.distill_text else None
         if self.tune_vision and pixel_values is not None:
             vision_features = m.vision(pixel_values)
         if vision_features is not None:
@@ -615,7 +616,7 @@ def build_optimizer(run: Run, trainee: Trainee, data: Data) -> Optim:
     """Wrap the loss module for the strategy, AdamW over the parameter groups, the LR schedule (and the fp16
     scaler), each restored from a resumed checkpoint."""
     cfg, model, strategy = run.cfg, trainee.model, run.strategy
-    step = TrainStep(model, cfg.tune_vision, cfg.distill_text, cfg.image_token_noise)
+    step = TrainStep(model, cfg.tune_vision, cfg.distill_text, cfg.image_token_noise, cfg.distill_weight)
     step_module = strategy.wrap(step, model, cfg.tune_vision)
     groups = param_groups(model, cfg.resolved_lr(), cfg.resolved_projector_lr(), cfg.vision_lr, cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, run.device)  # after wrapping: FSDP replaces parameters by shards

@@ -20,6 +20,7 @@ def test_demo_quick(tmp_path, capsys):
         assert 0.0 <= low <= split["accuracy"] <= high <= 1.0 and split["n"] > 0 and split["by_type"]
     text = report["text_retention"]
     assert text["n"] >= 30 and 0.0 <= text["after"] <= 1.0 and text["before"] > 0.8  # the base LLM knows them
+    assert text["dtype"] in ("float32", "bfloat16") and len(text["responses_before"]) == text["n"]
     assert json.loads((out / "data" / "text_replay.json").read_text())  # the base LLM's own answers, replayed
     assert report["instruct"]["steps"] == 4 and report["align"] is None  # single-stage: no align run
     assert report["instruct"]["word_warmup"]["objective"] == "caption"

@@ -63,6 +63,8 @@ def test_loss_is_kl_at_soft_rows_and_cross_entropy_elsewhere(tiny):
     kl = (teacher.exp() * (teacher - student)).sum()
     assert n == 6
     torch.testing.assert_close(loss, (ce + kl) / 6, rtol=1e-5, atol=1e-6)
+    weighted, _ = model.loss(hidden, labels, SoftTargets(torch.tensor([False, True]), teacher, weight=3.0))
+    torch.testing.assert_close(weighted, (ce + 3 * kl) / 6, rtol=1e-5, atol=1e-6)
     plain, _ = model.loss(hidden, labels)
     assert not torch.allclose(loss, plain)
     with pytest.raises(ValueError, match="soft targets for 3 positions"):
