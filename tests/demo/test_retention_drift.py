@@ -1,0 +1,46 @@
+"""benchmarks/retention_drift.py: zero drift from a model to itself, and drift once the LLM's weights move."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def drift():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import retention_drift
+
+        yield retention_drift
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def run(drift, monkeypatch, capsys, *argv: str) -> dict:
+    monkeypatch.setattr(sys, "argv", ["retention_drift.py", *argv])
+    drift.main()
+    return json.loads(capsys.readouterr().out)
+
+
+def test_drift_is_zero_to_itself_and_grows_with_the_weights(drift, tiny, tmp_path, monkeypatch, capsys):
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "base", processor)
+    moved = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in moved.llm.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    moved.save_pretrained(tmp_path / "tuned", processor)
+
+    same = run(drift, monkeypatch, capsys, "--model", str(tmp_path / "base"), "--base", str(tmp_path / "base"))
+    assert same["n"] == len(drift.CHECKS["validation"]) and same["mean_kl"] == 0 and same["first_token_flips"] == 0
+    changed = run(drift, monkeypatch, capsys, "--model", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"),
+                  "--check", "test")  # fmt: skip
+    assert changed["n"] == len(drift.CHECKS["test"]) and changed["mean_kl"] > 0.001
+    assert all(r["base_answer"] is not None for r in changed["prompts"])
