@@ -55,11 +55,11 @@ def main() -> None:
             p, q = answer_logprobs(base, processor, prompt, answer), answer_logprobs(tuned, processor, prompt, answer)
             kl = (p.exp() * (p - q)).sum(-1)  # (n,)
             rows.append({"prompt": prompt, "base_answer": answer, "kl": round(float(kl.mean()), 4),
-                         "first_token_flips": bool(p[0].argmax() != q[0].argmax())})  # fmt: skip
+                         "first_token_flipped": bool(p[0].argmax() != q[0].argmax())})  # fmt: skip
     print(json.dumps({
         "bench": "retention_drift", **cpu_info(), "check": args.check, "n": len(rows), "model": args.model,
         "mean_kl": round(sum(r["kl"] for r in rows) / len(rows), 4), "max_kl": max(r["kl"] for r in rows),
-        "first_token_flips": sum(r["first_token_flips"] for r in rows), "prompts": rows,
+        "first_token_flips": sum(r["first_token_flipped"] for r in rows), "prompts": rows,
     }, indent=1))  # fmt: skip
 
 

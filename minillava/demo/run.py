@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # torch and transformers load on first use: `minillava demo -
     from minillava.processor import Processor
 
 log = logging.getLogger("minillava.demo")
+# the precision the trained model is evaluated in (bf16 where it runs fast), and so the base's text check before it
+EVAL_DTYPE = "auto"
 
 
 @dataclass
@@ -177,9 +179,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.text_replay:
         copies = max(1, round(cfg.text_share * cfg.image_samples / len(retention.REPLAY)))
         files["text_replay"] = write_text_replay(data / "text_replay.json", model, processor, copies)
-    # the check before tuning runs in the precision evaluation loads the tuned model in: bf16 rounding alone flips
-    # one or two of the base's near-ties (the validation check: 43 of 44 in float32, 44 in bf16)
-    retention_before = retention.score(model.to(parse_dtype("auto", model.device)), processor, cfg.retention_check)
+    # the check before tuning runs in the evaluation's precision: bf16 rounding alone flips one or two of the base's
+    # near-ties (the validation check: 43 of 44 in float32, 44 in bf16)
+    retention_before = retention.score(model.to(parse_dtype(EVAL_DTYPE, model.device)), processor, cfg.retention_check)
     del model
     timings["text_s"] = time.perf_counter() - t
 
@@ -299,7 +301,7 @@ def evaluate_splits(cfg: DemoConfig, model_dir: Path, data: Path, splits: dict[s
     from minillava.demo.report import heldout_grid
     from minillava.eval.metrics import wilson_interval
 
-    model, processor = minillava.load(str(model_dir), "auto")
+    model, processor = minillava.load(str(model_dir), EVAL_DTYPE)
     results: dict[str, Any] = {}
     all_predictions: list[dict] = []
     for split, path in splits.items():

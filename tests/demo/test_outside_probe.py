@@ -7,19 +7,12 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPT = BENCH / "outside_probe.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "outside_probe.py"
 
 
 @pytest.fixture(scope="module")
-def probe():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import outside_probe
-
-        yield outside_probe
-    finally:
-        sys.path.remove(str(BENCH))
+def probe(import_benchmark):
+    return import_benchmark("outside_probe")
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,14 @@
 import copy
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def drift():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import retention_drift
-
-        yield retention_drift
-    finally:
-        sys.path.remove(str(BENCH))
+def drift(import_benchmark):
+    return import_benchmark("retention_drift")
 
 
 def run(drift, monkeypatch, capsys, *argv: str) -> dict:

@@ -14,7 +14,7 @@ from train_helpers import config, write_images
 from minillava.model import SoftTargets
 from minillava.processor import IGNORE_INDEX
 from minillava.train.distill import adapters_off, text_teacher
-from minillava.train.loop import train
+from minillava.train.loop import TrainStep, train
 from minillava.train.stages import LoraSettings, add_lora, freeze
 
 
@@ -99,6 +99,17 @@ def test_text_teacher_covers_the_text_rows_supervised_positions(tiny):
         base = F.log_softmax(model(ids[1:], mask[1:]).logits[0, :-1][labels[1, 1:] != IGNORE_INDEX].float(), -1)
     torch.testing.assert_close(soft.logprobs, base)
     assert text_teacher(model, ids[:1], mask[:1], labels[:1]) is None  # no text row
+
+
+def test_train_step_weights_the_text_rows_kl_by_distill_weight(tiny):
+    """--distill-weight reaches the loss: a text-only batch's loss is its KL times the weight."""
+    model = _lora_model(tiny)
+    ids, mask, labels = (t[1:] for t in _batch(tiny))  # the text row alone
+    steps = [TrainStep(model, False, distill_text=True, distill_weight=w) for w in (1.0, 3.0)]
+    with torch.no_grad():
+        once, thrice = (step(ids, mask, labels, None, None, None) for step in steps)
+    assert once > 0
+    torch.testing.assert_close(thrice, 3 * once)
 
 
 def test_text_only_run_stays_at_the_base_model(tmp_path, asset_dir):
