@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ def answer_logprobs(model, processor, prompt: str, answer: str) -> torch.Tensor:
     return F.log_softmax(model(ids).logits[0, :-1][keep].float(), dim=-1)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="a tuned model directory")
     ap.add_argument("--base", help="the untuned model it was tuned from (default: the built-in demo base)")
@@ -45,8 +46,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     prompts = [p for p, _ in CHECKS[args.check]]
-    base, processor = minillava.load(args.base, "float32", "cpu") if args.base else build_base(DemoConfig())
-    tuned, _ = minillava.load(args.model, "float32", "cpu")
+    try:
+        base, processor = minillava.load(args.base, "float32", "cpu") if args.base else build_base(DemoConfig())
+        tuned, _ = minillava.load(args.model, "float32", "cpu")
+    except (OSError, ValueError) as e:  # not a model directory, or a broken one
+        print(f"retention_drift.py: error: {e}", file=sys.stderr)
+        return 2
     base.eval(), tuned.eval()
     answers = retention.ask(base, processor, prompts, max_new_tokens=32)
     rows = []
@@ -61,7 +66,8 @@ def main() -> None:
         "mean_kl": round(sum(r["kl"] for r in rows) / len(rows), 4), "max_kl": max(r["kl"] for r in rows),
         "first_token_flips": sum(r["first_token_flipped"] for r in rows), "prompts": rows,
     }, indent=1))  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -148,6 +148,8 @@ class TrainConfig:
             raise ValueError("--distill-text learns from the LLM with its adapters off: give --lora or --qlora")
         if self.distill_text and self.packing:
             raise ValueError("--distill-text picks text-only rows, --packing mixes samples in a row: give one of them")
+        if self.distill_weight <= 0:
+            raise ValueError(f"--distill-weight must be more than 0, got {self.distill_weight}")
         if not self.image_token_noise >= 0:
             raise ValueError(f"--image-token-noise must be 0 or more, got {self.image_token_noise}")
         if self.max_tokens_per_batch is not None and not self.packing:

@@ -15,7 +15,7 @@ def drift(import_benchmark):
 
 def run(drift, monkeypatch, capsys, *argv: str) -> dict:
     monkeypatch.setattr(sys, "argv", ["retention_drift.py", *argv])
-    drift.main()
+    assert drift.main() == 0
     return json.loads(capsys.readouterr().out)
 
 
@@ -35,3 +35,14 @@ def test_drift_is_zero_to_itself_and_grows_with_the_weights(drift, tiny, tmp_pat
                   "--check", "test")  # fmt: skip
     assert changed["n"] == len(drift.CHECKS["test"]) and changed["mean_kl"] > 0.001
     assert all(r["base_answer"] is not None for r in changed["prompts"])
+
+
+def test_a_model_directory_that_does_not_load_is_a_one_line_error(drift, tiny, tmp_path, monkeypatch, capsys):
+    tiny[0].save_pretrained(tmp_path / "base", tiny[1])
+    monkeypatch.setattr(sys, "argv", ["retention_drift.py", "--model", str(tmp_path / "none"), "--base",
+                                      str(tmp_path / "base")])  # fmt: skip
+    assert drift.main() == 2
+    err = capsys.readouterr().err  # the base's loading progress comes first
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("retention_drift.py: error:") and str(tmp_path / "none") in last

@@ -132,6 +132,7 @@ def test_text_only_run_stays_at_the_base_model(tmp_path, asset_dir):
 @pytest.mark.parametrize(("options", "message"), [
     ({"stage": "instruct"}, "give --lora or --qlora"),
     ({"stage": "instruct", "lora": True, "packing": True}, "give one of them"),
+    ({"stage": "instruct", "lora": True, "distill_weight": 0.0}, "must be more than 0"),
 ])  # fmt: skip
 def test_distill_text_refuses_what_it_cannot_do(tmp_path, asset_dir, options, message):
     with pytest.raises(ValueError, match=message):
